@@ -1,0 +1,54 @@
+"""Prometheus metrics shared by the API layer and the engine.
+
+One registry for the process; the API layer serves it over HTTP at /metrics.
+Label values are bounded enums (rpc names, methods, status codes, phases),
+never request ids or anything derived from pixels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter(
+    "masquerade_requests",
+    "Requests finished, by rpc, method and gRPC status code name.",
+    ["rpc", "method", "status"],
+    registry=REGISTRY,
+)
+FACES = Counter(
+    "masquerade_faces",
+    "Faces processed, by method applied and face status.",
+    ["method", "status"],
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "masquerade_queue_depth",
+    "Requests admitted to the engine and not yet finished.",
+    registry=REGISTRY,
+)
+ACTIVE_JOBS = Gauge(
+    "masquerade_active_face_jobs",
+    "Face jobs currently holding diffusion state in the step scheduler.",
+    registry=REGISTRY,
+)
+UNET_BATCH_SIZE = Histogram(
+    "masquerade_unet_batch_size",
+    "Samples per UNet call (each classifier-free-guidance pair counts as two).",
+    buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256),
+    registry=REGISTRY,
+)
+UNET_CALL_SECONDS = Histogram(
+    "masquerade_unet_call_seconds",
+    "Wall-clock seconds of one packed UNet call including the guidance step.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+PHASE_SECONDS = Histogram(
+    "masquerade_phase_seconds",
+    "Seconds a request spends in each phase.",
+    ["phase"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
