@@ -1,0 +1,40 @@
+"""Job statuses, step phases and batch keys: shared by the scheduler (no torch) and the jobs."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class JobStatus(enum.IntEnum):
+    """Ordered so that ``status >= JobStatus.DONE`` means finished."""
+
+    QUEUED = 0
+    ENCODED = 1
+    INVERTING = 2
+    GENERATING = 3
+    DECODED = 4
+    DONE = 5
+    FAILED = 6
+    CANCELLED = 7
+
+    @property
+    def finished(self) -> bool:
+        return self >= JobStatus.DONE
+
+    @property
+    def diffusing(self) -> bool:
+        return self in (JobStatus.INVERTING, JobStatus.GENERATING)
+
+
+class StepPhase(enum.Enum):
+    INVERSION = "inversion"
+    GENERATION = "generation"
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Jobs share a UNet call only when these match."""
+
+    latent_shape: tuple[int, int, int]
+    ip_adapter_scale: float

@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC modules (rebuilt from proto/ by masquerade.api.codegen; never edited)."""

@@ -1,0 +1,109 @@
+"""One real server per session: the real engine on tiny random models, on loopback.
+
+Extra servers (small queue, classical-only, shutdown) reuse the loaded tiny models,
+so only the first engine pays the model-loading seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from masquerade.api.server import BackgroundServer, ServerConfig
+from masquerade.client import AnonymizerClient
+from masquerade.engine.engine import Engine, EngineConfig
+
+MAX_IMAGE_PIXELS = 1_000_000  # small, so the over-the-cap image stays cheap to encode
+MAX_FACES = 8
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def server_config(engine_config: EngineConfig, *, metrics: bool = False, grace_seconds: float = 2.0) -> ServerConfig:
+    return ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=free_port() if metrics else 0,
+        grace_seconds=grace_seconds,
+        engine=engine_config,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_config() -> EngineConfig:
+    return EngineConfig(
+        models="tiny", device="cpu", max_batch=16, max_queue=32, max_image_pixels=MAX_IMAGE_PIXELS, max_faces=MAX_FACES
+    )
+
+
+@pytest.fixture(scope="session")
+def server(tiny_engine_config) -> BackgroundServer:
+    running = BackgroundServer(server_config(tiny_engine_config, metrics=True)).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server) -> AnonymizerClient:
+    with AnonymizerClient(server.address, timeout=120) as c:
+        c.wait_ready(timeout=30)
+        yield c
+
+
+@pytest.fixture
+def start_server_sharing_models(server):
+    """Starts more servers over the session engine's loaded models; stops them after the test."""
+    started: list[BackgroundServer] = []
+
+    def start(engine_config: EngineConfig, *, grace_seconds: float = 2.0, models=True) -> BackgroundServer:
+        engine = Engine(engine_config, server.engine.models if models else None, "" if models else "test: no diffusion weights")
+        running = BackgroundServer(server_config(engine_config, grace_seconds=grace_seconds), engine).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def face_png() -> bytes:
+    """An 'already aligned' face: any picture works with tiny models (detection is skipped)."""
+    rng = np.random.default_rng(0)
+    return png_bytes(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def two_astronauts_png() -> bytes:
+    skimage_data = pytest.importorskip("skimage.data")
+    astronaut = np.ascontiguousarray(skimage_data.astronaut())  # [512, 512, 3], one face
+    return png_bytes(np.concatenate([astronaut, astronaut], axis=1))  # two faces side by side
+
+
+@pytest.fixture(scope="session")
+def oversized_png() -> bytes:
+    return png_bytes(np.zeros((1001, 1000, 3), dtype=np.uint8))  # just over MAX_IMAGE_PIXELS
