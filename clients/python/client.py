@@ -135,6 +135,51 @@ def _should_retry(error: grpc.RpcError, attempt: int, policy: RetryPolicy, deadl
     )
 
 
+class BatchResponses(Iterator[pb2.AnonymizeBatchResponse]):
+    """AnonymizeBatch responses of a call already in flight; ``close()`` (or ``with``) cancels it."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __next__(self) -> pb2.AnonymizeBatchResponse:
+        try:
+            return next(self._call)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def close(self) -> None:
+        self._call.cancel()  # no-op once the stream has finished
+
+    def __enter__(self) -> "BatchResponses":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class AsyncBatchResponses(AsyncIterator[pb2.AnonymizeBatchResponse]):
+    """The asyncio counterpart of BatchResponses."""
+
+    def __init__(self, call):
+        self._call = call
+        self._responses = call.__aiter__()
+
+    async def __anext__(self) -> pb2.AnonymizeBatchResponse:
+        try:
+            return await self._responses.__anext__()
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def close(self) -> None:
+        self._call.cancel()
+
+    async def __aenter__(self) -> "AsyncBatchResponses":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.close()
+
+
 class AnonymizerClient:
     """Blocking client. Use as a context manager or call ``close()``.
 
@@ -222,20 +267,15 @@ class AnonymizerClient:
 
     def anonymize_batch(
         self, requests: Iterable[pb2.AnonymizeRequest], *, timeout: float | None = None
-    ) -> Iterator[pb2.AnonymizeBatchResponse]:
-        """Sends ``requests`` (each with a unique request_id; see ``build_request``) over one stream.
+    ) -> "BatchResponses":
+        """Starts sending ``requests`` (each with a unique request_id; see ``build_request``) over one stream.
 
-        Yields responses in completion order; a failed request is a response whose
-        ``error`` is set (``masquerade.client.errors.error_for_code_number`` turns it
-        into an exception). Not retried: the request iterable is consumed once.
+        Iterate the result for responses in completion order; a failed request is a
+        response whose ``error`` is set (``masquerade.client.errors.error_for_code_number``
+        turns it into an exception). ``close()`` cancels the stream and every request still
+        running on it. Not retried: the request iterable is consumed once.
         """
-        call = self._stub.AnonymizeBatch(iter(requests), timeout=self.timeout if timeout is None else timeout)
-        try:
-            yield from call
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        return BatchResponses(self._stub.AnonymizeBatch(iter(requests), timeout=self.timeout if timeout is None else timeout))
 
     def server_info(self, *, timeout: float | None = None) -> pb2.ServerInfo:
         return self._unary(self._stub.GetServerInfo, pb2.GetServerInfoRequest(), timeout)
@@ -339,20 +379,14 @@ class AsyncAnonymizerClient:
             await asyncio.sleep(pause)
             attempt += 1
 
-    async def anonymize_batch(
+    def anonymize_batch(
         self,
         requests: Iterable[pb2.AnonymizeRequest] | AsyncIterable[pb2.AnonymizeRequest],
         *,
         timeout: float | None = None,
-    ) -> AsyncIterator[pb2.AnonymizeBatchResponse]:
-        call = self._stub.AnonymizeBatch(requests, timeout=self.timeout if timeout is None else timeout)
-        try:
-            async for response in call:
-                yield response
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+    ) -> "AsyncBatchResponses":
+        """Starts the batch stream at once; ``async for`` over the result; ``close()`` cancels it."""
+        return AsyncBatchResponses(self._stub.AnonymizeBatch(requests, timeout=self.timeout if timeout is None else timeout))
 
     async def server_info(self, *, timeout: float | None = None) -> pb2.ServerInfo:
         return await self._unary(self._stub.GetServerInfo, pb2.GetServerInfoRequest(), timeout)
@@ -382,6 +416,8 @@ __all__ = [
     "AsyncAnonymizerClient",
     "RetryPolicy",
     "build_request",
+    "BatchResponses",
+    "AsyncBatchResponses",
     "MasqueradeError",
     "DEFAULT_TIMEOUT_S",
 ]

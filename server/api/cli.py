@@ -1,7 +1,7 @@
 """The ``serve`` sub-command: flags -> ServerConfig + EngineConfig -> ``serve``.
 
 ``masquerade.cli`` calls ``register(subparsers)``; the parsed namespace carries
-``func`` (returns the exit code). Standalone: ``python -m masquerade.api.cli serve ...``.
+``handler`` (and ``func``), which returns the exit code. Standalone: ``python -m masquerade.api.cli serve ...``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     parser.add_argument("--grace-seconds", type=float, default=30.0, help="on SIGTERM, time in-flight requests get to finish")
     parser.add_argument("--max-message-mib", type=int, default=64, help="gRPC receive and send message limit, MiB")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
-    parser.set_defaults(func=run_serve)
+    parser.set_defaults(func=run_serve, handler=run_serve)  # masquerade.cli dispatches on `handler`
     return parser
 
 

@@ -21,6 +21,22 @@ class ServerNotReadyError(RuntimeError):
     """The server is still loading models or is shutting down."""
 
 
+class ServerCancelledError(RuntimeError):
+    """The engine cancelled a request the client still waits for (shutdown past its grace period).
+
+    Kept apart from asyncio.CancelledError, which in a handler means *this* RPC was cancelled.
+    """
+
+
+def engine_failure(error: BaseException) -> Exception:
+    """The exception to raise for a FailedEvent's error inside a handler."""
+    if isinstance(error, asyncio.CancelledError):
+        return ServerCancelledError("the server cancelled the request while shutting down; retry on another replica")
+    if isinstance(error, Exception):
+        return error
+    return RuntimeError(f"engine failure: {type(error).__name__}")
+
+
 def status_for(exc: BaseException, *, request_id: str = "") -> tuple[grpc.StatusCode, str]:
     """(status code, client-facing message) for an exception raised while serving a request.
 
@@ -35,6 +51,8 @@ def status_for(exc: BaseException, *, request_id: str = "") -> tuple[grpc.Status
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc) or "the requested method is not available on this server"
     if isinstance(exc, ServerNotReadyError):
         return grpc.StatusCode.UNAVAILABLE, str(exc) or "the server is not ready; retry later"
+    if isinstance(exc, ServerCancelledError):
+        return grpc.StatusCode.CANCELLED, str(exc)
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "the request was cancelled"
     if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is an alias since Python 3.11

@@ -18,7 +18,7 @@ import grpc
 
 from masquerade import metrics
 from masquerade.api import convert
-from masquerade.api.errors import ServerNotReadyError, code_number, status_for
+from masquerade.api.errors import ServerNotReadyError, code_number, engine_failure, status_for
 from masquerade.api.protos import pb2, pb2_grpc
 from masquerade.engine import types as et
 
@@ -59,10 +59,6 @@ class ProgressThrottle:
             self._pending = None
         out.append(event)
         return out
-
-
-def _client_request_id(message: pb2.AnonymizeRequest) -> str:
-    return message.request_id
 
 
 def _engine_request_id(client_request_id: str) -> str:
@@ -111,9 +107,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
     def _submit(self, message: pb2.AnonymizeRequest) -> "RequestHandle":
         """Validates and submits; raises InvalidRequestError, QueueFullError, MethodUnavailableError."""
         engine = self._ready_engine()
-        request = convert.request_from_proto(
-            message, self._info, request_id=_engine_request_id(_client_request_id(message))
-        )
+        request = convert.request_from_proto(message, self._info, request_id=_engine_request_id(message.request_id))
         return engine.submit(request)
 
     @staticmethod
@@ -135,7 +129,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
             async for event in handle:
                 if isinstance(event, et.FailedEvent):
                     finished = True
-                    raise event.error
+                    raise engine_failure(event.error)
                 if isinstance(event, et.ResultEvent):
                     finished = True
                     return convert.result_to_proto(event.result, request_id=message.request_id)
@@ -161,9 +155,11 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         self._record("Anonymize", method, grpc.StatusCode.OK)
         return response
 
-    async def AnonymizeStream(
-        self, request: pb2.AnonymizeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb2.AnonymizeEvent]:
+    # The streaming handlers write with context.write rather than being async generators:
+    # a cancelled RPC then raises CancelledError inside the handler's own try/finally, so
+    # handle.cancel() runs at once instead of whenever the generator is finalized.
+
+    async def AnonymizeStream(self, request: pb2.AnonymizeRequest, context: grpc.aio.ServicerContext) -> None:
         method = convert.method_label(request)
         throttle = ProgressThrottle(self.progress_interval_s)
         failure: BaseException | None = None
@@ -174,10 +170,10 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
             async for event in handle:
                 if isinstance(event, et.FailedEvent):
                     finished = True
-                    failure = event.error
+                    failure = engine_failure(event.error)
                     break
                 for to_send in throttle.offer(event):
-                    yield convert.event_to_proto(to_send, request_id=request.request_id)
+                    await context.write(convert.event_to_proto(to_send, request_id=request.request_id))
                 if isinstance(event, et.ResultEvent):
                     finished = True
                     break
@@ -200,7 +196,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
 
     async def AnonymizeBatch(
         self, request_iterator: AsyncIterator[pb2.AnonymizeRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb2.AnonymizeBatchResponse]:
+    ) -> None:
         responses: asyncio.Queue[pb2.AnonymizeBatchResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.batch_window)
         in_flight_ids: set[str] = set()
@@ -255,7 +251,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         reader = asyncio.create_task(read_requests())
         try:
             while (response := await responses.get()) is not None:
-                yield response
+                await context.write(response)
             await reader  # surfaces a failure to read the request stream
         finally:
             reader.cancel()

@@ -6,41 +6,13 @@ so only the first engine pays the model-loading seconds.
 
 from __future__ import annotations
 
-import io
-import socket
-import time
-from collections.abc import Callable
-
 import numpy as np
 import pytest
-from PIL import Image
 
+from api_support import MAX_FACES, MAX_IMAGE_PIXELS, free_port, png_bytes
 from masquerade.api.server import BackgroundServer, ServerConfig
 from masquerade.client import AnonymizerClient
 from masquerade.engine.engine import Engine, EngineConfig
-
-MAX_IMAGE_PIXELS = 1_000_000  # small, so the over-the-cap image stays cheap to encode
-MAX_FACES = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def server_config(engine_config: EngineConfig, *, metrics: bool = False, grace_seconds: float = 2.0) -> ServerConfig:

@@ -1,0 +1,169 @@
+// masquerade-anonymize: sends one image through AnonymizeStream, prints each
+// event as it arrives and writes the anonymized image.
+// Exit codes: 0 done; 3 INVALID_ARGUMENT (the gRPC code number); 2 bad command line; 1 any other failure.
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "masquerade/client.h"
+
+namespace {
+
+namespace v1 = masquerade::v1;
+
+constexpr const char* kUsage =
+    "usage: masquerade-anonymize --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n"
+    "       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE";
+
+const std::map<std::string, v1::Method> kMethods = {
+    {"reverse_personalization", v1::REVERSE_PERSONALIZATION},
+    {"blur", v1::BLUR},
+    {"pixelate", v1::PIXELATE},
+    {"solid", v1::SOLID},
+};
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Args {
+  std::string server;
+  v1::Method method = v1::METHOD_UNSPECIFIED;
+  bool aligned = false;
+  std::optional<unsigned> steps;
+  double timeout_seconds = 300;
+  std::string input, output;
+};
+
+Args ParseArgs(int argc, char** argv) {
+  Args args;
+  std::vector<std::string> positional;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    std::optional<std::string> inline_value;
+    if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos) {
+      inline_value = arg.substr(arg.find('=') + 1);
+      arg = arg.substr(0, arg.find('='));
+    }
+    auto value = [&]() -> std::string {
+      if (inline_value) return *inline_value;
+      if (i + 1 >= argc) throw UsageError(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "-h" || arg == "--help") {
+      std::cout << kUsage << "\n";
+      std::exit(0);
+    } else if (arg == "--server") {
+      args.server = value();
+    } else if (arg == "--method") {
+      const std::string name = value();
+      const auto found = kMethods.find(name);
+      if (found == kMethods.end()) throw UsageError("--method " + name + ": use one of blur, pixelate, solid, reverse_personalization");
+      args.method = found->second;
+    } else if (arg == "--aligned") {
+      args.aligned = true;
+    } else if (arg == "--steps") {
+      const std::string text = value();
+      try {
+        size_t used = 0;
+        const long steps = std::stol(text, &used);
+        if (used != text.size() || steps <= 0) throw std::invalid_argument(text);
+        args.steps = static_cast<unsigned>(steps);
+      } catch (const std::exception&) {
+        throw UsageError("--steps " + text + ": use a positive integer");
+      }
+    } else if (arg == "--timeout") {
+      const std::string text = value();
+      try {
+        args.timeout_seconds = std::stod(text);
+      } catch (const std::exception&) {
+        args.timeout_seconds = -1;
+      }
+      if (!(args.timeout_seconds > 0)) throw UsageError("--timeout " + text + ": use a positive number of seconds");
+    } else if (arg.rfind("--", 0) == 0) {
+      throw UsageError("unknown option " + arg);
+    } else {
+      positional.push_back(arg);
+    }
+  }
+  if (args.server.empty()) throw UsageError("--server HOST:PORT is required");
+  if (positional.size() != 2) throw UsageError("expected INPUT_IMAGE and OUTPUT_IMAGE");
+  args.input = positional[0];
+  args.output = positional[1];
+  return args;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+void WriteFile(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out.flush()) throw std::runtime_error("cannot write " + path);
+}
+
+std::string Describe(const v1::AnonymizeEvent& event) {
+  std::ostringstream line;
+  switch (event.event_case()) {
+    case v1::AnonymizeEvent::kQueued:
+      line << "queued position=" << event.queued().position();
+      break;
+    case v1::AnonymizeEvent::kFacesFound:
+      line << "faces_found n=" << event.faces_found().boxes_size();
+      break;
+    case v1::AnonymizeEvent::kProgress:
+      line << "progress phase=" << v1::Phase_Name(event.progress().phase()) << " step=" << event.progress().step()
+           << "/" << event.progress().total();
+      break;
+    case v1::AnonymizeEvent::kResult:
+      line << "result faces=" << event.result().faces_size()
+           << " complete=" << (event.result().complete() ? "true" : "false")
+           << " bytes=" << event.result().image().size();
+      break;
+    default:
+      line << "unknown_event";
+  }
+  return line.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args args;
+  try {
+    args = ParseArgs(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "error: " << e.what() << "\n" << kUsage << "\n";
+    return 2;
+  }
+  try {
+    v1::AnonymizeRequest request;
+    request.set_image(ReadFile(args.input));
+    request.set_method(args.method);
+    if (args.steps) request.mutable_params()->set_steps(*args.steps);
+    if (args.aligned) request.mutable_detection()->set_aligned(true);
+
+    masquerade::ClientOptions options;
+    options.timeout = std::chrono::milliseconds(static_cast<long long>(args.timeout_seconds * 1000));
+    masquerade::Client client(args.server, options);
+    const v1::AnonymizeResponse result = client.AnonymizeStream(
+        request, [](const v1::AnonymizeEvent& event) { std::cout << Describe(event) << std::endl; });
+    WriteFile(args.output, result.image());
+    return 0;
+  } catch (const masquerade::RpcError& e) {
+    std::cerr << "error: " << e.code_name() << ": " << e.message() << "\n";
+    return e.code() == grpc::StatusCode::INVALID_ARGUMENT ? 3 : 1;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates .venv at the repo root with Masquerade and its dependencies.
+#   scripts/setup.sh          the server and CLI
+#   scripts/setup.sh --test   plus test tools, sample photos and the other languages' client toolchains
+set -euo pipefail
+cd "$(dirname "$0")/.."
+with_tests=0
+[[ "${1:-}" == "--test" ]] && with_tests=1
+
+python=${PYTHON:-python3}
+[[ -x .venv/bin/python ]] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# torch first: this pins the CPU wheel here; on a GPU machine install your CUDA build before running this.
+.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
+if (( with_tests )); then
+  "${pip[@]}" -e ".[test]"
+  # insightface ships the six-person sample photo used by the tests; its own dependencies
+  # (a GUI OpenCV build among them) are not needed for that.
+  "${pip[@]}" --no-deps "insightface>=0.7"
+else
+  "${pip[@]}" -e .
+fi
+# onnx2torch-style packages may pull PyPI's torchvision, which does not load beside the CPU torch wheel.
+if .venv/bin/python -m pip show -q torchvision >/dev/null 2>&1 && ! .venv/bin/python -c "import torchvision" 2>/dev/null; then
+  .venv/bin/python -m pip uninstall -y -q torchvision
+fi
+.venv/bin/python -m masquerade.api.codegen
+if (( with_tests )) && [[ "${MASQUERADE_SKIP_CLIENTS:-0}" != "1" ]]; then
+  bash clients/build_all.sh
+fi

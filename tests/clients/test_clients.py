@@ -1,0 +1,204 @@
+"""The TypeScript, Go and C++ clients, built from proto/ by clients/build_all.sh,
+against a real server on tiny models: every example streams its events before the
+result, writes a valid image, and maps gRPC failures to the documented exit codes
+(3 for INVALID_ARGUMENT, 1 otherwise) with `error: <CODE_NAME>: <message>` on stderr.
+
+The first test pays the build (minutes on a fresh machine: apt-get, npm ci, C++);
+set MASQUERADE_SKIP_CLIENTS=1 to skip them all.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLIENTS = REPO_ROOT / "clients"
+BUILD_TIMEOUT_S = 1800  # a fresh machine installs the Go and C++ toolchains and compiles gRPC stubs
+
+EXAMPLES = {
+    "typescript": ["node", str(CLIENTS / "typescript" / "dist" / "example.js")],
+    "go": [str(CLIENTS / "go" / "build" / "bin" / "masquerade-anonymize")],
+    "cpp": [str(CLIENTS / "cpp" / "build" / "masquerade-anonymize")],
+}
+
+pytestmark = [pytest.mark.clients, pytest.mark.timeout(BUILD_TIMEOUT_S + 300)]
+
+EVENT_LINE = re.compile(r"^(queued position=\d+|faces_found n=\d+|progress phase=[A-Z_]+ step=\d+/\d+)$")
+RESULT_LINE = re.compile(r"^result faces=(\d+) complete=(true|false) bytes=(\d+)$")
+
+
+@pytest.fixture(scope="session")
+def built_clients() -> None:
+    if os.environ.get("MASQUERADE_SKIP_CLIENTS") == "1":
+        pytest.skip("MASQUERADE_SKIP_CLIENTS=1: the TypeScript, Go and C++ clients are not built or tested")
+    build = subprocess.run(
+        ["bash", str(CLIENTS / "build_all.sh")],
+        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+    )
+    if build.returncode != 0:
+        pytest.fail(f"clients/build_all.sh exited {build.returncode}:\n{build.stdout[-4000:]}\n{build.stderr[-8000:]}")
+
+
+@pytest.fixture(scope="module")
+def server_address(built_clients) -> str:
+    from masquerade.api.server import start_test_server
+    from masquerade.engine.engine import EngineConfig
+
+    address, stop = start_test_server(EngineConfig(models="tiny", device="cpu"))
+    yield address
+    stop()
+
+
+@pytest.fixture(scope="module")
+def face_png(tmp_path_factory) -> Path:
+    """An 'already aligned' face: any picture works with tiny models (detection is skipped)."""
+    path = tmp_path_factory.mktemp("clients") / "face.png"
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def run_example(language: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EXAMPLES[language], *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_events_then_result(completed: subprocess.CompletedProcess[str], output: Path) -> None:
+    assert completed.returncode == 0, f"exit {completed.returncode}\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    lines = completed.stdout.splitlines()
+    assert lines and RESULT_LINE.match(lines[-1]), f"the last line is not the result:\n{completed.stdout}"
+    events = lines[:-1]
+    assert events, f"no queued/progress event before the result:\n{completed.stdout}"
+    assert all(EVENT_LINE.match(line) for line in events), f"unexpected event lines:\n{completed.stdout}"
+    image_bytes = int(RESULT_LINE.match(lines[-1]).group(3))
+    assert output.stat().st_size == image_bytes
+    with Image.open(output) as image:
+        image.verify()
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_example_streams_events_before_writing_the_result(language, server_address, face_png, tmp_path):
+    output = tmp_path / "anonymized.png"
+    completed = run_example(
+        language, "--server", server_address, "--method", "reverse_personalization", "--aligned", "--steps", "3",
+        str(face_png), str(output),
+    )
+    assert_events_then_result(completed, output)
+    assert any(line.startswith("progress phase=") for line in completed.stdout.splitlines())
+    assert RESULT_LINE.match(completed.stdout.splitlines()[-1]).group(1, 2) == ("1", "true")
+    with Image.open(output) as image:
+        assert image.size == (48, 48)
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_classical_method_streams_and_writes_the_image(language, server_address, face_png, tmp_path):
+    output = tmp_path / "pixelated.png"
+    completed = run_example(language, "--server", server_address, "--method", "pixelate", "--aligned", str(face_png), str(output))
+    assert_events_then_result(completed, output)
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_text_file_is_invalid_argument(language, server_address, tmp_path):
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("this is not an image\n")
+    completed = run_example(language, "--server", server_address, "--method", "blur", str(not_an_image), str(tmp_path / "out.png"))
+    assert completed.returncode == 3, completed.stderr
+    assert re.search(r"^error: INVALID_ARGUMENT: \S", completed.stderr, re.MULTILINE), completed.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_deadline_is_deadline_exceeded(language, server_address, face_png, tmp_path):
+    completed = run_example(
+        language, "--server", server_address, "--aligned", "--steps", "250", "--timeout", "0.3",
+        str(face_png), str(tmp_path / "out.png"),
+    )
+    assert completed.returncode == 1, completed.stderr
+    assert re.search(r"^error: DEADLINE_EXCEEDED: ", completed.stderr, re.MULTILINE), completed.stderr
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_unreachable_server_is_unavailable_after_bounded_retries(language, built_clients, face_png, tmp_path):
+    with socket_bound_but_closed() as address:
+        completed = run_example(language, "--server", address, "--timeout", "20", str(face_png), str(tmp_path / "out.png"))
+    assert completed.returncode == 1, completed.stderr
+    assert re.search(r"^error: UNAVAILABLE: ", completed.stderr, re.MULTILINE), completed.stderr
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_unavailable_is_retried_before_any_event(language, built_clients, face_png, tmp_path):
+    with flaky_server(failures=2) as (address, calls):
+        output = tmp_path / "out.png"
+        completed = run_example(language, "--server", address, "--method", "blur", str(face_png), str(output))
+    assert_events_then_result(completed, output)
+    assert calls() == 3
+
+
+class socket_bound_but_closed:
+    """A loopback address nobody listens on (bound, never listening, so no one else takes the port)."""
+
+    def __enter__(self) -> str:
+        import socket
+
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def __exit__(self, *exc_info) -> None:
+        self._sock.close()
+
+
+class flaky_server:
+    """A fake Anonymizer that answers UNAVAILABLE to its first `failures` streams, then
+    streams queued + result (the input image back) — what a restarting server looks like."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+
+    def __enter__(self):
+        from masquerade.api.protos import pb2, pb2_grpc
+
+        lock, count = threading.Lock(), [0]
+        failures = self.failures
+
+        class FlakyAnonymizer(pb2_grpc.AnonymizerServicer):
+            def AnonymizeStream(self, request, context):
+                with lock:
+                    count[0] += 1
+                    attempt = count[0]
+                if attempt <= failures:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"fake: restarting (attempt {attempt})")
+                yield pb2.AnonymizeEvent(request_id=request.request_id, queued=pb2.Queued(position=0))
+                with Image.open(io.BytesIO(request.image)) as image:
+                    width, height = image.size
+                yield pb2.AnonymizeEvent(
+                    request_id=request.request_id,
+                    result=pb2.AnonymizeResponse(
+                        request_id=request.request_id, image=request.image, format=pb2.PNG, complete=True,
+                        width=width, height=height,
+                    ),
+                )
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb2_grpc.add_AnonymizerServicer_to_server(FlakyAnonymizer(), self._server)
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+        def calls() -> int:
+            with lock:
+                return count[0]
+
+        return f"127.0.0.1:{port}", calls
+
+    def __exit__(self, *exc_info) -> None:
+        self._server.stop(grace=None)

@@ -1,0 +1,50 @@
+"""Session-wide fixtures: one tiny random model set, built offline, shared by every test.
+
+The set is written once per session with the same factory as
+`masquerade models make-tiny` and loaded through the real loaders.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Engines built with models="tiny" (the API and client tests) find the session's set here.
+_SESSION_TINY_DIR = Path(tempfile.mkdtemp(prefix="masquerade-tiny-"))
+os.environ.setdefault("MASQUERADE_TINY_DIR", str(_SESSION_TINY_DIR))
+
+
+def t1_image_path() -> Path:
+    """insightface's sample photo with six people (its data ships with the package)."""
+    spec = importlib.util.find_spec("insightface")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("insightface is not installed: run scripts/setup.sh --test (it installs the sample photos)")
+    return Path(spec.submodule_search_locations[0]) / "data" / "images" / "t1.jpg"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from masquerade.models.tiny import TINY_MARKER, make_tiny
+
+    root = Path(os.environ["MASQUERADE_TINY_DIR"])
+    if not (root / TINY_MARKER).is_file():
+        make_tiny(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model_dir):
+    from masquerade.models.loader import load_models
+
+    return load_models(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def core(tiny_models):
+    from masquerade.engine.diffusion import DiffusionCore
+
+    return DiffusionCore(tiny_models)

@@ -1,0 +1,270 @@
+"""The algorithm of DESIGN section 1 on tiny random models: invariants that hold for any weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from masquerade.engine.diffusion import DiffusionCore
+from masquerade.engine.schedule import build_trajectory, inversion_timesteps, scaled_linear_alphas_cumprod
+from masquerade.engine.scheduler import StepScheduler
+from masquerade.engine.states import JobStatus
+from masquerade.engine.runner import apply_results
+from masquerade.engine.types import ReversePersonalizationParams
+from masquerade.kernels.reference import generation_step_reference, inversion_step_reference
+
+
+@pytest.fixture(scope="module")
+def faces(core: DiffusionCore):
+    """Two random 'aligned faces', their clean latents and unit identity embeddings."""
+    rng = np.random.default_rng(7)
+    size = core.models.face_size
+    crops = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    identities = core.embed_identity(rng.integers(0, 256, (2, 112, 112, 3), dtype=np.uint8))
+    return crops, core.encode(crops), identities
+
+
+def run_jobs(core, jobs, *, max_batch=16, chunk=8):
+    core.run_to_completion(jobs, max_batch=max_batch, inversion_chunk=chunk)
+    assert all(job.status is JobStatus.DECODED for job in jobs)
+    return torch.stack([job.latent for job in jobs])
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ---- schedule and solver --------------------------------------------------------------
+
+
+def test_default_timesteps_are_the_papers():
+    timesteps = inversion_timesteps(100, 0.7)
+    assert timesteps[0] == 299 and timesteps[-1] == 1 and len(timesteps) == 100
+    assert np.all(np.diff(timesteps) < 0)
+
+
+def test_too_many_steps_for_the_skip_is_rejected():
+    with pytest.raises(ValueError, match="repeats timesteps"):
+        inversion_timesteps(100, 0.95)
+
+
+def test_solver_matches_a_two_step_example_computed_by_hand():
+    """Two generation steps (first, then second order) from DESIGN's formulas, scalar by scalar."""
+    alphas_cumprod = scaled_linear_alphas_cumprod()
+    trajectory = build_trajectory(alphas_cumprod, steps=3, skip=0.5)  # timesteps 499, 250, 1
+    t0, t1, t2 = (int(t) for t in trajectory.timesteps)
+    g = -7.5
+
+    def alpha_sigma_lambda(t):
+        a, s = math.sqrt(alphas_cumprod[t]), math.sqrt(1 - alphas_cumprod[t])
+        return a, s, math.log(a) - math.log(s)
+
+    x, eps_u, eps_c, z = 0.8, 0.3, -0.2, 0.45
+    # Step 1, first order, t0 -> t1.
+    a_s, s_s, l_s = alpha_sigma_lambda(t0)
+    a_t, s_t, l_t = alpha_sigma_lambda(t1)
+    h = l_t - l_s
+    eps = eps_u + g * (eps_c - eps_u)
+    m0 = (x - s_s * eps) / a_s
+    mu = (s_t / s_s) * math.exp(-h) * x + a_t * (1 - math.exp(-2 * h)) * m0
+    x1 = mu + s_t * math.sqrt(1 - math.exp(-2 * h)) * z
+    # Step 2, second order, t1 -> t2, with the previous output m0 from t0.
+    eps_u2, eps_c2, z2 = -0.1, 0.25, -0.3
+    a_s2, s_s2, l_s2 = alpha_sigma_lambda(t1)
+    a_t2, s_t2, l_t2 = alpha_sigma_lambda(t2)
+    h2 = l_t2 - l_s2
+    eps2 = eps_u2 + g * (eps_c2 - eps_u2)
+    m1 = (x1 - s_s2 * eps2) / a_s2
+    r = (l_s2 - l_s) / h2
+    d1 = (m1 - m0) / r
+    mu2 = (s_t2 / s_s2) * math.exp(-h2) * x1 + a_t2 * (1 - math.exp(-2 * h2)) * (m1 + 0.5 * d1)
+    x2 = mu2 + s_t2 * math.sqrt(1 - math.exp(-2 * h2)) * z2
+
+    coeffs = torch.from_numpy(trajectory.coefficients(g))
+    one = lambda v: torch.tensor([[v]], dtype=torch.float64)  # noqa: E731
+    got_x1, got_m0 = generation_step_reference(one(eps_u), one(eps_c), one(x), one(0.0), one(z), coeffs[0:1].double())
+    got_x2, _ = generation_step_reference(one(eps_u2), one(eps_c2), got_x1, got_m0, one(z2), coeffs[1:2].double())
+    assert got_m0.item() == pytest.approx(m0, rel=1e-6)
+    assert got_x1.item() == pytest.approx(x1, rel=1e-6)
+    assert got_x2.item() == pytest.approx(x2, rel=1e-6)
+    # The inversion step recovers the noise that generation then adds.
+    noise, _ = inversion_step_reference(one(eps_u), one(eps_c), one(x), one(0.0), got_x1, coeffs[0:1].double())
+    assert noise.item() == pytest.approx(z, rel=1e-6)
+
+
+def test_final_step_lands_on_the_clean_latent():
+    trajectory = build_trajectory(scaled_linear_alphas_cumprod(), steps=4, skip=0.7)
+    final = trajectory.base_coeffs[-1]
+    assert final[3] == 0 and final[4] == 1 and final[5] == 0 and final[6] == 1
+
+
+# ---- the reconstruction invariant --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "seed,skip,steps",
+    [(0, 0.7, 10), (1, 0.3, 6), (123, 0.0, 5), (5, 0.9, 4)],
+)
+def test_zero_identity_reproduces_input(core, faces, seed, skip, steps):
+    """With id_emb_scale 0 and no attribute prompt, generation retraces the inversion to x_0."""
+    crops, clean, identities = faces
+    params = ReversePersonalizationParams(seed=seed, skip=skip, steps=steps, id_emb_scale=0.0)
+    jobs = [core.make_job("r", i, clean[i], identities[i], params) for i in range(2)]
+    final = run_jobs(core, jobs, max_batch=8, chunk=3)
+    # fp32 round-off, amplified by |g| = 10 through a random UNet's Jacobian, stays
+    # far below the >10% change an identity makes (next test).
+    assert relative_error(final, clean) < 3e-2
+    # And so the image equals the VAE round trip of the input.
+    pixel_error = np.abs(core.decode(final).astype(int) - core.decode(clean).astype(int))
+    assert pixel_error.mean() < 1.5 and pixel_error.max() <= 12
+
+
+def test_zero_identity_without_guidance_amplification_is_exact_to_round_off(core, faces):
+    _, clean, identities = faces
+    params = ReversePersonalizationParams(steps=8, guidance_scale=0.0, id_emb_scale=0.0)
+    final = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], params)], max_batch=4, chunk=3)
+    assert relative_error(final, clean[:1]) < 2e-4
+
+
+def test_identity_moves_the_output_away_from_the_input(core, faces):
+    crops, clean, identities = faces
+    params = ReversePersonalizationParams(steps=6, id_emb_scale=1.0)
+    jobs = [core.make_job("r", i, clean[i], identities[i], params) for i in range(2)]
+    final = run_jobs(core, jobs)
+    assert relative_error(final, clean) > 1.0
+
+
+def test_attribute_prompt_changes_the_output(core, faces):
+    crops, clean, identities = faces
+    plain = ReversePersonalizationParams(steps=5, id_emb_scale=0.0)
+    prompted = ReversePersonalizationParams(steps=5, id_emb_scale=0.0, attribute_prompt="an old woman")
+    a = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], plain)])
+    b = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], prompted)])
+    assert relative_error(b, a) > 0.01
+
+
+def test_same_seed_gives_the_same_output(core, faces):
+    _, clean, identities = faces
+    params = ReversePersonalizationParams(steps=5, seed=11)
+    a = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], params)])
+    b = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], params)])
+    assert torch.equal(a, b)
+
+
+def test_different_seeds_give_different_outputs(core, faces):
+    _, clean, identities = faces
+    a = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], ReversePersonalizationParams(steps=5, seed=1))])
+    b = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], ReversePersonalizationParams(steps=5, seed=2))])
+    assert relative_error(a, b) > 0.01
+
+
+# ---- batched engine against a plain sequential oracle -----------------------------------------
+
+
+def sequential_oracle(core, clean, identity, params):
+    """The research code's loop, written plainly: one CFG pair per UNet call, step after step."""
+    models = core.models
+    unet = models.unet
+    alphas_cumprod = models.alphas_cumprod.double()
+    timesteps = inversion_timesteps(params.steps, params.skip)
+    generator = torch.Generator().manual_seed(_face_seed(params.seed, 0))
+    noise = torch.randn((params.steps,) + tuple(clean.shape), generator=generator)
+    x0 = clean.float()
+
+    def coefficients(t):
+        a = alphas_cumprod[t].sqrt().item()
+        return a, math.sqrt(1 - alphas_cumprod[t].item())
+
+    xs = [coefficients(t)[0] * x0 + coefficients(t)[1] * noise[i] for i, t in enumerate(timesteps)] + [x0]
+    empty, empty_pooled = core.conditioning.get("")
+    zero, zero_pooled = torch.zeros_like(empty), torch.zeros_like(empty_pooled)
+    attr = core.conditioning.get(params.attribute_prompt) if params.attribute_prompt else (zero, zero_pooled)
+    size = models.face_size
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+
+    def eps(x, t, uncond, cond_id):
+        out = unet(
+            torch.stack([x, x]),
+            torch.tensor([int(t)] * 2),
+            encoder_hidden_states=torch.stack([uncond[0], empty]),
+            added_cond_kwargs={
+                "text_embeds": torch.stack([uncond[1], empty_pooled]),
+                "time_ids": time_ids,
+                "image_embeds": [torch.stack([torch.zeros(512), cond_id])[:, None]],
+            },
+        ).sample
+        return out[0] + params.guidance_scale * (out[1] - out[0])
+
+    def mean(i, x, e, m_prev):
+        a_s, s_s = coefficients(timesteps[i])
+        m = (x - s_s * e) / a_s
+        if i == len(timesteps) - 1:
+            return m, m, 1.0
+        a_t, s_t = coefficients(timesteps[i + 1])
+        lam = lambda a, s: math.log(a) - math.log(s)  # noqa: E731
+        h = lam(a_t, s_t) - lam(a_s, s_s)
+        data = m
+        if m_prev is not None:
+            a_p, s_p = coefficients(timesteps[i - 1])
+            r = (lam(a_s, s_s) - lam(a_p, s_p)) / h
+            data = m + 0.5 * (m - m_prev) / r
+        mu = (s_t / s_s) * math.exp(-h) * x + a_t * (1 - math.exp(-2 * h)) * data
+        return mu, m, s_t * math.sqrt(1 - math.exp(-2 * h))
+
+    with torch.inference_mode():
+        zs, m_prev = [], None
+        for i, t in enumerate(timesteps):
+            mu, m_prev, scale = mean(i, xs[i], eps(xs[i], t, (zero, zero_pooled), torch.zeros(512)), m_prev)
+            zs.append((xs[i + 1] - mu) / scale)
+        x, m_prev = xs[0], None
+        identity_scaled = params.id_emb_scale * identity.float()
+        for i, t in enumerate(timesteps):
+            mu, m_prev, scale = mean(i, x, eps(x, t, attr, identity_scaled), m_prev)
+            x = mu + scale * zs[i]
+    return torch.stack(zs), x
+
+
+def _face_seed(seed, index):
+    from masquerade.engine.diffusion import face_noise_seed
+
+    return face_noise_seed(seed, index)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_batched_inversion_equals_sequential_oracle(core, faces, chunk):
+    _, clean, identities = faces
+    params = ReversePersonalizationParams(steps=7, skip=0.6, seed=3, attribute_prompt="an old man")
+    oracle_noise, oracle_final = sequential_oracle(core, clean[0], identities[0], params)
+    job = core.make_job("r", 0, clean[0], identities[0], params)
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=chunk)
+    scheduler.add([job])
+    while job.status is JobStatus.INVERTING:
+        apply_results(core.runner.run(scheduler.plan()))
+    assert relative_error(job.noise_maps, oracle_noise) < 5e-3
+    while (plan := scheduler.plan()) is not None:
+        apply_results(core.runner.run(plan))
+        scheduler.drop_finished()
+    assert relative_error(job.latent, oracle_final) < 5e-3
+
+
+def test_a_job_in_a_mixed_batch_equals_the_job_alone(core, faces):
+    """15 other jobs at other timesteps, guidance, prompts and step counts share the calls."""
+    _, clean, identities = faces
+    params = ReversePersonalizationParams(steps=6, seed=4)
+    alone = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], params)])
+    others = [
+        core.make_job(
+            f"o{k}",
+            k,
+            clean[k % 2],
+            identities[(k + 1) % 2],
+            ReversePersonalizationParams(steps=3 + k % 5, seed=k, guidance_scale=-5.0 - k, attribute_prompt="a child" if k % 3 else ""),
+        )
+        for k in range(15)
+    ]
+    target = core.make_job("r", 0, clean[0], identities[0], params)
+    mixed = run_jobs(core, others[:7] + [target] + others[7:], max_batch=32, chunk=4)
+    assert relative_error(mixed[7], alone[0]) < 5e-3

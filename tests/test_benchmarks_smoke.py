@@ -1,0 +1,30 @@
+"""The engine benchmark's --smoke run: the GPU benchmark's code path on tiny CPU models, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_engine_bench_smoke_writes_its_json(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "engine_bench.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "engine_bench_cpu_smoke.json").read_text())
+    assert (tmp_path / "engine_bench_cpu_smoke.md").is_file()
+    assert report["mode"] == "smoke" and "total_s" in report
+    assert [row["bucket"] for row in report["unet"]["buckets"]] == report["buckets"]
+    assert {row["faces"] for row in report["per_face"]} == {1, 2}
+    assert report["optimizations"]["lora_fused"]
+    assert report["sdxl_config_params_m"]["unet"] == 2567.5
