@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# Download the wheels benchmarks/gpu_check.sh installs on a lent GPU machine (no network there).
-# That machine has torch (CUDA), triton, transformers, grpcio and protobuf; these are the rest of
-# what the gpu tests and benchmarks import, with each one's Requires-Dist checked against that list.
-#   diffusers   -> huggingface-hub, safetensors, filelock, numpy, Pillow, regex, requests, httpx,
-#                  importlib_metadata (the box's transformers already brings hub/safetensors/regex/
-#                  requests/numpy/filelock; they are pinned here anyway so versions match ours)
-#   peft        -> accelerate, psutil, tqdm, packaging, pyyaml (transformers brings the last three)
-#   onnx        -> protobuf, numpy, ml_dtypes, typing_extensions
-#   onnxruntime -> coloredlogs/humanfriendly, flatbuffers, sympy (only for its profiling tools)
-#   pytest      -> iniconfig, pluggy, packaging, pygments; pytest-timeout -> pytest
+# Download into .whl/ the wheels benchmarks/gpu_check.sh installs on a lent GPU machine (no network
+# there). That machine has torch (CUDA), triton, transformers, grpcio and protobuf. Requires-Dist,
+# checked package by package against that list:
+#   always  : diffusers (needs huggingface-hub>=1.32, safetensors>=0.8, Pillow, importlib_metadata,
+#             plus filelock/regex/requests/numpy that transformers already brings), peft (accelerate,
+#             psutil), onnx (ml_dtypes), onnxruntime (flatbuffers), pytest + pytest-timeout
+#   stack/  : only installed by gpu_check.sh when the machine's own huggingface-hub or safetensors
+#             is older than diffusers 0.42 needs (an older transformers 4.x pins hub<1.0, so then
+#             transformers 5 and its tokenizers come too, with hub's own dependencies)
 # Usage: benchmarks/fetch_gpu_wheels.sh [python-version, default 3.12]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER="${1:-3.12}"
-mkdir -p .whl
-python3 -m pip download --quiet --no-deps --only-binary=:all: \
-  --python-version "$PYVER" --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  --platform any -d .whl \
-  diffusers==0.42.1 peft==0.18.0 accelerate psutil huggingface-hub safetensors \
-  onnx ml_dtypes onnxruntime flatbuffers coloredlogs humanfriendly \
-  pytest pytest-timeout iniconfig pluggy pygments importlib_metadata zipp httpx httpcore h11 anyio sniffio
-du -sh .whl
-ls .whl
+download() {
+  python3 -m pip download --quiet --no-deps --only-binary=:all: \
+    --python-version "$PYVER" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any "$@"
+}
+rm -rf .whl && mkdir -p .whl/stack
+download -d .whl \
+  diffusers==0.42.1 peft==0.21.2 accelerate==1.15.0 psutil Pillow importlib_metadata zipp \
+  onnx==1.23.2 ml_dtypes onnxruntime==1.32.0 flatbuffers \
+  pytest pytest-timeout iniconfig pluggy pygments
+download -d .whl/stack \
+  huggingface-hub==2.4.0 hf-xet httpx2 httpcore2 h11 anyio idna truststore click fsspec typing-extensions \
+  safetensors==0.8.0 transformers==5.24.0 tokenizers==0.23.3 "regex>=2025.10.22" typer shellingham rich \
+  markdown-it-py mdurl
+du -sh .whl .whl/stack
+ls .whl .whl/stack

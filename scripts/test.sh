@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
-export TRITON_INTERPRET=1  # Triton kernels run on the CPU through the interpreter
+# Triton kernels run on the CPU through the interpreter (tests/kernels/conftest.py sets TRITON_INTERPRET=1).
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

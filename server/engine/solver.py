@@ -2,11 +2,29 @@
 
 The solver history lives in the jobs, not here, so one call serves rows at
 different steps of different trajectories. On CUDA the fused Triton kernels
-run; elsewhere the PyTorch reference, which is also their test oracle.
+run; on CPU the PyTorch reference, which is also their test oracle (the
+kernels' own tests run them on CPU through Triton's interpreter).
 """
 
-from masquerade.kernels.guidance_step import (  # noqa: F401 - the engine's solver entry points
-    generation_step_auto as generation_step,
-    inversion_step_auto as inversion_step,
-)
-from masquerade.kernels.reference import guided_model_output  # noqa: F401
+from __future__ import annotations
+
+import torch
+
+from masquerade.kernels import guidance_step, reference
+from masquerade.kernels.reference import guided_model_output  # noqa: F401 - used by the runner
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and guidance_step.guidance_step_available(x.device)
+
+
+def generation_step(eps_uncond, eps_cond, x, prev_model_output, noise, coeffs):
+    """(x_next, m) for a batch of generation rows."""
+    step = guidance_step.generation_step if _fused(x) else reference.generation_step_reference
+    return step(eps_uncond, eps_cond, x, prev_model_output, noise, coeffs)
+
+
+def inversion_step(eps_uncond, eps_cond, x, prev_model_output, x_next, coeffs):
+    """(noise map z, m) for a batch of inversion rows."""
+    step = guidance_step.inversion_step if _fused(x) else reference.inversion_step_reference
+    return step(eps_uncond, eps_cond, x, prev_model_output, x_next, coeffs)
