@@ -6,7 +6,6 @@ The set is written once per session with the same factory as
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -16,14 +15,6 @@ import pytest
 # Engines built with models="tiny" (the API and client tests) find the session's set here.
 _SESSION_TINY_DIR = Path(tempfile.mkdtemp(prefix="masquerade-tiny-"))
 os.environ.setdefault("MASQUERADE_TINY_DIR", str(_SESSION_TINY_DIR))
-
-
-def t1_image_path() -> Path:
-    """insightface's sample photo with six people (its data ships with the package)."""
-    spec = importlib.util.find_spec("insightface")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("insightface is not installed: run scripts/setup.sh --test (it installs the sample photos)")
-    return Path(spec.submodule_search_locations[0]) / "data" / "images" / "t1.jpg"
 
 
 @pytest.fixture(scope="session")

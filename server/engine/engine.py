@@ -422,7 +422,7 @@ class Engine:
             metrics.UNET_BATCH_SIZE.observe(plan.samples)
             metrics.UNET_CALL_SECONDS.observe(time.perf_counter() - started)
             apply_results(results)
-            self._report_progress({piece.job.request_id for piece in plan.slices})
+            self._report_progress({piece.job.job_id for piece in plan.slices})
 
     def _preprocessing(self) -> bool:
         return any(not s.jobs and not s.finished for s in self._states)
@@ -435,17 +435,17 @@ class Engine:
                     future.set_result(job.status)
         metrics.ACTIVE_JOBS.set(len(self.scheduler))
 
-    def _report_progress(self, request_ids: set[str]) -> None:
+    def _report_progress(self, job_ids: set[int]) -> None:
         for state in self._states:
-            if state.request.request_id not in request_ids or not state.jobs:
+            if not any(job.job_id in job_ids for job in state.jobs):
                 continue
             total = sum(job.steps for job in state.jobs)
             inverted = sum(job.inversion_done for job in state.jobs)
-            if inverted < total:
+            generated = sum(job.generation_done for job in state.jobs)
+            if inverted < total or generated == 0:
                 event = ProgressEvent(state.request.request_id, Phase.INVERSION, inverted, total)
             else:
-                if state.timings.inversion_seconds == 0.0:
-                    self._phase_done(state, Phase.INVERSION)
-                generated = sum(job.generation_done for job in state.jobs)
                 event = ProgressEvent(state.request.request_id, Phase.GENERATION, generated, total)
+            if inverted == total and state.timings.inversion_seconds == 0.0:
+                self._phase_done(state, Phase.INVERSION)
             state.events.put_nowait(event)

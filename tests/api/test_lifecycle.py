@@ -78,6 +78,29 @@ def test_concurrent_requests_share_unet_calls(server, client, face_png):
     assert after['masquerade_requests_total{method=unspecified,rpc=Anonymize,status=OK}'] >= concurrency
 
 
+def test_a_request_among_fifteen_others_equals_the_request_alone(client, face_png):
+    """Batching across requests must not change a request's result beyond float tolerance."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def pixels(response) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(response.image)).convert("RGB"), dtype=np.int16)
+
+    alone = pixels(client.anonymize(face_png, aligned=True, steps=6, seed=42, request_id="alone"))
+    with ThreadPoolExecutor(16) as pool:
+        futures = [
+            pool.submit(client.anonymize, face_png, aligned=True, steps=4 + i % 5, seed=i, request_id=f"crowd-{i}")
+            for i in range(15)
+        ]
+        target = pool.submit(client.anonymize, face_png, aligned=True, steps=6, seed=42, request_id="crowded")
+        crowded = pixels(target.result())
+        for future in futures:
+            future.result()
+    assert np.abs(crowded - alone).max() <= 3  # PNG output, so only float noise can differ
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(start_server_sharing_models, face_png):
     draining = start_server_sharing_models(EngineConfig(models="tiny", device="cpu"), grace_seconds=30)
     with AnonymizerClient(draining.address, timeout=60) as c:

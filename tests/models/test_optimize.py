@@ -20,7 +20,6 @@ from masquerade.models.optimize import (
     pad_to_bucket,
     unet_forward,
 )
-from masquerade.models.tiny import make_tiny
 
 # fp32 on CPU: fusing the LoRA and concatenating projections only reorders sums.
 FP32_ATOL = 1e-4
@@ -31,16 +30,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-models")
-    make_tiny(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def cpu_reference(tiny_dir):
+def cpu_reference(tiny_model_dir):
     """(models prepared by optimized_unet_fn, its unet_fn, eager outputs recorded *before* preparing)."""
-    models = load_models(tiny_dir, device="cpu")
+    models = load_models(tiny_model_dir, device="cpu")
     assert models.unet.peft_config, "the tiny IP-Adapter-FaceID should load its LoRA as a peft adapter"
     inputs = {n: example_inputs(models, n) for n in (2, 6, 8)}
     with torch.inference_mode():
@@ -120,15 +112,16 @@ def test_fused_unet_traces_without_graph_breaks(cpu_reference):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_compiled_buckets_match_eager_in_fp16_without_breaks_or_recompiles(tiny_dir):
-    models = load_models(tiny_dir, device="cuda")
+def test_compiled_buckets_match_eager_in_fp16_without_breaks_or_recompiles(tiny_model_dir):
+    models = load_models(tiny_model_dir, device="cuda")
     inputs = {n: example_inputs(models, n) for n in (2, 6, 8)}
     with torch.inference_mode():
         models.pipe.set_ip_adapter_scale(1.0)
         expected = {n: unet_forward(models.unet, *x) for n, x in inputs.items()}
     torch._dynamo.reset()
-    unet_fn = optimized_unet_fn(models, max_batch=8, compile=True, compile_mode="default")
-    assert unet_fn.compiled and set(unet_fn.warm_seconds) == {2, 4, 8}
+    # Two buckets keep the lent GPU's minutes for the benchmark; 6 samples pad into 8.
+    unet_fn = optimized_unet_fn(models, max_batch=8, compile=True, compile_mode="default", buckets=(2, 8))
+    assert unet_fn.compiled and set(unet_fn.warm_seconds) == {2, 8}
     with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
         for n, x in inputs.items():
             torch.testing.assert_close(unet_fn(*x), expected[n], atol=FP16_ATOL, rtol=FP16_ATOL)
