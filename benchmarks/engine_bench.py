@@ -124,15 +124,6 @@ SDXL_TEXT_ENCODER_2_CONFIG = dict(  # OpenCLIP ViT-bigG/14 text tower
     eos_token_id=1,
     pad_token_id=1,
 )
-SDXL_SCHEDULER_CONFIG = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-)
 # Published parameter counts, to check the configs above (millions).
 SDXL_PARAMS_M = {"unet": 2567.5, "vae": 83.7, "text_encoder": 123.1, "text_encoder_2": 694.7}
 FACEID_LORA_RANK = 128  # ip-adapter-faceid_sdxl.bin's LoRA rank
@@ -164,6 +155,8 @@ def build_sdxl_modules(device: str):
             "text_encoder": CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG)),
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)),
         }
+    from masquerade.models.tiny import SDXL_SCHEDULER_CONFIG
+
     modules["scheduler"] = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
     return modules
 

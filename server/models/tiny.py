@@ -20,6 +20,17 @@ log = logging.getLogger(__name__)
 
 TINY_MARKER = "TINY_RANDOM_MODELS.txt"
 
+# SDXL base 1.0's training schedule; the tiny set and the full-size benchmark share it.
+SDXL_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+
 # SDXL's tokenizer is byte-level BPE; a vocabulary of single characters (with and
 # without the end-of-word suffix) plus a few merges tokenizes any text.
 _TOKENIZER_CHARS = [chr(c) for c in range(33, 127)]
@@ -72,15 +83,7 @@ def _tiny_sdxl_pipeline(seed: int):
         cross_attention_dim=64,
         norm_num_groups=8,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
     vae = AutoencoderKL(
         block_out_channels=(16, 32),
         in_channels=3,
