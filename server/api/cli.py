@@ -37,6 +37,14 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     parser.add_argument("--max-batch", type=int, default=16, help="max samples per UNet call (a CFG pair is 2)")
     parser.add_argument("--max-queue", type=int, default=64, help="admitted, unfinished requests; beyond: RESOURCE_EXHAUSTED")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a UNet call waits to fill when jobs are few")
+    parser.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa", help="attention backend on GPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet per batch bucket at start-up (CUDA)")
+    parser.add_argument(
+        "--compile-mode",
+        default="max-autotune-no-cudagraphs",
+        help='torch.compile mode; "default" starts in seconds rather than minutes',
+    )
+    parser.add_argument("--inversion-chunk", type=int, default=8, help="inversion steps of one face per UNet call")
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; 0 turns it off")
     parser.add_argument("--grace-seconds", type=float, default=30.0, help="on SIGTERM, time in-flight requests get to finish")
     parser.add_argument("--max-message-mib", type=int, default=64, help="gRPC receive and send message limit, MiB")
@@ -56,6 +64,10 @@ def config_from_args(args: argparse.Namespace):
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_wait_ms=args.max_wait_ms,
+        attention=args.attention,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        inversion_chunk=args.inversion_chunk,
     )
     return ServerConfig(
         host=args.host,

@@ -12,7 +12,12 @@ import logging
 
 import grpc
 
-from masquerade.engine.types import InvalidRequestError, MethodUnavailableError, QueueFullError
+from masquerade.engine.types import (
+    EngineNotAcceptingError,
+    InvalidRequestError,
+    MethodUnavailableError,
+    QueueFullError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ def status_for(exc: BaseException, *, request_id: str = "") -> tuple[grpc.Status
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{detail}; retry later with backoff"
     if isinstance(exc, MethodUnavailableError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc) or "the requested method is not available on this server"
-    if isinstance(exc, ServerNotReadyError):
+    if isinstance(exc, (ServerNotReadyError, EngineNotAcceptingError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc) or "the server is not ready; retry later"
     if isinstance(exc, ServerCancelledError):
         return grpc.StatusCode.CANCELLED, str(exc)

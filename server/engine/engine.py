@@ -31,6 +31,7 @@ from masquerade.engine.types import (
     MAX_STEPS,
     AnonymizeResult,
     EngineEvent,
+    EngineNotAcceptingError,
     EngineRequest,
     FacesFoundEvent,
     FailedEvent,
@@ -75,7 +76,9 @@ class EngineConfig:
     attention: str = "sdpa"
     """Attention backend on GPU: "sdpa" or "xformers"."""
     compile: bool = False
-    """torch.compile the UNet per batch-size bucket (CUDA only)."""
+    """torch.compile the UNet per batch-size bucket at start-up (CUDA only)."""
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    """torch.compile mode; "default" compiles in seconds instead of minutes, a little slower per call."""
     preprocess_threads: int = 2
     defaults: ReversePersonalizationParams = field(default_factory=ReversePersonalizationParams)
 
@@ -206,7 +209,13 @@ class Engine:
             return None
         from masquerade.models.optimize import optimized_unet_fn
 
-        return optimized_unet_fn(models, max_batch=self.config.max_batch, compile=self.config.compile)
+        return optimized_unet_fn(
+            models,
+            max_batch=self.config.max_batch,
+            compile=self.config.compile,
+            compile_mode=self.config.compile_mode,
+            attention=self.config.attention,
+        )
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -271,7 +280,7 @@ class Engine:
     def submit(self, request: EngineRequest) -> RequestHandle:
         """Admit a request or raise InvalidRequestError / QueueFullError / MethodUnavailableError."""
         if not self._accepting:
-            raise QueueFullError("the server is shutting down or not started; retry on another replica")
+            raise EngineNotAcceptingError("the engine is shutting down or not started; retry on another replica")
         self._validate(request)
         if request.method is Method.REVERSE_PERSONALIZATION and self.core is None:
             raise MethodUnavailableError(f"REVERSE_PERSONALIZATION is unavailable: {self.unavailable_reason}")

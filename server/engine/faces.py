@@ -22,19 +22,13 @@ from masquerade.engine.types import (
     InvalidRequestError,
     Method,
 )
-from masquerade.face.align import align_face, arcface_crop, arcface_five_points, paste_back
+from masquerade.face.align import align_face, arcface_crop, arcface_five_points, paste_back, template_five_points
 from masquerade.face.classical import apply_classical, cover_region
 from masquerade.face.detect import DetectedFace, FaceDetector
 from masquerade.face.image_io import decode_image, encode_image
 
 log = logging.getLogger(__name__)
 
-# Where those points sit in an aligned "whole face" crop, as fractions of its side:
-# the aligned crop shows the face with padding around it, so they sit closer together.
-ALIGNED_FIVE_POINTS_UNIT = np.array(
-    [[0.392, 0.468], [0.608, 0.468], [0.5, 0.585], [0.41, 0.69], [0.59, 0.69]],
-    dtype=np.float64,
-)
 FALLBACK_METHOD = Method.BLUR
 
 
@@ -113,11 +107,19 @@ class FaceFrontEnd:
             height, width = rgb.shape[:2]
             crop = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LANCZOS4) if (height, width) != (size, size) else rgb.copy()
             matrix = np.array([[size / width, 0.0, 0.0], [0.0, size / height, 0.0]])
-            return FaceWork(record, None, crop, matrix, ALIGNED_FIVE_POINTS_UNIT * size)
+            return FaceWork(record, None, crop, matrix, self._aligned_five_points(crop))
         aligned = align_face(rgb, face.landmarks, size)
         five = arcface_five_points(face.landmarks)
         five_in_crop = five @ aligned.matrix[:, :2].T + aligned.matrix[:, 2]
         return FaceWork(record, face, aligned.crop, aligned.matrix, five_in_crop)
+
+    def _aligned_five_points(self, crop: np.ndarray) -> np.ndarray:
+        """ArcFace's five points on an already-aligned crop: from its landmarks when one face is
+        found, else where the alignment template puts them."""
+        faces = self.detector.detect(crop)
+        if len(faces) == 1:
+            return arcface_five_points(faces[0].landmarks)
+        return template_five_points(crop.shape[0])
 
     def _encode_identities(self, rgb: np.ndarray, works: list[FaceWork]) -> None:
         arcface_inputs = np.stack([arcface_crop(work.crop, work.five_points) for work in works])

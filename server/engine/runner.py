@@ -9,6 +9,7 @@ applies them to the jobs, so job state changes only on the loop's thread.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,6 +19,8 @@ import torch
 from masquerade.engine import solver
 from masquerade.engine.scheduler import StepPlan, StepSlice
 from masquerade.engine.states import StepPhase
+from masquerade.kernels.reference import MEAN_FROM_M1, NOISE_SCALE
+from masquerade.models.optimize import unet_forward
 
 ID_EMBED_DIM = 512
 
@@ -77,19 +80,10 @@ class UNetRunner:
         self.conditioning = conditioning
         self.device = models.device
         self.dtype = models.dtype
-        self.unet_fn = unet_fn or self._eager_unet
+        self.unet_fn = unet_fn or functools.partial(unet_forward, models.unet)
         self._ip_scale: float | None = None
         size = models.face_size
         self._time_ids = torch.tensor([size, size, 0, 0, size, size], device=self.device, dtype=self.dtype)
-
-    def _eager_unet(self, sample, timesteps, text_embeds, pooled, time_ids, id_embeds) -> torch.Tensor:
-        return self.models.unet(
-            sample,
-            timesteps,
-            encoder_hidden_states=text_embeds,
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids, "image_embeds": [id_embeds]},
-            return_dict=False,
-        )[0]
 
     def _set_ip_adapter_scale(self, scale: float) -> None:
         if scale != self._ip_scale:
@@ -152,17 +146,22 @@ class UNetRunner:
             x, coeffs = rows.x[part], rows.coeffs[part]
             if piece.phase is StepPhase.GENERATION:
                 prev = job.previous_output if job.previous_output is not None else torch.zeros_like(job.latent)
-                noise = job.noise_maps[piece.start : end - offset + piece.start]
+                noise = job.noise_maps[piece.start : piece.start + 1]
                 x_next, m = solver.generation_step(eps_uncond[part], eps_cond[part], x, prev[None], noise, coeffs)
                 results.append(SliceResult(piece, x_next, m[-1]))
             else:
-                # The second-order term of step i needs m_{i-1}: from the job's history for
-                # the slice's first step, from this very call for the others.
-                outputs = solver.guided_model_output(eps_uncond[part], eps_cond[part], x, coeffs).to(x.dtype)
-                first_prev = job.previous_output if job.previous_output is not None else torch.zeros_like(x[0])
-                prev = torch.cat([first_prev[None], outputs[:-1]])
+                # The second-order term of step i needs m_{i-1}. For the slice's first step it
+                # is in the job's history; for the others it is an output of this very pass, so
+                # they run with a zero history and get the term afterwards:
+                # z_i = z_i|m1=0 - (mean_from_m1 / noise_scale) m_{i-1}.
+                prev = torch.zeros_like(x)
+                if job.previous_output is not None:
+                    prev[0] = job.previous_output
                 x_next = job.noisy_latents[piece.start + 1 : piece.start + piece.count + 1]
                 noise, m = solver.inversion_step(eps_uncond[part], eps_cond[part], x, prev, x_next, coeffs)
+                if piece.count > 1:
+                    history_weight = (coeffs[1:, MEAN_FROM_M1] / coeffs[1:, NOISE_SCALE]).view(-1, 1, 1, 1)
+                    noise[1:] -= history_weight * m[:-1].float()
                 results.append(SliceResult(piece, noise, m[-1]))
             offset = end
         return results

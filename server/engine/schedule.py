@@ -38,7 +38,10 @@ def inversion_timesteps(steps: int, skip: float) -> np.ndarray:
     first = TRAIN_TIMESTEPS - skip * TRAIN_TIMESTEPS - 1
     timesteps = np.linspace(first, 1, steps).astype(np.int64)
     if steps > 1 and np.any(np.diff(timesteps) >= 0):
-        raise ValueError(f"steps={steps} with skip={skip} repeats timesteps; use fewer steps or a smaller skip")
+        raise ValueError(
+            f"steps={steps} with skip={skip} repeats timesteps between {int(first)} and 1; "
+            f"use at most {int(first)} steps or a smaller skip"
+        )
     return timesteps
 
 

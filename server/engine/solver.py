@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from masquerade.kernels import guidance_step, reference
-from masquerade.kernels.reference import guided_model_output  # noqa: F401 - used by the runner
 
 
 def _fused(x: torch.Tensor) -> bool:

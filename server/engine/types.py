@@ -37,6 +37,10 @@ class QueueFullError(RuntimeError):
     """The engine's queue is at capacity; the client should retry later."""
 
 
+class EngineNotAcceptingError(RuntimeError):
+    """The engine is starting or shutting down; another replica (or a retry) can serve."""
+
+
 class MethodUnavailableError(RuntimeError):
     """The requested method needs models this server has not loaded."""
 
@@ -61,13 +65,12 @@ class ReversePersonalizationParams:
             raise InvalidRequestError("params.skip", f"must be in [0, 1), got {self.skip!r}")
         if not (1 <= int(self.steps) <= MAX_STEPS):
             raise InvalidRequestError("params.steps", f"must be in [1, {MAX_STEPS}], got {self.steps!r}")
-        first_timestep = int(1000 - self.skip * 1000 - 1)
-        if self.steps > 1 and self.steps > first_timestep:
-            raise InvalidRequestError(
-                "params.steps",
-                f"{self.steps} steps do not fit between timestep {first_timestep} and 1 "
-                f"with skip={self.skip}; use at most {max(first_timestep, 1)} steps or a smaller skip",
-            )
+        from masquerade.engine.schedule import inversion_timesteps
+
+        try:
+            inversion_timesteps(int(self.steps), float(self.skip))
+        except ValueError as error:
+            raise InvalidRequestError("params.steps", str(error)) from None
         for name in ("guidance_scale", "id_emb_scale", "ip_adapter_scale"):
             value = getattr(self, name)
             if not math.isfinite(value):

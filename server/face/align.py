@@ -173,6 +173,17 @@ def arcface_five_points(landmarks68: np.ndarray) -> np.ndarray:
     ).astype(np.float32)
 
 
+def template_five_points(size: int) -> np.ndarray:
+    """[5,2] ArcFace's five points where the mean face puts them in an S x S whole-face crop.
+
+    For an input that is already aligned and whose landmarks cannot be found.
+    """
+    rows = ALIGNMENT_TEMPLATE  # landmarks 17..48 are rows 0..31, landmark 54 is row 32
+    five = np.stack([rows[19:25].mean(0), rows[25:31].mean(0), rows[13], rows[31], rows[32]])
+    matrix = crop_from_template(size)
+    return (five @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
+
+
 def arcface_crop(rgb: np.ndarray, five_points: np.ndarray) -> np.ndarray:
     """[112,112,3] uint8 ArcFace input: similarity fit to the reference points."""
     points = np.asarray(five_points, dtype=np.float64)
