@@ -250,11 +250,11 @@ def unet_flops_per_sample(models) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from masquerade.models.optimize import example_inputs, unet_forward
+    from masquerade.models.optimize import example_inputs, stock_unet_fn
 
     inputs = example_inputs(models, 2)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        unet_forward(models.unet, *inputs)
+        stock_unet_fn(models.unet)(*inputs)
     return counter.get_total_flops() / 2
 
 
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from masquerade.engine.diffusion import DiffusionCore
-    from masquerade.models.optimize import optimized_unet_fn, unet_forward
+    from masquerade.models.optimize import optimized_unet_fn, stock_unet_fn
 
     kernel_bench = load_kernel_bench()
     machine = kernel_bench.machine()
@@ -479,10 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         report.section("unet_gflop_per_sample", round(flops / 1e9, 1))
 
         log.info("diffusers eager UNet (peft LoRA live, stock processors):")
-        diffusers_eager = time_unet(lambda *x: unet_forward(models.unet, *x), models, args.buckets, args.reps, args.warmup)
+        stock = stock_unet_fn(models.unet)
+        diffusers_eager = time_unet(stock, models, args.buckets, args.reps, args.warmup)
 
         # (a) the research code's loop: one CFG pair per call, inversion sequential, then generation.
-        naive = DiffusionCore(models)
+        naive = DiffusionCore(models, unet_fn=stock)
         per_face = [
             per_face_summary(
                 "research loop (eager fp16 SDPA, 1 CFG pair per call)", 1, args.steps,
@@ -505,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         report.section("kernels", kernel_bench.run(kernel_args))
 
         log.info("prepared eager UNet (FaceID LoRA fused, fused QKV/IP processors, channels_last):")
-        prepared = optimized_unet_fn(models, max_batch=args.max_batch, compile=False, buckets=args.buckets)
+        prepared = optimized_unet_fn(models, max_batch=args.max_batch, compile=False, buckets=args.buckets, pad=True)
         prepared_eager = time_unet(prepared, models, args.buckets, args.reps, args.warmup)
         report.section("optimizations", prepared.prepared)
 
@@ -533,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         report.section("unet", {"compiled": compiled.compiled, "buckets": rows})
 
         # (b) this engine: inversion steps batched, generation steps of all faces packed per call.
-        engine = DiffusionCore(models, unet_fn=compiled)
+        engine = DiffusionCore(models, max_batch=args.max_batch, unet_fn=compiled)
         label = f"engine (buckets, {args.compile_mode} compile)" if compiled.compiled else "engine (buckets, eager)"
         for faces in (1, args.concurrent_faces):
             timing = run_faces(engine, models, faces, args.steps, args.max_batch, inversion_chunk=args.max_batch // 2)

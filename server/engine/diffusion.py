@@ -18,6 +18,7 @@ from masquerade.engine.runner import TextConditioning, UNetRunner, apply_results
 from masquerade.engine.schedule import Trajectory, build_trajectory
 from masquerade.engine.scheduler import StepScheduler
 from masquerade.engine.types import ReversePersonalizationParams
+from masquerade.models.optimize import DEFAULT_COMPILE_MODE, optimized_unet_fn
 
 
 def face_noise_seed(seed: int, face_index: int) -> int:
@@ -26,12 +27,28 @@ def face_noise_seed(seed: int, face_index: int) -> int:
 
 
 class DiffusionCore:
-    def __init__(self, models, *, unet_fn=None):
+    def __init__(
+        self,
+        models,
+        *,
+        max_batch: int = 16,
+        compile: bool = False,
+        compile_mode: str = DEFAULT_COMPILE_MODE,
+        attention: str = "sdpa",
+        unet_fn=None,
+    ):
         self.models = models
+        self.max_batch = max_batch
         self.device = models.device
         self.dtype = models.dtype
         self.conditioning = TextConditioning(models.pipe, models.device, models.dtype)
-        self.runner = UNetRunner(models, self.conditioning, unet_fn=unet_fn)
+        # The same prepared UNet on every device (fused LoRA and attention, per-sample IP-Adapter
+        # scale); compiled per batch bucket only on CUDA. Benchmarks may pass their own.
+        if unet_fn is None:
+            unet_fn = optimized_unet_fn(
+                models, max_batch=max_batch, compile=compile, compile_mode=compile_mode, attention=attention
+            )
+        self.runner = UNetRunner(models, self.conditioning, unet_fn)
         self._alphas_cumprod = models.alphas_cumprod.double().cpu().numpy()
         self._trajectories: dict[tuple[int, float], Trajectory] = {}
         self._vae_lock = threading.Lock()
@@ -101,9 +118,9 @@ class DiffusionCore:
 
     # ---- synchronous loop --------------------------------------------------------
 
-    def run_to_completion(self, jobs: list[FaceJob], *, max_batch: int = 16, inversion_chunk: int = 8) -> None:
+    def run_to_completion(self, jobs: list[FaceJob], *, max_batch: int | None = None, inversion_chunk: int = 8) -> None:
         """Run jobs through inversion and generation with continuous batching."""
-        scheduler = StepScheduler(max_batch=max_batch, inversion_chunk=inversion_chunk)
+        scheduler = StepScheduler(max_batch=max_batch or self.max_batch, inversion_chunk=inversion_chunk)
         scheduler.add(jobs)
         while (plan := scheduler.plan()) is not None:
             apply_results(self.runner.run(plan))

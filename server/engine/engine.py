@@ -174,7 +174,17 @@ class Engine:
     def __init__(self, config: EngineConfig, models=None, unavailable_reason: str = ""):
         self.config = config.validated()
         self.models = models
-        self.core = DiffusionCore(models, unet_fn=self._build_unet_fn(models)) if models is not None else None
+        self.core = (
+            DiffusionCore(
+                models,
+                max_batch=config.max_batch,
+                compile=config.compile,
+                compile_mode=config.compile_mode,
+                attention=config.attention,
+            )
+            if models is not None
+            else None
+        )
         self.unavailable_reason = unavailable_reason
         self.front_end = FaceFrontEnd(
             detector=config.detector,
@@ -203,19 +213,6 @@ class Engine:
             return cls(config, None, reason)
         models = load_models(root, device=config.device, attention=config.attention)
         return cls(config, models)
-
-    def _build_unet_fn(self, models):
-        if models is None or models.device.type != "cuda":
-            return None
-        from masquerade.models.optimize import optimized_unet_fn
-
-        return optimized_unet_fn(
-            models,
-            max_batch=self.config.max_batch,
-            compile=self.config.compile,
-            compile_mode=self.config.compile_mode,
-            attention=self.config.attention,
-        )
 
     # ---- lifecycle -----------------------------------------------------------------
 

@@ -47,7 +47,7 @@ class FaceJob:
 
     @property
     def batch_key(self) -> BatchKey:
-        return BatchKey(tuple(self.noisy_latents.shape[1:]), float(self.ip_adapter_scale))
+        return BatchKey(tuple(self.noisy_latents.shape[1:]))
 
     @property
     def phase(self) -> StepPhase | None:

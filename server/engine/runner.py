@@ -2,14 +2,13 @@
 
 Row r of a plan is one job's step; the UNet sees rows [0, R) under the
 unconditional branch and rows [R, 2R) under the conditional one, each with its
-own timestep, text embedding and identity embedding (DESIGN section 1 steps 5
-and 6). The runner reads job tensors and returns new ones; the engine loop
+own timestep, text embedding, identity embedding and IP-Adapter scale (DESIGN
+section 1 steps 5 and 6). The runner reads job tensors and returns new ones; the engine loop
 applies them to the jobs, so job state changes only on the loop's thread.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +19,6 @@ from masquerade.engine import solver
 from masquerade.engine.scheduler import StepPlan, StepSlice
 from masquerade.engine.states import StepPhase
 from masquerade.kernels.reference import MEAN_FROM_M1, NOISE_SCALE
-from masquerade.models.optimize import unet_forward
 
 ID_EMBED_DIM = 512
 
@@ -75,31 +73,24 @@ UNetFn = Callable[..., torch.Tensor]
 class UNetRunner:
     """Executes plans on one model bundle. Thread-confined: the engine calls it from one worker."""
 
-    def __init__(self, models, conditioning: TextConditioning, unet_fn: UNetFn | None = None):
+    def __init__(self, models, conditioning: TextConditioning, unet_fn: UNetFn):
         self.models = models
         self.conditioning = conditioning
         self.device = models.device
         self.dtype = models.dtype
-        self.unet_fn = unet_fn or functools.partial(unet_forward, models.unet)
-        self._ip_scale: float | None = None
+        self.unet_fn = unet_fn
         size = models.face_size
         self._time_ids = torch.tensor([size, size, 0, 0, size, size], device=self.device, dtype=self.dtype)
 
-    def _set_ip_adapter_scale(self, scale: float) -> None:
-        if scale != self._ip_scale:
-            self.models.pipe.set_ip_adapter_scale(scale)
-            self._ip_scale = scale
-
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> list[SliceResult]:
-        self._set_ip_adapter_scale(plan.key.ip_adapter_scale)
         rows = self._gather_rows(plan)
         eps = self.unet_fn(*rows.unet_inputs)
         eps_uncond, eps_cond = eps[: rows.count], eps[rows.count :]
         return self._solve(plan, rows, eps_uncond, eps_cond)
 
     def _gather_rows(self, plan: StepPlan) -> "_Rows":
-        latents, timesteps, coeffs = [], [], []
+        latents, timesteps, coeffs, ip_scales = [], [], [], []
         uncond_text, cond_text, uncond_pooled, cond_pooled, cond_ids = [], [], [], [], []
         empty_embeds, empty_pooled = self.conditioning.get("")
         for piece in plan.slices:
@@ -117,6 +108,7 @@ class UNetRunner:
             for step in steps:
                 timesteps.append(int(job.trajectory.timesteps[step]))
                 coeffs.append(job.coeffs[step])
+                ip_scales.append(job.ip_adapter_scale)
                 uncond_text.append(uncond_embeds)
                 uncond_pooled.append(uncond_pool)
                 cond_text.append(empty_embeds)
@@ -133,6 +125,7 @@ class UNetRunner:
             torch.stack(uncond_pooled + cond_pooled),
             self._time_ids.expand(2 * count, -1),
             torch.cat([null_ids, torch.stack(cond_ids)])[:, None, :],  # [2R, 1, 512]
+            torch.tensor(ip_scales * 2, device=self.device, dtype=self.dtype),  # [2R]
         )
         return _Rows(count=count, x=x, coeffs=torch.stack(coeffs), unet_inputs=unet_inputs)
 

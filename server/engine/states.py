@@ -34,7 +34,6 @@ class StepPhase(enum.Enum):
 
 @dataclass(frozen=True)
 class BatchKey:
-    """Jobs share a UNet call only when these match."""
+    """Jobs share a UNet call only when these match (everything else is per row)."""
 
     latent_shape: tuple[int, int, int]
-    ip_adapter_scale: float

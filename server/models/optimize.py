@@ -11,6 +11,7 @@ the fused processors are testable without a GPU.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -187,7 +188,9 @@ class FusedSelfAttnProcessor:
     def __init__(self, attend: AttentionKernel):
         self.attend = attend
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, ip_sample_scales=None, **_
+    ):
         if hidden_states.ndim != 3 or encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("FusedSelfAttnProcessor handles unmasked self-attention on [B, L, C] only")
         batch = hidden_states.shape[0]
@@ -231,8 +234,10 @@ def fused_ip_adapter_processor_class():
         """Cross-attention over text plus the IP-Adapter identity tokens, with fused K/V projections.
 
         Same math as diffusers' ``IPAdapterAttnProcessor2_0`` without masks:
-        ``attn(q, K_text, V_text) + scale * attn(q, K_ip, V_ip)``. It subclasses it so that
-        ``pipe.set_ip_adapter_scale`` still finds and updates it; the scale lives in a buffer.
+        ``attn(q, K_text, V_text) + scale * attn(q, K_ip, V_ip)``, where ``scale`` is per sample
+        when the UNet is called with ``cross_attention_kwargs={"ip_sample_scales": [B]}`` (the
+        engine always does), else the adapter-wide value. It subclasses diffusers' processor so
+        that ``pipe.set_ip_adapter_scale`` still finds and updates it; that value lives in a buffer.
         """
 
         def __init__(self, source, attend: AttentionKernel):
@@ -249,7 +254,16 @@ def fused_ip_adapter_processor_class():
             self.register_buffer("scale_values", torch.tensor(values, device=weight.device, dtype=weight.dtype))
             self.scale = _DeviceScales(values, self.scale_values)
 
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        def __call__(
+            self,
+            attn,
+            hidden_states,
+            encoder_hidden_states=None,
+            attention_mask=None,
+            temb=None,
+            ip_sample_scales=None,
+            **kwargs,
+        ):
             if kwargs.get("ip_adapter_masks") is not None:
                 raise ValueError("FusedIPAdapterAttnProcessor does not support ip_adapter_masks")
             if hidden_states.ndim != 3 or attention_mask is not None or not isinstance(encoder_hidden_states, tuple):
@@ -263,7 +277,12 @@ def fused_ip_adapter_processor_class():
                 # [B, images, tokens, D] -> [B, images * tokens, D]
                 ip_key, ip_value = ip_kv(tokens.reshape(batch, -1, tokens.shape[-1])).chunk(2, dim=-1)
                 ip_out = self.attend(query, _heads(ip_key, batch, heads), _heads(ip_value, batch, heads))
-                out = out + self.scale_values[index] * ip_out
+                if ip_sample_scales is not None:
+                    # One scale per sample, so jobs with different ip_adapter_scale share a call.
+                    scale = ip_sample_scales.to(ip_out.dtype).view(batch, 1, 1, 1)
+                else:
+                    scale = self.scale_values[index]
+                out = out + scale * ip_out
             out = _merge_heads(out, batch).to(hidden_states.dtype)
             return attn.to_out[1](attn.to_out[0](out))
 
@@ -349,6 +368,18 @@ def _prepare_unet(models, attention: str) -> dict[str, object]:
     attend = attention_kernel(attention, models.device)
     lora_fused = fuse_faceid_lora(models.pipe)
     counts = install_fused_attention(unet, attend)
+    # The engine passes per-sample IP-Adapter scales to every processor; one that cannot take
+    # them would silently apply the adapter-wide scale instead.
+    unsupported = [
+        name
+        for name, processor in unet.attn_processors.items()
+        if "ip_sample_scales" not in inspect.signature(processor.__call__).parameters
+    ]
+    if unsupported:
+        raise RuntimeError(
+            f"{len(unsupported)} attention modules kept processors without per-sample IP-Adapter scales "
+            f"(first: {unsupported[0]}); this UNet has attention features the fused processors do not cover"
+        )
     if models.device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     done = {"attention": attention, "lora_fused": lora_fused, "processors": counts}
@@ -366,15 +397,33 @@ def _prepare_unet(models, attention: str) -> dict[str, object]:
 # ---- the callable the runner uses ---------------------------------------------------------------
 
 
-def unet_forward(unet, sample, timesteps, text_embeds, pooled, time_ids, id_embeds) -> torch.Tensor:
-    """One UNet evaluation with the runner's inputs -> eps [B, 4, h, w]."""
+def unet_forward(unet, sample, timesteps, text_embeds, pooled, time_ids, id_embeds, ip_scales=None) -> torch.Tensor:
+    """One UNet evaluation with the runner's inputs -> eps [B, 4, h, w].
+
+    ``ip_scales`` ([B], per-sample IP-Adapter scale) needs the processors that
+    ``install_fused_attention`` puts in; diffusers' own would drop it with a warning.
+    """
     return unet(
         sample,
         timesteps,
         encoder_hidden_states=text_embeds,
         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids, "image_embeds": [id_embeds]},
+        cross_attention_kwargs=None if ip_scales is None else {"ip_sample_scales": ip_scales},
         return_dict=False,
     )[0]
+
+
+def stock_unet_fn(unet):
+    """The unprepared diffusers UNet with the runner's signature, for baselines and references.
+
+    diffusers' processors know only one adapter-wide IP-Adapter scale (``set_ip_adapter_scale``),
+    so the per-sample ``ip_scales`` are dropped: valid when every row has that scale.
+    """
+
+    def forward(sample, timesteps, text_embeds, pooled, time_ids, id_embeds, ip_scales=None):
+        return unet_forward(unet, sample, timesteps, text_embeds, pooled, time_ids, id_embeds)
+
+    return forward
 
 
 def example_inputs(models, batch: int) -> tuple[torch.Tensor, ...]:
@@ -397,6 +446,7 @@ def example_inputs(models, batch: int) -> tuple[torch.Tensor, ...]:
         .to(device)
         .expand(batch, TIME_IDS_DIM),  # time_ids
         randn(batch, 1, ID_EMBED_DIM),  # id_embeds
+        torch.ones(batch, device=device, dtype=dtype),  # ip_scales
     )
 
 
@@ -406,7 +456,9 @@ class OptimizedUNet:
     Thread-confined like the runner. ``warm_seconds`` holds the start-up compile time per bucket.
     """
 
-    def __init__(self, models, *, buckets: Sequence[int], compile: bool, compile_mode: str, attention: str):
+    def __init__(
+        self, models, *, buckets: Sequence[int], compile: bool, compile_mode: str, attention: str, pad: bool | None = None
+    ):
         self.models = models
         self.buckets = tuple(sorted(buckets))
         self.attention = attention
@@ -414,11 +466,13 @@ class OptimizedUNet:
         self.channels_last = models.device.type == "cuda"
         self.compiled = bool(compile) and models.device.type == "cuda"
         self.compile_mode = compile_mode if self.compiled else None
+        # Padding exists for the compiled graphs' fixed shapes; eager calls run at their true size.
+        self.pad = self.compiled if pad is None else bool(pad)
         self.warm_seconds: dict[int, float] = {}
         unet = models.unet
 
-        def forward(sample, timesteps, text_embeds, pooled, time_ids, id_embeds):
-            return unet_forward(unet, sample, timesteps, text_embeds, pooled, time_ids, id_embeds)
+        def forward(sample, timesteps, text_embeds, pooled, time_ids, id_embeds, ip_scales):
+            return unet_forward(unet, sample, timesteps, text_embeds, pooled, time_ids, id_embeds, ip_scales)
 
         self.eager_forward = forward  # the uncompiled call, for torch._dynamo.explain in tests
         self._forward = forward
@@ -454,14 +508,14 @@ class OptimizedUNet:
                 self.warm_seconds[size],
             )
 
-    def __call__(self, sample, timesteps, text_embeds, pooled, time_ids, id_embeds) -> torch.Tensor:
-        (sample, timesteps, text_embeds, pooled, time_ids, id_embeds), n = pad_to_bucket(
-            (sample, timesteps, text_embeds, pooled, time_ids, id_embeds), self.buckets
-        )
+    def __call__(self, sample, timesteps, text_embeds, pooled, time_ids, id_embeds, ip_scales) -> torch.Tensor:
+        inputs = (sample, timesteps, text_embeds, pooled, time_ids, id_embeds, ip_scales)
+        n = sample.shape[0]
+        if self.pad:
+            inputs, n = pad_to_bucket(inputs, self.buckets)
         if self.channels_last:
-            sample = sample.contiguous(memory_format=torch.channels_last)
-        eps = self._forward(sample, timesteps, text_embeds, pooled, time_ids, id_embeds)
-        return eps[:n]
+            inputs = (inputs[0].contiguous(memory_format=torch.channels_last),) + tuple(inputs[1:])
+        return self._forward(*inputs)[:n]
 
 
 def optimized_unet_fn(
@@ -472,6 +526,7 @@ def optimized_unet_fn(
     attention: str = "sdpa",
     buckets: Sequence[int] | None = None,
     compile_mode: str = DEFAULT_COMPILE_MODE,
+    pad: bool | None = None,
 ) -> OptimizedUNet:
     """Prepare ``models.unet`` once and return the runner's ``unet_fn``.
 
@@ -489,4 +544,6 @@ def optimized_unet_fn(
         raise ValueError(f"buckets must be even sample counts >= 2 (CFG pairs), got {sizes}")
     if max(sizes) < max_batch:
         raise ValueError(f"the largest bucket {max(sizes)} is below max_batch {max_batch}")
-    return OptimizedUNet(models, buckets=sizes, compile=compile, compile_mode=compile_mode, attention=attention)
+    return OptimizedUNet(
+        models, buckets=sizes, compile=compile, compile_mode=compile_mode, attention=attention, pad=pad
+    )

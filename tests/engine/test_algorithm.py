@@ -268,3 +268,19 @@ def test_a_job_in_a_mixed_batch_equals_the_job_alone(core, faces):
     target = core.make_job("r", 0, clean[0], identities[0], params)
     mixed = run_jobs(core, others[:7] + [target] + others[7:], max_batch=32, chunk=4)
     assert relative_error(mixed[7], alone[0]) < 5e-3
+
+
+def test_jobs_with_different_ip_adapter_scales_share_calls_and_match_alone(core, faces):
+    _, clean, identities = faces
+    half = ReversePersonalizationParams(steps=5, ip_adapter_scale=0.5)
+    full = ReversePersonalizationParams(steps=5, ip_adapter_scale=1.0)
+    alone_half = run_jobs(core, [core.make_job("a", 0, clean[0], identities[0], half)])
+    alone_full = run_jobs(core, [core.make_job("b", 0, clean[0], identities[0], full)])
+    assert relative_error(alone_half, alone_full) > 0.01  # the scale matters
+    jobs = [core.make_job("a", 0, clean[0], identities[0], half), core.make_job("b", 0, clean[0], identities[0], full)]
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
+    scheduler.add(jobs)
+    assert {piece.job.job_id for piece in scheduler.plan().slices} == {job.job_id for job in jobs}
+    mixed = run_jobs(core, [core.make_job("a", 0, clean[0], identities[0], half), core.make_job("b", 0, clean[0], identities[0], full)])
+    assert relative_error(mixed[0], alone_half[0]) < 5e-3
+    assert relative_error(mixed[1], alone_full[0]) < 5e-3

@@ -18,6 +18,7 @@ from masquerade.models.optimize import (
     example_inputs,
     optimized_unet_fn,
     pad_to_bucket,
+    stock_unet_fn,
     unet_forward,
 )
 
@@ -37,11 +38,12 @@ def cpu_reference(tiny_model_dir):
     inputs = {n: example_inputs(models, n) for n in (2, 6, 8)}
     with torch.inference_mode():
         models.pipe.set_ip_adapter_scale(1.0)
-        expected = {n: unet_forward(models.unet, *x) for n, x in inputs.items()}
+        expected = {n: stock_unet_fn(models.unet)(*x) for n, x in inputs.items()}
         models.pipe.set_ip_adapter_scale(0.5)
-        expected_half_scale = unet_forward(models.unet, *inputs[6])
+        expected_half_scale = stock_unet_fn(models.unet)(*inputs[6])
         models.pipe.set_ip_adapter_scale(1.0)
-    unet_fn = optimized_unet_fn(models, max_batch=8, compile=True)  # compile is CUDA-only: eager here
+    # compile is CUDA-only (eager here); pad=True exercises the buckets the compiled path uses.
+    unet_fn = optimized_unet_fn(models, max_batch=8, compile=True, pad=True)
     return models, unet_fn, inputs, expected, expected_half_scale
 
 
@@ -81,16 +83,26 @@ def test_bucketed_call_equals_eager_call_between_buckets(cpu_reference):
             torch.testing.assert_close(got, expected[n], atol=FP32_ATOL, rtol=1e-4)
 
 
-def test_ip_adapter_scale_still_reaches_the_fused_processors(cpu_reference):
+def test_ip_adapter_scale_is_per_sample(cpu_reference):
+    """Rows with scales 0.5 and 1.0 in one call equal diffusers' calls at each scale."""
+    models, unet_fn, inputs, expected, expected_half_scale = cpu_reference
+    mixed = torch.tensor([0.5, 1.0, 0.5, 1.0, 0.5, 1.0])
+    with torch.inference_mode():
+        got = unet_fn(*inputs[6][:-1], mixed)
+    want = torch.where((mixed == 0.5).view(-1, 1, 1, 1), expected_half_scale, expected[6])
+    torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=1e-4)
+    assert not torch.allclose(expected_half_scale, expected[6], atol=1e-3)
+
+
+def test_set_ip_adapter_scale_still_reaches_the_fused_processors(cpu_reference):
     models, unet_fn, inputs, expected, expected_half_scale = cpu_reference
     with torch.inference_mode():
         models.pipe.set_ip_adapter_scale(0.5)
         try:
-            got = unet_fn(*inputs[6])
+            got = unet_forward(models.unet, *inputs[6][:-1])  # no per-sample scales: the adapter-wide one
         finally:
             models.pipe.set_ip_adapter_scale(1.0)
     torch.testing.assert_close(got, expected_half_scale, atol=FP32_ATOL, rtol=1e-4)
-    assert not torch.allclose(expected_half_scale, expected[6], atol=1e-3)
 
 
 def test_preparing_twice_is_a_no_op_and_xformers_on_cpu_names_the_flag(cpu_reference):
@@ -117,7 +129,7 @@ def test_compiled_buckets_match_eager_in_fp16_without_breaks_or_recompiles(tiny_
     inputs = {n: example_inputs(models, n) for n in (2, 6, 8)}
     with torch.inference_mode():
         models.pipe.set_ip_adapter_scale(1.0)
-        expected = {n: unet_forward(models.unet, *x) for n, x in inputs.items()}
+        expected = {n: stock_unet_fn(models.unet)(*x) for n, x in inputs.items()}
     torch._dynamo.reset()
     # Two buckets keep the lent GPU's minutes for the benchmark; 6 samples pad into 8.
     unet_fn = optimized_unet_fn(models, max_batch=8, compile=True, compile_mode="default", buckets=(2, 8))
@@ -125,7 +137,9 @@ def test_compiled_buckets_match_eager_in_fp16_without_breaks_or_recompiles(tiny_
     with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
         for n, x in inputs.items():
             torch.testing.assert_close(unet_fn(*x), expected[n], atol=FP16_ATOL, rtol=FP16_ATOL)
-        models.pipe.set_ip_adapter_scale(0.5)  # a new scale must not recompile (it lives in a buffer)
+        # New per-sample scales must not recompile (they are a tensor input), nor an adapter-wide one.
+        unet_fn(*inputs[6][:-1], torch.full((6,), 0.5, device="cuda", dtype=models.dtype))
+        models.pipe.set_ip_adapter_scale(0.5)
         unet_fn(*inputs[6])
         models.pipe.set_ip_adapter_scale(1.0)
     with torch.inference_mode():
