@@ -336,8 +336,8 @@ class Engine:
             prepared: PreparedRequest = await self._in_pool(self.front_end.prepare, request)
             self._phase_done(state, Phase.PREPROCESS)
             state.events.put_nowait(FacesFoundEvent(request.request_id, tuple(r.box for r in prepared.records)))
-            generated = await self._diffuse(state, prepared) if prepared.works else {}
-            encoded, width, height = await self._in_pool(self.front_end.finish, request, prepared, generated)
+            generated, failures = await self._diffuse(state, prepared) if prepared.works else ({}, {})
+            encoded, width, height = await self._in_pool(self.front_end.finish, request, prepared, generated, failures)
             self._phase_done(state, Phase.POSTPROCESS)
             state.timings.total_seconds = time.perf_counter() - state.submitted
             for record in prepared.records:
@@ -370,7 +370,8 @@ class Engine:
             self._states.discard(state)
             metrics.QUEUE_DEPTH.set(self.queue_depth)
 
-    async def _diffuse(self, state: _RequestState, prepared: PreparedRequest) -> dict:
+    async def _diffuse(self, state: _RequestState, prepared: PreparedRequest) -> tuple[dict, dict]:
+        """Run the request's faces through diffusion: (generated crops, failure reasons), by face index."""
         request = state.request
         loop = asyncio.get_running_loop()
         state.jobs = [
@@ -391,7 +392,8 @@ class Engine:
             for job, crop in zip(decoded_jobs, crops):
                 job.finish()
                 generated[job.face_index] = crop
-        return generated
+        failures = {job.face_index: job.failure for job in state.jobs if job.status is JobStatus.FAILED}
+        return generated, failures
 
     # ---- the step loop -----------------------------------------------------------------
 

@@ -136,8 +136,17 @@ class FaceFrontEnd:
 
     # ---- postprocess -----------------------------------------------------------
 
-    def finish(self, request: EngineRequest, prepared: PreparedRequest, generated: dict[int, np.ndarray]) -> tuple[bytes, int, int]:
-        """Merge generated crops (by face index), cover every other face, encode."""
+    def finish(
+        self,
+        request: EngineRequest,
+        prepared: PreparedRequest,
+        generated: dict[int, np.ndarray],
+        failures: dict[int, str] | None = None,
+    ) -> tuple[bytes, int, int]:
+        """Merge generated crops (by face index), cover every other face, encode.
+
+        ``failures`` gives, by face index, why a face's diffusion failed; it goes in the record.
+        """
         rgb = prepared.rgb
         output = rgb.copy()
         works_by_index = {work.record.index: work for work in prepared.works}
@@ -149,7 +158,8 @@ class FaceFrontEnd:
                 output = self._merge(output, work, generated[record.index])
             else:
                 if record.status is FaceStatus.ANONYMIZED:
-                    self._mark_fallback(record, "generation did not complete for this face")
+                    reason = (failures or {}).get(record.index) or "generation did not complete for this face"
+                    self._mark_fallback(record, reason)
                 output = self._cover(output, record, record.method_applied, request.classical_strength)
         self._receipts(rgb, output, prepared, generated)
         height, width = output.shape[:2]
