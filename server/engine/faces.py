@@ -132,7 +132,6 @@ class FaceFrontEnd:
                 continue
             work.identity = embedding
             work.clean_latent = latent
-            work.record.identity_similarity_before = 1.0
 
     # ---- postprocess -----------------------------------------------------------
 
@@ -190,16 +189,20 @@ class FaceFrontEnd:
         if self.core is not None and prepared.works:
             measured = [w for w in prepared.works if w.record.index in generated and w.identity is not None]
             if measured:
-                crops = []
+                # Baseline: the VAE round trip of each face, i.e. what reconstruction alone keeps.
+                round_trips = self.core.decode(torch.stack([w.clean_latent for w in measured]))
+                crops = [arcface_crop(crop, w.five_points) for w, crop in zip(measured, round_trips)]
                 for work in measured:
                     if work.detected is None:
                         out_crop = cv2.resize(output, (self.face_size, self.face_size), interpolation=cv2.INTER_LANCZOS4)
                     else:
                         out_crop = align_face(output, work.detected.landmarks, self.face_size).crop
                     crops.append(arcface_crop(out_crop, work.five_points))
-                after = self.core.embed_identity(np.stack(crops))
-                for work, embedding in zip(measured, after):
-                    work.record.identity_similarity_after = float(torch.dot(work.identity, embedding))
+                embeddings = self.core.embed_identity(np.stack(crops))
+                before, after = embeddings[: len(measured)], embeddings[len(measured) :]
+                for work, round_trip, anonymized in zip(measured, before, after):
+                    work.record.identity_similarity_before = float(torch.dot(work.identity, round_trip))
+                    work.record.identity_similarity_after = float(torch.dot(work.identity, anonymized))
         verifier = self._get_verifier()
         if verifier is None:
             return

@@ -121,3 +121,25 @@ def test_undecodable_bytes_fail_only_their_own_request(engine):
     events = with_engine(engine, lambda e: run(e, bad, aligned_request("good")))
     assert isinstance(events[0], FailedEvent) and "image" in str(events[0].error)
     assert isinstance(events[1], ResultEvent)
+
+
+def test_identity_receipt_compares_with_the_reconstruction_baseline(engine, tiny_models):
+    size = tiny_models.face_size
+    face = png(np.random.default_rng(9).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+    def request(request_id, id_scale):
+        return EngineRequest(
+            request_id=request_id,
+            image=face,
+            params=ReversePersonalizationParams(steps=4, guidance_scale=0.0, id_emb_scale=id_scale),
+            detection=DetectionOptions(aligned=True),
+        )
+
+    reconstructed, anonymized = with_engine(engine, lambda e: run(e, request("zero", 0.0), request("one", 1.0)))
+    zero = reconstructed.result.faces[0]
+    # With a zero identity the output is the VAE round trip, so after equals the baseline.
+    assert -1.0 <= zero.identity_similarity_before <= 1.0
+    assert zero.identity_similarity_after == pytest.approx(zero.identity_similarity_before, abs=0.02)
+    one = anonymized.result.faces[0]
+    assert one.identity_similarity_before == pytest.approx(zero.identity_similarity_before, abs=1e-5)
+    assert one.identity_similarity_after is not None
