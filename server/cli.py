@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+# Enough images in flight to fill the UNet calls; a whole folder at once would hold every
+# face's N noisy latents in memory together.
+IMAGES_IN_FLIGHT = 16
 METHOD_NAMES = ("reverse_personalization", "blur", "pixelate", "solid")
 
 
@@ -85,7 +88,7 @@ def _run_anonymize(args) -> int:
         models=_model_source(args),
         device=args.device,
         max_batch=args.max_batch,
-        max_queue=max(len(inputs), 1),
+        max_queue=IMAGES_IN_FLIGHT,
         detector=args.detector,
     )
     engine = Engine.build(config) if method is Method.REVERSE_PERSONALIZATION else _classical_engine(config)
@@ -99,7 +102,13 @@ def _run_anonymize(args) -> int:
         with tqdm(total=total_steps, desc="anonymizing", unit="step", disable=args.quiet) as bar:
             progress: dict[str, int] = {}
 
+            in_flight = asyncio.Semaphore(IMAGES_IN_FLIGHT)
+
             async def one(source: Path, target: Path) -> None:
+                async with in_flight:
+                    await anonymize_file(source, target)
+
+            async def anonymize_file(source: Path, target: Path) -> None:
                 nonlocal failures
                 request = EngineRequest(
                     request_id=str(source),
