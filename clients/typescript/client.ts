@@ -2,8 +2,16 @@
 // `npm run build`): one deadline per call across all its attempts, retries of
 // UNAVAILABLE with exponential backoff before any response arrived, and
 // MasqueradeError for every failure.
-import { credentials as grpcCredentials, type ChannelCredentials, type ClientOptions, Metadata, status } from "@grpc/grpc-js";
 import {
+  type ClientDuplexStream,
+  credentials as grpcCredentials,
+  type ChannelCredentials,
+  type ClientOptions,
+  Metadata,
+  status,
+} from "@grpc/grpc-js";
+import {
+  type AnonymizeBatchResponse,
   type AnonymizeEvent,
   type AnonymizeRequest,
   type AnonymizeResponse,
@@ -41,7 +49,7 @@ export interface CallOptions {
 }
 
 export class MasqueradeClient {
-  /** The generated stub, for calls this wrapper does not cover (AnonymizeBatch). */
+  /** The generated stub, for calls this wrapper does not cover. */
   readonly raw: AnonymizerClient;
   private readonly timeoutMs: number;
   private readonly retry: RetryPolicy;
@@ -96,6 +104,41 @@ export class MasqueradeClient {
     throw new MasqueradeError(status.INTERNAL, "the stream ended without a result event");
   }
 
+  /**
+   * Sends many images over one AnonymizeBatch stream and yields the responses in
+   * completion order, each with the `requestId` of its request (required, unique
+   * among the requests in flight). Requests are written as `requests` produces
+   * them, respecting flow control, and the write side is closed when it ends.
+   * A request the server rejects is yielded as a response whose `outcome` is an
+   * `error` (`code` is a gRPC status number); the stream goes on. A failure of the
+   * call itself throws MasqueradeError; an error thrown by `requests` cancels the
+   * call and is rethrown as is. One deadline covers the whole stream; never
+   * retried, as the server may already be running what was sent. Stopping the
+   * iteration early cancels the call and every request still running on it.
+   */
+  async *anonymizeBatch(
+    requests: Iterable<AnonymizeRequest> | AsyncIterable<AnonymizeRequest>,
+    options: CallOptions = {},
+  ): AsyncGenerator<AnonymizeBatchResponse> {
+    const deadline = new Date(Date.now() + (options.timeoutMs ?? this.timeoutMs));
+    const call = this.raw.anonymizeBatch(options.metadata ?? new Metadata(), { deadline });
+    // The iteration below reports errors; this listener keeps the one a cancel emits after it stopped from being uncaught.
+    call.on("error", () => {});
+    const state: { finished: boolean; inputFailed: boolean; inputError?: unknown } = { finished: false, inputFailed: false };
+    // Writes on its own, so a slow reader never blocks writing and the reverse; never rejects.
+    void writeAll(call, requests, state);
+    try {
+      for await (const response of call as AsyncIterable<AnonymizeBatchResponse>) yield response;
+    } catch (err) {
+      if (state.inputFailed) throw state.inputError;
+      throw MasqueradeError.from(err);
+    } finally {
+      state.finished = true;
+      call.cancel(); // no-op when finished; frees the server's slots when the caller stops early
+    }
+    if (state.inputFailed) throw state.inputError;
+  }
+
   /** Version, methods available, models loaded, limits and defaults. */
   async getServerInfo(options: CallOptions = {}): Promise<ServerInfo> {
     const deadline = new Date(Date.now() + (options.timeoutMs ?? this.timeoutMs));
@@ -122,4 +165,49 @@ export class MasqueradeClient {
     await new Promise((resolve) => setTimeout(resolve, delayMs));
     return true;
   }
+}
+
+/**
+ * Writes every request of `requests` to `call`, waiting for 'drain' when grpc-js
+ * buffers too much, then half-closes the call. Stops when `state.finished` (the
+ * reader is gone or the call ended); an error from `requests` cancels the call.
+ */
+async function writeAll(
+  call: ClientDuplexStream<AnonymizeRequest, AnonymizeBatchResponse>,
+  requests: Iterable<AnonymizeRequest> | AsyncIterable<AnonymizeRequest>,
+  state: { finished: boolean; inputFailed: boolean; inputError?: unknown },
+): Promise<void> {
+  let ended = false; // the call got its status: nothing more can be written
+  const onEnd = () => (ended = true);
+  call.once("status", onEnd);
+  call.once("close", onEnd);
+  try {
+    for await (const request of requests) {
+      if (state.finished || ended) return; // leaving the loop calls the input's return()
+      if (!call.write(request) && !ended) await drainedOrEnded(call);
+    }
+    if (!state.finished && !ended) call.end();
+  } catch (err) {
+    state.inputError = err;
+    state.inputFailed = true;
+    call.cancel();
+  } finally {
+    call.off("status", onEnd);
+    call.off("close", onEnd);
+  }
+}
+
+/** Resolves on 'drain', or when the call ends and no 'drain' will come. */
+function drainedOrEnded(call: ClientDuplexStream<AnonymizeRequest, AnonymizeBatchResponse>): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      call.off("drain", done);
+      call.off("status", done);
+      call.off("close", done);
+      resolve();
+    };
+    call.once("drain", done);
+    call.once("status", done);
+    call.once("close", done);
+  });
 }

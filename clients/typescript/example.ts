@@ -1,9 +1,15 @@
 // masquerade-anonymize: sends one image through AnonymizeStream, prints each event
-// as it arrives and writes the anonymized image.
-// Exit codes: 0 done; 3 INVALID_ARGUMENT (the gRPC code number); 2 bad command line; 1 any other failure.
-import { readFileSync, writeFileSync } from "node:fs";
+// as it arrives and writes the anonymized image. With --batch, sends every input
+// over one AnonymizeBatch stream (request_id = the input's file name), prints one
+// line per response as it arrives and writes each result to OUTDIR/<file name>.
+// Exit codes: 0 done (with --batch: every image); 3 INVALID_ARGUMENT (the gRPC code
+// number; with --batch: some image was, and nothing failed otherwise); 2 bad command
+// line; 1 any other failure.
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { basename, join } from "node:path";
 import { parseArgs } from "node:util";
 import {
+  type AnonymizeBatchResponse,
   type AnonymizeEvent,
   type AnonymizeRequest,
   MasqueradeClient,
@@ -11,11 +17,13 @@ import {
   Method,
   phaseToJSON,
   status,
+  statusName,
 } from "./client";
 
 const USAGE =
   "usage: node dist/example.js --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n" +
-  "       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE";
+  "       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE\n" +
+  "       node dist/example.js --batch --server HOST:PORT [options as above] INPUT_IMAGE... OUTPUT_DIR";
 
 const METHODS: Record<string, Method> = {
   reverse_personalization: Method.REVERSE_PERSONALIZATION,
@@ -28,8 +36,12 @@ class UsageError extends Error {}
 
 interface Args {
   server: string;
-  request: AnonymizeRequest;
+  /** Every field but requestId and image. */
+  template: Omit<AnonymizeRequest, "requestId" | "image">;
   timeoutMs: number;
+  batch: boolean;
+  inputs: string[];
+  /** The output image, or with --batch the output directory. */
   output: string;
 }
 
@@ -45,6 +57,7 @@ function parseCommandLine(argv: string[]): Args {
         aligned: { type: "boolean", default: false },
         steps: { type: "string" },
         timeout: { type: "string", default: "300" },
+        batch: { type: "boolean", default: false },
         help: { type: "boolean", short: "h", default: false },
       },
     });
@@ -57,7 +70,17 @@ function parseCommandLine(argv: string[]): Args {
     process.exit(0);
   }
   if (!values.server) throw new UsageError("--server HOST:PORT is required");
-  if (positionals.length !== 2) throw new UsageError("expected INPUT_IMAGE and OUTPUT_IMAGE");
+  if (values.batch) {
+    if (positionals.length < 2) throw new UsageError("--batch: expected INPUT_IMAGE... OUTPUT_DIR");
+    const seen = new Set<string>();
+    for (const input of positionals.slice(0, -1)) {
+      const name = basename(input);
+      if (seen.has(name)) throw new UsageError(`--batch: two inputs are named ${name}; file names are the request ids and output names`);
+      seen.add(name);
+    }
+  } else if (positionals.length !== 2) {
+    throw new UsageError("expected INPUT_IMAGE and OUTPUT_IMAGE");
+  }
   const method = values.method === undefined ? Method.METHOD_UNSPECIFIED : METHODS[values.method];
   if (method === undefined) throw new UsageError(`--method ${values.method}: use one of ${Object.keys(METHODS).join(", ")}`);
   const steps = values.steps === undefined ? undefined : Number(values.steps);
@@ -65,15 +88,19 @@ function parseCommandLine(argv: string[]): Args {
   const timeoutSeconds = Number(values.timeout);
   if (!(timeoutSeconds > 0)) throw new UsageError(`--timeout ${values.timeout}: use a positive number of seconds`);
 
-  const [input, output] = positionals;
-  const request: AnonymizeRequest = {
-    requestId: "",
-    image: readFileSync(input),
+  const template = {
     method,
     params: steps === undefined ? undefined : { steps },
     detection: values.aligned ? { aligned: true } : undefined,
   };
-  return { server: values.server, request, timeoutMs: timeoutSeconds * 1000, output };
+  return {
+    server: values.server,
+    template,
+    timeoutMs: timeoutSeconds * 1000,
+    batch: values.batch,
+    inputs: positionals.slice(0, -1),
+    output: positionals[positionals.length - 1],
+  };
 }
 
 function describe(event: AnonymizeEvent): string {
@@ -92,6 +119,54 @@ function describe(event: AnonymizeEvent): string {
   }
 }
 
+function describeBatch(response: AnonymizeBatchResponse): string {
+  const outcome = response.outcome;
+  switch (outcome?.$case) {
+    case "result":
+      return `batch id=${response.requestId} faces=${outcome.value.faces.length} complete=${outcome.value.complete} bytes=${outcome.value.image.length}`;
+    case "error":
+      return `batch id=${response.requestId} error=${statusName(outcome.value.code)}: ${outcome.value.message}`;
+    default:
+      return `batch id=${response.requestId} error=INTERNAL: the response has neither result nor error`;
+  }
+}
+
+/** One request per input, each file read only when the stream is ready for it. */
+function* batchRequests(args: Args): Generator<AnonymizeRequest> {
+  for (const input of args.inputs) yield { ...args.template, requestId: basename(input), image: readFileSync(input) };
+}
+
+/** --batch: returns the exit code; throws MasqueradeError when the call itself fails. */
+async function runBatch(client: MasqueradeClient, args: Args): Promise<number> {
+  mkdirSync(args.output, { recursive: true });
+  const pending = new Set(args.inputs.map((input) => basename(input)));
+  let invalid = false;
+  let failed = false;
+  for await (const response of client.anonymizeBatch(batchRequests(args))) {
+    console.log(describeBatch(response));
+    if (!pending.delete(response.requestId)) {
+      console.error(`error: a response for an unknown or already answered request id ${JSON.stringify(response.requestId)}`);
+      failed = true;
+    } else if (response.outcome?.$case === "result") {
+      try {
+        writeFileSync(join(args.output, response.requestId), response.outcome.value.image);
+      } catch (err) {
+        console.error(`error: ${(err as Error).message}`);
+        failed = true;
+      }
+    } else if (response.outcome?.$case === "error" && response.outcome.value.code === status.INVALID_ARGUMENT) {
+      invalid = true;
+    } else {
+      failed = true;
+    }
+  }
+  for (const id of pending) {
+    console.error(`error: no response for request id ${id}`);
+    failed = true;
+  }
+  return failed ? 1 : invalid ? 3 : 0;
+}
+
 async function main(): Promise<number> {
   let args: Args;
   try {
@@ -103,7 +178,9 @@ async function main(): Promise<number> {
   }
   const client = new MasqueradeClient(args.server, { timeoutMs: args.timeoutMs });
   try {
-    const result = await client.anonymize(args.request, (event) => console.log(describe(event)));
+    if (args.batch) return await runBatch(client, args);
+    const request: AnonymizeRequest = { ...args.template, requestId: "", image: readFileSync(args.inputs[0]) };
+    const result = await client.anonymize(request, (event) => console.log(describe(event)));
     writeFileSync(args.output, result.image);
     return 0;
   } catch (err) {

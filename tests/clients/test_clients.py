@@ -1,7 +1,8 @@
 """The TypeScript, Go and C++ clients, built from proto/ by clients/build_all.sh,
 against a real server on tiny models: every example streams its events before the
 result, writes a valid image, and maps gRPC failures to the documented exit codes
-(3 for INVALID_ARGUMENT, 1 otherwise) with `error: <CODE_NAME>: <message>` on stderr.
+(3 for INVALID_ARGUMENT, 1 otherwise) with `error: <CODE_NAME>: <message>` on stderr;
+with --batch, sends many images over one AnonymizeBatch stream, one line per response.
 
 The first test pays the build (minutes on a fresh machine: apt-get, npm ci, C++);
 set MASQUERADE_SKIP_CLIENTS=1 to skip them all.
@@ -36,6 +37,8 @@ pytestmark = [pytest.mark.clients, pytest.mark.timeout(BUILD_TIMEOUT_S + 300)]
 
 EVENT_LINE = re.compile(r"^(queued position=\d+|faces_found n=\d+|progress phase=[A-Z_]+ step=\d+/\d+)$")
 RESULT_LINE = re.compile(r"^result faces=(\d+) complete=(true|false) bytes=(\d+)$")
+BATCH_RESULT_LINE = re.compile(r"^batch id=(\S+) faces=(\d+) complete=(true|false) bytes=(\d+)$")
+BATCH_ERROR_LINE = re.compile(r"^batch id=(\S+) error=([A-Z_]+): (.+)$")
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +118,70 @@ def test_text_file_is_invalid_argument(language, server_address, tmp_path):
     assert completed.returncode == 3, completed.stderr
     assert re.search(r"^error: INVALID_ARGUMENT: \S", completed.stderr, re.MULTILINE), completed.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_batch_answers_every_image_and_a_bad_one_does_not_end_the_stream(language, server_address, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    faces = []
+    for seed, name in enumerate(["alice.png", "bob.png", "carol.png"]):
+        rgb = np.random.default_rng(seed + 1).integers(0, 256, (40 + 8 * seed, 48, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(inputs / name)
+        faces.append(inputs / name)
+    not_an_image = inputs / "notes.txt"
+    not_an_image.write_text("this is not an image\n")
+    outdir = tmp_path / "out"
+    # The bad one in the middle: the requests after it must still be answered.
+    batch = [faces[0], not_an_image, faces[1], faces[2]]
+
+    completed = run_example(
+        language, "--batch", "--server", server_address, "--method", "pixelate", "--aligned", *map(str, batch), str(outdir),
+    )
+
+    report = f"exit {completed.returncode}\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    assert completed.returncode == 3, report
+    lines = completed.stdout.splitlines()
+    assert len(lines) == 4, report
+    results = {m.group(1): m for m in map(BATCH_RESULT_LINE.match, lines) if m}
+    errors = {m.group(1): m for m in map(BATCH_ERROR_LINE.match, lines) if m}
+    assert len(results) + len(errors) == 4, f"unexpected lines:\n{report}"
+    assert sorted([*results, *errors]) == sorted(path.name for path in batch), report
+    assert set(errors) == {"notes.txt"}, report
+    assert errors["notes.txt"].group(2) == "INVALID_ARGUMENT", report
+    assert sorted(path.name for path in outdir.iterdir()) == sorted(face.name for face in faces)
+    for face in faces:
+        written = outdir / face.name
+        assert written.stat().st_size == int(results[face.name].group(4))
+        assert results[face.name].group(2, 3) == ("1", "true"), report
+        with Image.open(written) as image:
+            image.verify()
+        with Image.open(written) as image, Image.open(face) as original:
+            assert image.size == original.size
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_batch_of_good_images_exits_0(language, server_address, face_png, tmp_path):
+    second = tmp_path / "second.png"
+    Image.open(face_png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
+    completed = run_example(
+        language, "--batch", "--server", server_address, "--method", "blur", "--aligned", str(face_png), str(second),
+        str(tmp_path / "out"),
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert sorted(BATCH_RESULT_LINE.match(line).group(1) for line in lines) == sorted([face_png.name, second.name])
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_batch_deadline_is_deadline_exceeded(language, server_address, face_png, tmp_path):
+    completed = run_example(
+        language, "--batch", "--server", server_address, "--aligned", "--steps", "250", "--timeout", "0.3",
+        str(face_png), str(tmp_path / "out"),
+    )
+    assert completed.returncode == 1, completed.stderr
+    assert re.search(r"^error: DEADLINE_EXCEEDED: ", completed.stderr, re.MULTILINE), completed.stderr
+    assert not (tmp_path / "out" / face_png.name).exists()
 
 
 @pytest.mark.parametrize("language", sorted(EXAMPLES))

@@ -1,12 +1,18 @@
 // masquerade-anonymize: sends one image through AnonymizeStream, prints each
-// event as it arrives and writes the anonymized image.
-// Exit codes: 0 done; 3 INVALID_ARGUMENT (the gRPC code number); 2 bad command line; 1 any other failure.
+// event as it arrives and writes the anonymized image. With --batch, sends every
+// input over one AnonymizeBatch stream (request_id = the input's file name), prints
+// one line per response as it arrives and writes each result to OUTPUT_DIR/<file name>.
+// Exit codes: 0 done (with --batch: every image); 3 INVALID_ARGUMENT (the gRPC code
+// number; with --batch: some image was, and nothing failed otherwise); 2 bad command
+// line; 1 any other failure.
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
 #include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -19,7 +25,8 @@ namespace v1 = masquerade::v1;
 
 constexpr const char* kUsage =
     "usage: masquerade-anonymize --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n"
-    "       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE";
+    "       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE\n"
+    "       masquerade-anonymize --batch --server HOST:PORT [options as above] INPUT_IMAGE... OUTPUT_DIR";
 
 const std::map<std::string, v1::Method> kMethods = {
     {"reverse_personalization", v1::REVERSE_PERSONALIZATION},
@@ -38,8 +45,13 @@ struct Args {
   bool aligned = false;
   std::optional<unsigned> steps;
   double timeout_seconds = 300;
-  std::string input, output;
+  bool batch = false;
+  std::vector<std::string> inputs;
+  std::string output;  // the output image, or with --batch the output directory
 };
+
+// The request_id and output name of an input in --batch mode.
+std::string FileName(const std::string& path) { return std::filesystem::path(path).filename().string(); }
 
 Args ParseArgs(int argc, char** argv) {
   Args args;
@@ -66,6 +78,8 @@ Args ParseArgs(int argc, char** argv) {
       const auto found = kMethods.find(name);
       if (found == kMethods.end()) throw UsageError("--method " + name + ": use one of blur, pixelate, solid, reverse_personalization");
       args.method = found->second;
+    } else if (arg == "--batch") {
+      args.batch = true;
     } else if (arg == "--aligned") {
       args.aligned = true;
     } else if (arg == "--steps") {
@@ -93,9 +107,21 @@ Args ParseArgs(int argc, char** argv) {
     }
   }
   if (args.server.empty()) throw UsageError("--server HOST:PORT is required");
-  if (positional.size() != 2) throw UsageError("expected INPUT_IMAGE and OUTPUT_IMAGE");
-  args.input = positional[0];
-  args.output = positional[1];
+  if (args.batch) {
+    if (positional.size() < 2) throw UsageError("--batch: expected INPUT_IMAGE... OUTPUT_DIR");
+    std::set<std::string> seen;
+    for (size_t i = 0; i + 1 < positional.size(); ++i) {
+      if (!seen.insert(FileName(positional[i])).second) {
+        throw UsageError("--batch: two inputs are named " + FileName(positional[i]) +
+                         "; file names are the request ids and output names");
+      }
+    }
+  } else if (positional.size() != 2) {
+    throw UsageError("expected INPUT_IMAGE and OUTPUT_IMAGE");
+  }
+  args.output = positional.back();
+  positional.pop_back();
+  args.inputs = std::move(positional);
   return args;
 }
 
@@ -135,6 +161,69 @@ std::string Describe(const v1::AnonymizeEvent& event) {
   return line.str();
 }
 
+std::string DescribeBatch(const v1::AnonymizeBatchResponse& response) {
+  std::ostringstream line;
+  line << "batch id=" << response.request_id();
+  switch (response.outcome_case()) {
+    case v1::AnonymizeBatchResponse::kResult:
+      line << " faces=" << response.result().faces_size() << " complete=" << (response.result().complete() ? "true" : "false")
+           << " bytes=" << response.result().image().size();
+      break;
+    case v1::AnonymizeBatchResponse::kError:
+      line << " error=" << masquerade::CodeName(static_cast<grpc::StatusCode>(response.error().code())) << ": "
+           << response.error().message();
+      break;
+    default:
+      line << " error=INTERNAL: the response has neither result nor error";
+  }
+  return line.str();
+}
+
+v1::AnonymizeRequest NewRequest(const Args& args, const std::string& id, std::string image) {
+  v1::AnonymizeRequest request;
+  request.set_request_id(id);
+  request.set_image(std::move(image));
+  request.set_method(args.method);
+  if (args.steps) request.mutable_params()->set_steps(*args.steps);
+  if (args.aligned) request.mutable_detection()->set_aligned(true);
+  return request;
+}
+
+// --batch: returns the exit code; throws RpcError when the call itself fails.
+int RunBatch(masquerade::Client& client, const Args& args) {
+  std::vector<v1::AnonymizeRequest> requests;
+  std::set<std::string> pending;
+  for (const std::string& input : args.inputs) {
+    requests.push_back(NewRequest(args, FileName(input), ReadFile(input)));
+    pending.insert(FileName(input));
+  }
+  std::filesystem::create_directories(args.output);
+  bool invalid = false, failed = false;
+  client.AnonymizeBatch(requests, [&](const v1::AnonymizeBatchResponse& response) {
+    std::cout << DescribeBatch(response) << std::endl;
+    if (pending.erase(response.request_id()) == 0) {
+      std::cerr << "error: a response for an unknown or already answered request id \"" << response.request_id() << "\"\n";
+      failed = true;
+    } else if (response.has_result()) {
+      try {
+        WriteFile((std::filesystem::path(args.output) / response.request_id()).string(), response.result().image());
+      } catch (const std::exception& e) {
+        std::cerr << "error: " << e.what() << "\n";
+        failed = true;
+      }
+    } else if (response.has_error() && response.error().code() == static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT)) {
+      invalid = true;
+    } else {
+      failed = true;
+    }
+  });
+  for (const std::string& id : pending) {
+    std::cerr << "error: no response for request id " << id << "\n";
+    failed = true;
+  }
+  return failed ? 1 : invalid ? 3 : 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -146,14 +235,13 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    v1::AnonymizeRequest request;
-    request.set_image(ReadFile(args.input));
-    request.set_method(args.method);
-    if (args.steps) request.mutable_params()->set_steps(*args.steps);
-    if (args.aligned) request.mutable_detection()->set_aligned(true);
-
     masquerade::ClientOptions options;
     options.timeout = std::chrono::milliseconds(static_cast<long long>(args.timeout_seconds * 1000));
+    if (args.batch) {
+      masquerade::Client client(args.server, options);
+      return RunBatch(client, args);
+    }
+    const v1::AnonymizeRequest request = NewRequest(args, "", ReadFile(args.inputs[0]));
     masquerade::Client client(args.server, options);
     const v1::AnonymizeResponse result = client.AnonymizeStream(
         request, [](const v1::AnonymizeEvent& event) { std::cout << Describe(event) << std::endl; });

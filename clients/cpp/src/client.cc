@@ -65,6 +65,42 @@ v1::AnonymizeResponse Client::AnonymizeStream(const v1::AnonymizeRequest& reques
   }
 }
 
+void Client::AnonymizeBatch(const std::vector<v1::AnonymizeRequest>& requests, const BatchCallback& on_response) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  const auto stream = stub_->AnonymizeBatch(&context);
+  // Write blocks under flow control while the server waits for its responses to
+  // be read, so writing runs beside the reads below. Write and WritesDone fail
+  // once the call has ended (its status says why); the writer then just stops.
+  std::thread writer([&requests, &stream] {
+    for (const v1::AnonymizeRequest& request : requests) {
+      if (!stream->Write(request)) return;
+    }
+    stream->WritesDone();
+  });
+  // Ends the call (a no-op once it has ended), which unblocks a pending Write, then
+  // joins the writer: it must be gone before stream and context are.
+  auto stop_writer = [&context, &writer] {
+    context.TryCancel();
+    writer.join();
+  };
+  v1::AnonymizeBatchResponse response;
+  try {
+    while (stream->Read(&response)) {
+      if (on_response) on_response(response);
+    }
+  } catch (...) {
+    stop_writer();  // cancels the requests still running on the server
+    stream->Finish();
+    throw;
+  }
+  // Read returned false: the server sent its status. Collect it before cancelling,
+  // which leaves a received status as it is.
+  const grpc::Status status = stream->Finish();
+  stop_writer();
+  if (!status.ok()) throw RpcError(status);
+}
+
 v1::ServerInfo Client::GetServerInfo() {
   const auto deadline = std::chrono::system_clock::now() + options_.timeout;
   for (int attempt = 1;; ++attempt) {

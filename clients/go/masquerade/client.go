@@ -47,7 +47,7 @@ func (o Options) withDefaults() Options {
 // Client calls one Masquerade server. It is safe for concurrent use.
 type Client struct {
 	conn *grpc.ClientConn
-	// Raw is the generated stub, for calls this wrapper does not cover (AnonymizeBatch).
+	// Raw is the generated stub, for calls this wrapper does not cover.
 	Raw  pb.AnonymizerClient
 	opts Options
 }
@@ -121,6 +121,63 @@ func (c *Client) streamOnce(ctx context.Context, req *pb.AnonymizeRequest, onEve
 // Anonymize is AnonymizeStream without the events.
 func (c *Client) Anonymize(ctx context.Context, req *pb.AnonymizeRequest) (*pb.AnonymizeResponse, error) {
 	return c.AnonymizeStream(ctx, req, nil)
+}
+
+// AnonymizeBatch sends requests over one AnonymizeBatch stream and passes each
+// response to onResponse as it arrives, in completion order, not submission
+// order: match them by RequestId, which every request must set, unique among the
+// requests in flight. A request the server rejects is a response whose Error is
+// set (Code is a gRPC code number, codes.Code(resp.GetError().GetCode())); the
+// stream goes on. The requests are sent on a goroutine while responses are
+// received, so flow control never blocks one on the other; the send side is
+// closed after the last one. The client's Timeout is the deadline of the whole
+// stream; the call is not retried, as the server may already run what was sent.
+// A failure of the call is an *Error; an error from onResponse cancels the call
+// (and every request still running on it) and is returned as is. onResponse is
+// called from the caller's goroutine, never concurrently. requests must not be
+// nil nor be changed before AnonymizeBatch returns.
+func (c *Client) AnonymizeBatch(ctx context.Context, requests []*pb.AnonymizeRequest, onResponse func(*pb.AnonymizeBatchResponse) error) error {
+	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
+	defer cancel() // ends the call, and with it the sender, on every early return
+	stream, err := c.Raw.AnonymizeBatch(ctx)
+	if err != nil {
+		return fromError(err)
+	}
+	sendFailed := make(chan error, 1) // buffered: the sender never waits on a receiver that left
+	go func() {
+		for _, req := range requests {
+			if err := stream.Send(req); err != nil {
+				if err != io.EOF { // io.EOF: the call ended; Recv below reports its status
+					sendFailed <- fromError(err) // e.g. a request that cannot be encoded
+					cancel()
+				}
+				return
+			}
+		}
+		if err := stream.CloseSend(); err != nil {
+			sendFailed <- fromError(err)
+			cancel()
+		}
+	}()
+	for {
+		resp, err := stream.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			select {
+			case sendErr := <-sendFailed: // the cause of the cancellation, rather than CANCELLED
+				return sendErr
+			default:
+				return fromError(err)
+			}
+		}
+		if onResponse != nil {
+			if err := onResponse(resp); err != nil {
+				return err
+			}
+		}
+	}
 }
 
 // GetServerInfo returns the version, methods available, models loaded, limits and defaults.

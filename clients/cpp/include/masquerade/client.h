@@ -9,6 +9,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
@@ -50,6 +51,7 @@ struct ClientOptions {
 class Client {
  public:
   using EventCallback = std::function<void(const v1::AnonymizeEvent&)>;
+  using BatchCallback = std::function<void(const v1::AnonymizeBatchResponse&)>;
 
   // Plaintext by default, as the server listens on loopback or behind a proxy.
   explicit Client(const std::string& target, ClientOptions options = {},
@@ -60,10 +62,23 @@ class Client {
   // Throws RpcError; an exception from on_event cancels the call and propagates.
   v1::AnonymizeResponse AnonymizeStream(const v1::AnonymizeRequest& request, const EventCallback& on_event = {});
 
+  // Sends requests over one AnonymizeBatch stream and passes each response to
+  // on_response as it arrives, in completion order, not submission order: match
+  // them by request_id, which every request must set, unique among the requests
+  // in flight. A request the server rejects is a response with error() set
+  // (code() is a grpc::StatusCode number); the stream goes on. A writer thread
+  // sends the requests while this thread reads, so flow control cannot deadlock
+  // however many and large they are; the write side is closed after the last one.
+  // One deadline (options.timeout) covers the whole stream; never retried, as the
+  // server may already run what was sent. Throws RpcError when the call fails; an
+  // exception from on_response cancels the call (and every request still running
+  // on it) and propagates. on_response runs on the calling thread.
+  void AnonymizeBatch(const std::vector<v1::AnonymizeRequest>& requests, const BatchCallback& on_response);
+
   // Version, methods available, models loaded, limits and defaults.
   v1::ServerInfo GetServerInfo();
 
-  // The generated stub, for calls this wrapper does not cover (AnonymizeBatch).
+  // The generated stub, for calls this wrapper does not cover.
   v1::Anonymizer::Stub& raw() { return *stub_; }
 
  private:

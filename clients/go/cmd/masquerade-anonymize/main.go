@@ -1,8 +1,12 @@
 // Command masquerade-anonymize sends one image through AnonymizeStream, prints
-// each event as it arrives and writes the anonymized image.
+// each event as it arrives and writes the anonymized image. With --batch it sends
+// every input over one AnonymizeBatch stream (request_id = the input's file name),
+// prints one line per response as it arrives and writes each result to
+// OUTPUT_DIR/<file name>.
 //
-// Exit codes: 0 done; 3 INVALID_ARGUMENT (the gRPC code number); 2 bad command
-// line; 1 any other failure.
+// Exit codes: 0 done (with --batch: every image); 3 INVALID_ARGUMENT (the gRPC
+// code number; with --batch: some image was, and nothing failed otherwise); 2 bad
+// command line; 1 any other failure.
 package main
 
 import (
@@ -12,16 +16,20 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"time"
 
-	"masquerade/clients/go/masquerade"
+	"google.golang.org/grpc/codes"
+
 	pb "masquerade/clients/go/gen/masquerade/v1"
+	"masquerade/clients/go/masquerade"
 )
 
 const usage = `usage: masquerade-anonymize --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]
-       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE`
+       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE
+       masquerade-anonymize --batch --server HOST:PORT [options as above] INPUT_IMAGE... OUTPUT_DIR`
 
 var methods = map[string]pb.Method{
 	"reverse_personalization": pb.Method_REVERSE_PERSONALIZATION,
@@ -36,8 +44,9 @@ type args struct {
 	aligned bool
 	steps   uint
 	timeout float64
-	input   string
-	output  string
+	batch   bool
+	inputs  []string
+	output  string // the output image, or with --batch the output directory
 }
 
 func parseArgs(argv []string) (args, error) {
@@ -49,6 +58,7 @@ func parseArgs(argv []string) (args, error) {
 	fs.BoolVar(&a.aligned, "aligned", false, "the image is one aligned face; skip detection")
 	fs.UintVar(&a.steps, "steps", 0, "diffusion steps (default: the server's)")
 	fs.Float64Var(&a.timeout, "timeout", 300, "deadline in seconds, retries included")
+	fs.BoolVar(&a.batch, "batch", false, "send every INPUT_IMAGE over one AnonymizeBatch stream into OUTPUT_DIR")
 	// flag stops at the first positional argument; go on past it so options may follow the files.
 	var positional []string
 	for {
@@ -64,7 +74,9 @@ func parseArgs(argv []string) (args, error) {
 	switch {
 	case a.server == "":
 		return a, errors.New("--server HOST:PORT is required")
-	case len(positional) != 2:
+	case a.batch && len(positional) < 2:
+		return a, errors.New("--batch: expected INPUT_IMAGE... OUTPUT_DIR")
+	case !a.batch && len(positional) != 2:
 		return a, errors.New("expected INPUT_IMAGE and OUTPUT_IMAGE")
 	case a.timeout <= 0:
 		return a, fmt.Errorf("--timeout %v: use a positive number of seconds", a.timeout)
@@ -77,7 +89,15 @@ func parseArgs(argv []string) (args, error) {
 		sort.Strings(names)
 		return a, fmt.Errorf("--method %s: use one of %s", a.method, strings.Join(names, ", "))
 	}
-	a.input, a.output = positional[0], positional[1]
+	a.inputs, a.output = positional[:len(positional)-1], positional[len(positional)-1]
+	seen := map[string]bool{}
+	for _, input := range a.inputs {
+		name := filepath.Base(input)
+		if a.batch && seen[name] {
+			return a, fmt.Errorf("--batch: two inputs are named %s; file names are the request ids and output names", name)
+		}
+		seen[name] = true
+	}
 	return a, nil
 }
 
@@ -97,12 +117,20 @@ func describe(event *pb.AnonymizeEvent) string {
 	return "unknown_event"
 }
 
-func run(a args) error {
-	image, err := os.ReadFile(a.input)
-	if err != nil {
-		return err
+func describeBatch(resp *pb.AnonymizeBatchResponse) string {
+	switch o := resp.Outcome.(type) {
+	case *pb.AnonymizeBatchResponse_Result:
+		r := o.Result
+		return fmt.Sprintf("batch id=%s faces=%d complete=%t bytes=%d", resp.GetRequestId(), len(r.GetFaces()), r.GetComplete(), len(r.GetImage()))
+	case *pb.AnonymizeBatchResponse_Error:
+		return fmt.Sprintf("batch id=%s error=%s: %s", resp.GetRequestId(), masquerade.CodeName(codes.Code(o.Error.GetCode())), o.Error.GetMessage())
 	}
-	req := &pb.AnonymizeRequest{Image: image, Method: methods[a.method]}
+	return fmt.Sprintf("batch id=%s error=INTERNAL: the response has neither result nor error", resp.GetRequestId())
+}
+
+// newRequest builds the request the options describe, for image.
+func newRequest(a args, id string, image []byte) *pb.AnonymizeRequest {
+	req := &pb.AnonymizeRequest{RequestId: id, Image: image, Method: methods[a.method]}
 	if a.steps > 0 {
 		steps := uint32(a.steps)
 		req.Params = &pb.ReversePersonalizationParams{Steps: &steps}
@@ -110,12 +138,24 @@ func run(a args) error {
 	if a.aligned {
 		req.Detection = &pb.DetectionOptions{Aligned: true}
 	}
-	client, err := masquerade.Dial(a.server, masquerade.Options{Timeout: time.Duration(a.timeout * float64(time.Second))})
+	return req
+}
+
+func dial(a args) (*masquerade.Client, error) {
+	return masquerade.Dial(a.server, masquerade.Options{Timeout: time.Duration(a.timeout * float64(time.Second))})
+}
+
+func run(a args) error {
+	image, err := os.ReadFile(a.inputs[0])
+	if err != nil {
+		return err
+	}
+	client, err := dial(a)
 	if err != nil {
 		return err
 	}
 	defer client.Close()
-	result, err := client.AnonymizeStream(context.Background(), req, func(event *pb.AnonymizeEvent) error {
+	result, err := client.AnonymizeStream(context.Background(), newRequest(a, "", image), func(event *pb.AnonymizeEvent) error {
 		fmt.Println(describe(event))
 		return nil
 	})
@@ -123,6 +163,66 @@ func run(a args) error {
 		return err
 	}
 	return os.WriteFile(a.output, result.GetImage(), 0o644)
+}
+
+// runBatch returns the exit code once the stream ended, or the error that ended it.
+func runBatch(a args) (int, error) {
+	requests := make([]*pb.AnonymizeRequest, 0, len(a.inputs))
+	pending := map[string]bool{}
+	for _, input := range a.inputs {
+		image, err := os.ReadFile(input)
+		if err != nil {
+			return 1, err
+		}
+		id := filepath.Base(input)
+		requests = append(requests, newRequest(a, id, image))
+		pending[id] = true
+	}
+	if err := os.MkdirAll(a.output, 0o755); err != nil {
+		return 1, err
+	}
+	client, err := dial(a)
+	if err != nil {
+		return 1, err
+	}
+	defer client.Close()
+	invalid, failed := false, false
+	err = client.AnonymizeBatch(context.Background(), requests, func(resp *pb.AnonymizeBatchResponse) error {
+		fmt.Println(describeBatch(resp))
+		id := resp.GetRequestId()
+		switch {
+		case !pending[id]:
+			fmt.Fprintf(os.Stderr, "error: a response for an unknown or already answered request id %q\n", id)
+			failed = true
+		case resp.GetResult() != nil:
+			if err := os.WriteFile(filepath.Join(a.output, id), resp.GetResult().GetImage(), 0o644); err != nil {
+				fmt.Fprintf(os.Stderr, "error: %v\n", err)
+				failed = true
+			}
+		case codes.Code(resp.GetError().GetCode()) == codes.InvalidArgument:
+			invalid = true
+		default:
+			failed = true
+		}
+		delete(pending, id)
+		return nil
+	})
+	if err != nil {
+		return 1, err
+	}
+	for _, input := range a.inputs {
+		if id := filepath.Base(input); pending[id] {
+			fmt.Fprintf(os.Stderr, "error: no response for request id %s\n", id)
+			failed = true
+		}
+	}
+	switch {
+	case failed:
+		return 1, nil
+	case invalid:
+		return 3, nil
+	}
+	return 0, nil
 }
 
 func main() {
@@ -135,7 +235,14 @@ func main() {
 		fmt.Fprintf(os.Stderr, "error: %v\n%s\n", err, usage)
 		os.Exit(2)
 	}
-	err = run(a)
+	if a.batch {
+		var code int
+		if code, err = runBatch(a); err == nil {
+			os.Exit(code)
+		}
+	} else {
+		err = run(a)
+	}
 	var merr *masquerade.Error
 	switch {
 	case err == nil:
