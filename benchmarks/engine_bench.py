@@ -286,7 +286,7 @@ def run_faces(core, models, faces: int, steps: int, max_batch: int, inversion_ch
     import numpy as np
     import torch
 
-    from masquerade.engine.types import ReversePersonalizationParams
+    from masquerade.engine.request import ReversePersonalizationParams
 
     params = ReversePersonalizationParams(steps=steps, skip=PAPER_SKIP).validated()
     rng = np.random.default_rng(faces)
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "benchmark": "engine_bench",
             "mode": "smoke" if args.smoke else ("quick" if args.quick else "full"),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": machine,
             "git": kernel_bench.git_commit(),
             "compile_mode": args.compile_mode,
@@ -473,7 +473,6 @@ def main(argv: list[str] | None = None) -> int:
             models = build_sdxl_bundle(Path(tmp), "cuda")
         report.section("build_s", round(time.perf_counter() - started, 1))
         log.info("models built in %.1fs (face size %d)", report.data["build_s"], models.face_size)
-        device = models.device
 
         flops = unet_flops_per_sample(models)
         report.section("unet_gflop_per_sample", round(flops / 1e9, 1))
@@ -486,12 +485,18 @@ def main(argv: list[str] | None = None) -> int:
         naive = DiffusionCore(models, unet_fn=stock)
         per_face = [
             per_face_summary(
-                "research loop (eager fp16 SDPA, 1 CFG pair per call)", 1, args.steps,
+                "research loop (eager fp16 SDPA, 1 CFG pair per call)",
+                1,
+                args.steps,
                 run_faces(naive, models, 1, args.steps, max_batch=2, inversion_chunk=1),
             )
         ]
-        sequential = dict(per_face[0], loop="research loop, faces one after another (derived)", faces=args.concurrent_faces)
-        sequential["batch_latency_s_at_100_steps"] = round(args.concurrent_faces * per_face[0]["batch_latency_s_at_100_steps"], 3)
+        sequential = dict(
+            per_face[0], loop="research loop, faces one after another (derived)", faces=args.concurrent_faces
+        )
+        sequential["batch_latency_s_at_100_steps"] = round(
+            args.concurrent_faces * per_face[0]["batch_latency_s_at_100_steps"], 3
+        )
         per_face.append(sequential)
         report.section("per_face", per_face)
         del naive
@@ -514,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         compiled = optimized_unet_fn(
             models, max_batch=args.max_batch, compile=True, buckets=args.buckets, compile_mode=args.compile_mode
         )
-        compiled_ms = time_unet(compiled, models, args.buckets, args.reps, args.warmup) if compiled.compiled else prepared_eager
+        compiled_ms = (
+            time_unet(compiled, models, args.buckets, args.reps, args.warmup) if compiled.compiled else prepared_eager
+        )
         rows = []
         for size in args.buckets:
             best_ms = compiled_ms[size]

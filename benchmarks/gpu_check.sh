@@ -55,7 +55,7 @@ cp -r clients/python /tmp/pkg/masquerade/client
 export PYTHONPATH="/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 export PYTHONDONTWRITEBYTECODE=1
-python3 -c "import diffusers, peft, transformers, onnx, onnxruntime, masquerade.models.optimize as o, masquerade.kernels.guidance_step; print('imports ok: diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" \
+python3 -c "import diffusers, peft, transformers, onnx, onnxruntime, masquerade.models.optimize as o, masquerade_kernels.guidance_step; print('imports ok: diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" \
   || { echo "the project does not import; see above (an old transformers 4.x pins huggingface-hub<1.0)"; exit 3; }
 
 step pytest_gpu 150 python3 -m pytest -m gpu tests/kernels tests/models -q -p no:cacheprovider -o cache_dir=/tmp/pytest_cache --timeout 140 -rs

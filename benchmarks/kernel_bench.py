@@ -32,7 +32,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 def step_inputs(batch: int, shape_chw: tuple[int, int, int], dtype: torch.dtype, device: str, order: str):
     """The tensors one step reads, laid out as the engine holds them."""
-    from masquerade.kernels.reference import MEAN_FROM_M1, NOISE_SCALE, NUM_COEFFS
+    from masquerade_kernels.reference import MEAN_FROM_M1, NOISE_SCALE, NUM_COEFFS
 
     generator = torch.Generator(device=device).manual_seed(0)
     shape = (batch, *shape_chw)
@@ -103,8 +103,8 @@ def time_wall(fn, repeats: int = 3) -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
-    from masquerade.kernels import guidance_step as gs
-    from masquerade.kernels.reference import generation_step_reference, inversion_step_reference
+    from masquerade_kernels import guidance_step as gs
+    from masquerade_kernels.reference import generation_step_reference, inversion_step_reference
 
     device = "cpu" if args.interpret else "cuda"
     dtype = DTYPES[args.dtype]
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu_slug = re.sub(r"[^a-z0-9]+", "_", str(info["gpu"]).lower()).strip("_")
     report = {
         "benchmark": "kernel_bench",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": info,
         "git": git_commit(),
         "dtype": args.dtype,

@@ -24,7 +24,6 @@ import platform
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -117,8 +116,19 @@ class SpawnedServer:
         self.metrics_port = _free_port()
         self.args = ["--models", models, "--device", device, *extra_args]
         command = [
-            sys.executable, "-m", "masquerade.api.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", str(self.metrics_port), "--grace-seconds", "5", *self.args,
+            sys.executable,
+            "-m",
+            "masquerade.api.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--grace-seconds",
+            "5",
+            *self.args,
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.address = self._wait_for_address(timeout=600)
@@ -149,8 +159,10 @@ class SpawnedServer:
             self.process.wait()
 
 
-def run_level(client, image: bytes, concurrency: int, requests: int, steps: int, metrics_url: str | None) -> LevelResult:
-    from masquerade.client import MasqueradeError
+def run_level(
+    client, image: bytes, concurrency: int, requests: int, steps: int, metrics_url: str | None
+) -> LevelResult:
+    from masquerade_client import MasqueradeError
 
     latencies: list[float] = []
     errors = 0
@@ -198,7 +210,7 @@ def run_level(client, image: bytes, concurrency: int, requests: int, steps: int,
 
 
 def sweep(label: str, address: str, metrics_url: str | None, server_args: list[str], args, image: bytes) -> SweepResult:
-    from masquerade.client import AnonymizerClient
+    from masquerade_client import AnonymizerClient
 
     with AnonymizerClient(address, timeout=args.timeout) as client:
         client.wait_ready(timeout=600)
@@ -207,7 +219,9 @@ def sweep(label: str, address: str, metrics_url: str | None, server_args: list[s
         # One warm-up call: first-call costs (allocations, caches) are not throughput.
         client.anonymize(image, method="reverse_personalization", aligned=True, steps=args.steps)
         print(f"\n{label}: {address}  device={info.device} max_batch={info.limits.max_batch} steps={args.steps}")
-        print(f"{'conc':>5} {'reqs':>5} {'img/s':>8} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8} {'unet batch':>11} {'errors':>6}")
+        print(
+            f"{'conc':>5} {'reqs':>5} {'img/s':>8} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8} {'unet batch':>11} {'errors':>6}"
+        )
         for concurrency in args.concurrency:
             requests = max(args.min_requests, args.requests_per_worker * concurrency)
             level = run_level(client, image, concurrency, requests, args.steps, metrics_url)
@@ -230,8 +244,12 @@ def _git_commit() -> str:
 
 
 def _machine() -> dict:
-    machine = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-               "cpus": os.cpu_count()}
+    machine = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     try:
         import torch
 
@@ -254,7 +272,9 @@ def _plot(sweeps: list[SweepResult], path: Path) -> None:
         xs = [level.concurrency for level in result.levels]
         ax_tp.plot(xs, [level.images_per_second for level in result.levels], marker="o", label=result.label)
         ax_lat.plot(xs, [level.p50_s for level in result.levels], marker="o", label=f"{result.label} p50")
-        ax_lat.plot(xs, [level.p95_s for level in result.levels], marker="x", linestyle="--", label=f"{result.label} p95")
+        ax_lat.plot(
+            xs, [level.p95_s for level in result.levels], marker="x", linestyle="--", label=f"{result.label} p95"
+        )
     for ax, ylabel in ((ax_tp, "images / s"), (ax_lat, "latency (s)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
@@ -268,20 +288,33 @@ def _plot(sweeps: list[SweepResult], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--server", help="HOST:PORT of a running server")
     target.add_argument("--spawn", choices=("tiny", "default"), help="start `masquerade serve --models X` subprocesses")
-    parser.add_argument("--metrics-port", type=int, default=9090, help="with --server: its /metrics port (0: no batch stats)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=9090, help="with --server: its /metrics port (0: no batch stats)"
+    )
     parser.add_argument("--device", default="auto", help="with --spawn: the server's --device")
-    parser.add_argument("--max-batch", type=int, default=None, help="with --spawn: the server's --max-batch (its default if unset)")
-    parser.add_argument("--compare-max-batch-1", action="store_true",
-                        help="with --spawn: also sweep a --max-batch 2 server (one CFG pair per call) and print the ratio")
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help="with --spawn: the server's --max-batch (its default if unset)"
+    )
+    parser.add_argument(
+        "--compare-max-batch-1",
+        action="store_true",
+        help="with --spawn: also sweep a --max-batch 2 server (one CFG pair per call) and print the ratio",
+    )
     parser.add_argument("--concurrency", default="1,2,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--steps", type=int, default=10, help="diffusion steps per request")
-    parser.add_argument("--requests-per-worker", type=int, default=2, help="requests per concurrent worker at each level")
+    parser.add_argument(
+        "--requests-per-worker", type=int, default=2, help="requests per concurrent worker at each level"
+    )
     parser.add_argument("--min-requests", type=int, default=4, help="at least this many requests per level")
-    parser.add_argument("--image", type=Path, default=None, help="an aligned face image (default: a crop of skimage's astronaut)")
+    parser.add_argument(
+        "--image", type=Path, default=None, help="an aligned face image (default: a crop of skimage's astronaut)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -291,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     image = _aligned_face_png(args.image)
     sweeps: list[SweepResult] = []
     if args.server:
-        metrics_url = f"http://{args.server.rsplit(':', 1)[0]}:{args.metrics_port}/metrics" if args.metrics_port else None
+        metrics_url = (
+            f"http://{args.server.rsplit(':', 1)[0]}:{args.metrics_port}/metrics" if args.metrics_port else None
+        )
         sweeps.append(sweep("server", args.server, metrics_url, [], args, image))
     else:
         configs = [("batched", [] if args.max_batch is None else ["--max-batch", str(args.max_batch)])]
@@ -307,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = None
     if len(sweeps) == 2:
         ratios = {
-            level.concurrency: level.images_per_second / other.images_per_second if other.images_per_second else float("nan")
+            level.concurrency: level.images_per_second / other.images_per_second
+            if other.images_per_second
+            else float("nan")
             for level, other in zip(sweeps[0].levels, sweeps[1].levels)
         }
         print("\nthroughput ratio, batched / one pair per call:")

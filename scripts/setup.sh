@@ -13,13 +13,17 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first: this pins the CPU wheel here; on a GPU machine install your CUDA build before running this.
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
 if (( with_tests )); then
-  "${pip[@]}" -e ".[test]"
+  "${pip[@]}" -e ".[test]" --config-settings editable_mode=compat
   # insightface ships the six-person sample photo used by the tests; its own dependencies
   # (a GUI OpenCV build among them) are not needed for that.
   "${pip[@]}" --no-deps "insightface>=0.7"
 else
-  "${pip[@]}" -e .
+  "${pip[@]}" -e . --config-settings editable_mode=compat
 fi
+# Folder path = import path: the source roots go on sys.path through a plain .pth (no import hook),
+# so editors and language servers resolve `masquerade` and `masquerade_kernels` to the files in the tree.
+site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+printf '%s\n' "$PWD/server" "$PWD/kernels" "$PWD/clients/python" > "$site/masquerade-source-roots.pth"
 # onnx2torch-style packages may pull PyPI's torchvision, which does not load beside the CPU torch wheel.
 if .venv/bin/python -m pip show -q torchvision >/dev/null 2>&1 && ! .venv/bin/python -c "import torchvision" 2>/dev/null; then
   .venv/bin/python -m pip uninstall -y -q torchvision

@@ -27,8 +27,19 @@ def test_make_tiny_then_anonymize_an_aligned_face(tmp_path, tiny_model_dir):
     assert made.returncode == 0, made.stderr
     assert "noise" in made.stdout
     result = run(
-        "anonymize", "--model-dir", "tiny", "--aligned", "face.png", "-o", "out.png",
-        "--steps", "4", "--report", "r.json", "-q", cwd=tmp_path,
+        "anonymize",
+        "--model-dir",
+        "tiny",
+        "--aligned",
+        "face.png",
+        "-o",
+        "out.png",
+        "--steps",
+        "4",
+        "--report",
+        "r.json",
+        "-q",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from api_support import MAX_FACES, MAX_IMAGE_PIXELS, free_port, png_bytes
+
 from masquerade.api.server import BackgroundServer, ServerConfig
-from masquerade.client import AnonymizerClient
 from masquerade.engine.engine import Engine, EngineConfig
+from masquerade_client import AnonymizerClient
 
 
 def server_config(engine_config: EngineConfig, *, metrics: bool = False, grace_seconds: float = 2.0) -> ServerConfig:
@@ -52,7 +52,9 @@ def start_server_sharing_models(server):
     started: list[BackgroundServer] = []
 
     def start(engine_config: EngineConfig, *, grace_seconds: float = 2.0, models=True) -> BackgroundServer:
-        engine = Engine(engine_config, server.engine.models if models else None, "" if models else "test: no diffusion weights")
+        engine = Engine(
+            engine_config, server.engine.models if models else None, "" if models else "test: no diffusion weights"
+        )
         running = BackgroundServer(server_config(engine_config, grace_seconds=grace_seconds), engine).start()
         started.append(running)
         return running

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from api_support import MAX_FACES, free_port, wait_until
+
 from masquerade.api.protos import pb2
-from masquerade.client import (
+from masquerade.engine.engine import EngineConfig
+from masquerade_client import (
     AnonymizerClient,
     DeadlineExceeded,
     FailedPrecondition,
@@ -18,7 +19,6 @@ from masquerade.client import (
     Unavailable,
     build_request,
 )
-from masquerade.engine.engine import EngineConfig
 
 # A long job for the tiny models: ~1000 UNet calls, so it is surely still running when cancelled.
 SLOW = dict(aligned=True, skip=0.0, steps=500)
@@ -40,7 +40,9 @@ SLOW = dict(aligned=True, skip=0.0, steps=500)
         ("too_many_faces", "detection.max_faces"),
     ],
 )
-def test_bad_input_is_invalid_argument_naming_the_field(client, face_png, oversized_png, two_astronauts_png, case, field_name):
+def test_bad_input_is_invalid_argument_naming_the_field(
+    client, face_png, oversized_png, two_astronauts_png, case, field_name
+):
     image, options = {
         "not_an_image": (b"GIF? no, just text", {}),
         "empty": (b"", {}),

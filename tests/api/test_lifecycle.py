@@ -13,14 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from api_support import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_support import wait_until
 from masquerade.api.protos import SERVICE_NAME
-from masquerade.client import AnonymizerClient
 from masquerade.engine.engine import EngineConfig
+from masquerade_client import AnonymizerClient
 
 
 def _health(address: str, service: str) -> str:
@@ -40,10 +40,17 @@ def test_health_is_serving_for_the_server_and_the_service(server, client):
 def test_reflection_lists_the_service_and_health(server):
     with grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(stub.ServerReflectionInfo(iter([
-            reflection_pb2.ServerReflectionRequest(list_services=""),
-            reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
-        ]), timeout=10))
+        replies = list(
+            stub.ServerReflectionInfo(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(list_services=""),
+                        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+                    ]
+                ),
+                timeout=10,
+            )
+        )
     names = {service.name for service in replies[0].list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     assert replies[1].file_descriptor_response.file_descriptor_proto  # clients can build stubs from it
@@ -63,10 +70,12 @@ def test_concurrent_requests_share_unet_calls(server, client, face_png):
     steps, concurrency = 8, 16
     before = _scrape(server.metrics_port)
     with ThreadPoolExecutor(concurrency) as pool:
-        responses = list(pool.map(
-            lambda i: client.anonymize(face_png, aligned=True, steps=steps, seed=i, request_id=f"load-{i}"),
-            range(concurrency),
-        ))
+        responses = list(
+            pool.map(
+                lambda i: client.anonymize(face_png, aligned=True, steps=steps, seed=i, request_id=f"load-{i}"),
+                range(concurrency),
+            )
+        )
     assert all(r.faces[0].status for r in responses)
     after = _scrape(server.metrics_port)
     calls = after["masquerade_unet_batch_size_count{}"] - before.get("masquerade_unet_batch_size_count{}", 0)
@@ -75,7 +84,7 @@ def test_concurrent_requests_share_unet_calls(server, client, face_png):
     # Run one at a time, generation alone would take concurrency * steps calls of one pair each.
     assert calls < concurrency * steps, (calls, samples)
     assert samples / calls > 2
-    assert after['masquerade_requests_total{method=unspecified,rpc=Anonymize,status=OK}'] >= concurrency
+    assert after["masquerade_requests_total{method=unspecified,rpc=Anonymize,status=OK}"] >= concurrency
 
 
 def test_a_request_among_fifteen_others_equals_the_request_alone(client, face_png):
@@ -121,9 +130,27 @@ def test_graceful_shutdown_finishes_in_flight_requests(start_server_sharing_mode
 @pytest.mark.timeout(120)
 def test_serve_command_logs_its_address_and_stops_on_sigterm():
     process = subprocess.Popen(
-        [sys.executable, "-m", "masquerade.api.cli", "serve", "--models", "tiny", "--device", "cpu",
-         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--grace-seconds", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "masquerade.api.cli",
+            "serve",
+            "--models",
+            "tiny",
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--grace-seconds",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         address = None

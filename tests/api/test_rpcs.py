@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from masquerade.api.protos import pb2
-from masquerade.client import AsyncAnonymizerClient, build_request
-from masquerade.client.errors import error_for_code_number, InvalidArgument
+from masquerade_client import AsyncAnonymizerClient, build_request
+from masquerade_client.errors import InvalidArgument, error_for_code_number
 
 
 def test_anonymize_returns_the_image_and_one_record_per_face(client, face_png):
@@ -91,9 +91,22 @@ def test_example_cli_streams_and_writes_the_result(server, face_png, tmp_path):
     source, output = tmp_path / "face.png", tmp_path / "out.png"
     source.write_bytes(face_png)
     done = subprocess.run(
-        [sys.executable, "-m", "masquerade.client.example", "--server", server.address, str(source),
-         "-o", str(output), "--aligned", "--steps", "3"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "masquerade_client.example",
+            "--server",
+            server.address,
+            str(source),
+            "-o",
+            str(output),
+            "--aligned",
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert "generation" in done.stdout and "wrote" in done.stdout

@@ -13,8 +13,8 @@ from masquerade.api import codegen, convert
 from masquerade.api.errors import status_for
 from masquerade.api.protos import pb2
 from masquerade.api.servicer import ProgressThrottle
-from masquerade.client import build_request
-from masquerade.engine import types as et
+from masquerade.engine import request as et
+from masquerade_client import build_request
 
 
 def test_codegen_regenerates_missing_or_stale_modules(tmp_path):

@@ -47,7 +47,9 @@ def built_clients() -> None:
         pytest.skip("MASQUERADE_SKIP_CLIENTS=1: the TypeScript, Go and C++ clients are not built or tested")
     build = subprocess.run(
         ["bash", str(CLIENTS / "build_all.sh")],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
     )
     if build.returncode != 0:
         pytest.fail(f"clients/build_all.sh exited {build.returncode}:\n{build.stdout[-4000:]}\n{build.stderr[-8000:]}")
@@ -77,7 +79,9 @@ def run_example(language: str, *args: str, timeout: float = 120) -> subprocess.C
 
 
 def assert_events_then_result(completed: subprocess.CompletedProcess[str], output: Path) -> None:
-    assert completed.returncode == 0, f"exit {completed.returncode}\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    assert completed.returncode == 0, (
+        f"exit {completed.returncode}\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    )
     lines = completed.stdout.splitlines()
     assert lines and RESULT_LINE.match(lines[-1]), f"the last line is not the result:\n{completed.stdout}"
     events = lines[:-1]
@@ -93,8 +97,16 @@ def assert_events_then_result(completed: subprocess.CompletedProcess[str], outpu
 def test_example_streams_events_before_writing_the_result(language, server_address, face_png, tmp_path):
     output = tmp_path / "anonymized.png"
     completed = run_example(
-        language, "--server", server_address, "--method", "reverse_personalization", "--aligned", "--steps", "3",
-        str(face_png), str(output),
+        language,
+        "--server",
+        server_address,
+        "--method",
+        "reverse_personalization",
+        "--aligned",
+        "--steps",
+        "3",
+        str(face_png),
+        str(output),
     )
     assert_events_then_result(completed, output)
     assert any(line.startswith("progress phase=") for line in completed.stdout.splitlines())
@@ -106,7 +118,9 @@ def test_example_streams_events_before_writing_the_result(language, server_addre
 @pytest.mark.parametrize("language", sorted(EXAMPLES))
 def test_classical_method_streams_and_writes_the_image(language, server_address, face_png, tmp_path):
     output = tmp_path / "pixelated.png"
-    completed = run_example(language, "--server", server_address, "--method", "pixelate", "--aligned", str(face_png), str(output))
+    completed = run_example(
+        language, "--server", server_address, "--method", "pixelate", "--aligned", str(face_png), str(output)
+    )
     assert_events_then_result(completed, output)
 
 
@@ -114,7 +128,9 @@ def test_classical_method_streams_and_writes_the_image(language, server_address,
 def test_text_file_is_invalid_argument(language, server_address, tmp_path):
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("this is not an image\n")
-    completed = run_example(language, "--server", server_address, "--method", "blur", str(not_an_image), str(tmp_path / "out.png"))
+    completed = run_example(
+        language, "--server", server_address, "--method", "blur", str(not_an_image), str(tmp_path / "out.png")
+    )
     assert completed.returncode == 3, completed.stderr
     assert re.search(r"^error: INVALID_ARGUMENT: \S", completed.stderr, re.MULTILINE), completed.stderr
     assert not (tmp_path / "out.png").exists()
@@ -136,7 +152,15 @@ def test_batch_answers_every_image_and_a_bad_one_does_not_end_the_stream(languag
     batch = [faces[0], not_an_image, faces[1], faces[2]]
 
     completed = run_example(
-        language, "--batch", "--server", server_address, "--method", "pixelate", "--aligned", *map(str, batch), str(outdir),
+        language,
+        "--batch",
+        "--server",
+        server_address,
+        "--method",
+        "pixelate",
+        "--aligned",
+        *map(str, batch),
+        str(outdir),
     )
 
     report = f"exit {completed.returncode}\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
@@ -165,7 +189,15 @@ def test_batch_of_good_images_exits_0(language, server_address, face_png, tmp_pa
     second = tmp_path / "second.png"
     Image.open(face_png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
     completed = run_example(
-        language, "--batch", "--server", server_address, "--method", "blur", "--aligned", str(face_png), str(second),
+        language,
+        "--batch",
+        "--server",
+        server_address,
+        "--method",
+        "blur",
+        "--aligned",
+        str(face_png),
+        str(second),
         str(tmp_path / "out"),
     )
     assert completed.returncode == 0, completed.stderr
@@ -176,8 +208,17 @@ def test_batch_of_good_images_exits_0(language, server_address, face_png, tmp_pa
 @pytest.mark.parametrize("language", sorted(EXAMPLES))
 def test_batch_deadline_is_deadline_exceeded(language, server_address, face_png, tmp_path):
     completed = run_example(
-        language, "--batch", "--server", server_address, "--aligned", "--steps", "250", "--timeout", "0.3",
-        str(face_png), str(tmp_path / "out"),
+        language,
+        "--batch",
+        "--server",
+        server_address,
+        "--aligned",
+        "--steps",
+        "250",
+        "--timeout",
+        "0.3",
+        str(face_png),
+        str(tmp_path / "out"),
     )
     assert completed.returncode == 1, completed.stderr
     assert re.search(r"^error: DEADLINE_EXCEEDED: ", completed.stderr, re.MULTILINE), completed.stderr
@@ -187,8 +228,16 @@ def test_batch_deadline_is_deadline_exceeded(language, server_address, face_png,
 @pytest.mark.parametrize("language", sorted(EXAMPLES))
 def test_deadline_is_deadline_exceeded(language, server_address, face_png, tmp_path):
     completed = run_example(
-        language, "--server", server_address, "--aligned", "--steps", "250", "--timeout", "0.3",
-        str(face_png), str(tmp_path / "out.png"),
+        language,
+        "--server",
+        server_address,
+        "--aligned",
+        "--steps",
+        "250",
+        "--timeout",
+        "0.3",
+        str(face_png),
+        str(tmp_path / "out.png"),
     )
     assert completed.returncode == 1, completed.stderr
     assert re.search(r"^error: DEADLINE_EXCEEDED: ", completed.stderr, re.MULTILINE), completed.stderr
@@ -197,7 +246,9 @@ def test_deadline_is_deadline_exceeded(language, server_address, face_png, tmp_p
 @pytest.mark.parametrize("language", sorted(EXAMPLES))
 def test_unreachable_server_is_unavailable_after_bounded_retries(language, built_clients, face_png, tmp_path):
     with socket_bound_but_closed() as address:
-        completed = run_example(language, "--server", address, "--timeout", "20", str(face_png), str(tmp_path / "out.png"))
+        completed = run_example(
+            language, "--server", address, "--timeout", "20", str(face_png), str(tmp_path / "out.png")
+        )
     assert completed.returncode == 1, completed.stderr
     assert re.search(r"^error: UNAVAILABLE: ", completed.stderr, re.MULTILINE), completed.stderr
 
@@ -251,8 +302,12 @@ class flaky_server:
                 yield pb2.AnonymizeEvent(
                     request_id=request.request_id,
                     result=pb2.AnonymizeResponse(
-                        request_id=request.request_id, image=request.image, format=pb2.PNG, complete=True,
-                        width=width, height=height,
+                        request_id=request.request_id,
+                        image=request.image,
+                        format=pb2.PNG,
+                        complete=True,
+                        width=width,
+                        height=height,
                     ),
                 )
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from masquerade.engine.diffusion import DiffusionCore
-from masquerade.engine.schedule import build_trajectory, inversion_timesteps, scaled_linear_alphas_cumprod
-from masquerade.engine.scheduler import StepScheduler
-from masquerade.engine.states import JobStatus
+from masquerade.engine.job_state import JobStatus
+from masquerade.engine.request import ReversePersonalizationParams
 from masquerade.engine.runner import apply_results
-from masquerade.engine.types import ReversePersonalizationParams
-from masquerade.kernels.reference import generation_step_reference, inversion_step_reference
+from masquerade.engine.scheduler import StepScheduler
+from masquerade.engine.trajectory import build_trajectory, inversion_timesteps, scaled_linear_alphas_cumprod
+from masquerade_kernels.reference import generation_step_reference, inversion_step_reference
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,9 @@ def test_a_job_in_a_mixed_batch_equals_the_job_alone(core, faces):
             k,
             clean[k % 2],
             identities[(k + 1) % 2],
-            ReversePersonalizationParams(steps=3 + k % 5, seed=k, guidance_scale=-5.0 - k, attribute_prompt="a child" if k % 3 else ""),
+            ReversePersonalizationParams(
+                steps=3 + k % 5, seed=k, guidance_scale=-5.0 - k, attribute_prompt="a child" if k % 3 else ""
+            ),
         )
         for k in range(15)
     ]
@@ -281,6 +283,9 @@ def test_jobs_with_different_ip_adapter_scales_share_calls_and_match_alone(core,
     scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
     scheduler.add(jobs)
     assert {piece.job.job_id for piece in scheduler.plan().slices} == {job.job_id for job in jobs}
-    mixed = run_jobs(core, [core.make_job("a", 0, clean[0], identities[0], half), core.make_job("b", 0, clean[0], identities[0], full)])
+    mixed = run_jobs(
+        core,
+        [core.make_job("a", 0, clean[0], identities[0], half), core.make_job("b", 0, clean[0], identities[0], full)],
+    )
     assert relative_error(mixed[0], alone_half[0]) < 5e-3
     assert relative_error(mixed[1], alone_full[0]) < 5e-3

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from masquerade.engine.engine import Engine, EngineConfig
-from masquerade.engine.types import (
+from masquerade.engine.request import (
     DetectionOptions,
     EngineRequest,
-    FailedEvent,
     FaceStatus,
+    FailedEvent,
     Method,
     ResultEvent,
     ReversePersonalizationParams,

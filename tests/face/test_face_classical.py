@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from masquerade.face import SAME_PERSON_THRESHOLD, CLASSICAL_METHODS, apply_classical, cover_region
+from masquerade.face import CLASSICAL_METHODS, SAME_PERSON_THRESHOLD, apply_classical, cover_region
 from masquerade.face.align import ellipse_mask, face_ellipse_from_template, template_matrix
 from masquerade.face.classical import FEATHER
 

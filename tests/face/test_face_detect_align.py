@@ -1,7 +1,7 @@
 """Detection, the whole-face alignment and pasting a crop back."""
 
-import numpy as np
 import face_recognition_models
+import numpy as np
 
 from masquerade.face import align_face, arcface_crop, arcface_five_points, face_region_mask, paste_back
 from masquerade.face.align import ALIGNMENT_TEMPLATE, invert, template_five_points, transform_points, umeyama

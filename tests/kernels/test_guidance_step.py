@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from masquerade.kernels import guidance_step as gs
-from masquerade.kernels.reference import (
+from masquerade_kernels import guidance_step as gs
+from masquerade_kernels.reference import (
     GUIDANCE,
     MEAN_FROM_M,
     MEAN_FROM_M1,

@@ -66,7 +66,9 @@ def test_tiny_arcface_has_the_real_files_layout(tiny_arcface_path: Path) -> None
     op_types = {n.op_type for n in model.graph.node}
     assert op_types == {"Conv", "BatchNormalization", "PRelu", "Add", "Flatten", "Gemm"}
     assert [n.op_type for n in model.graph.node[-3:]] == ["Flatten", "Gemm", "BatchNormalization"]
-    slopes = [model.graph.initializer[i] for i, t in enumerate(model.graph.initializer) if t.name.endswith("prelu.weight")]
+    slopes = [
+        model.graph.initializer[i] for i, t in enumerate(model.graph.initializer) if t.name.endswith("prelu.weight")
+    ]
     assert slopes and all(list(s.dims)[1:] == [1, 1] for s in slopes)
 
 
@@ -172,12 +174,28 @@ def _op_zoo_model(opset: int) -> onnx.ModelProto:
         init("axes_0", np.array([0], dtype=np.int64)),
         init("ratio", np.array(0.5, dtype=np.float32)),
     ]
-    dropout = n("Dropout", ["flat"], ["flat_drop"], ratio=0.5) if opset < 12 else n("Dropout", ["flat", "ratio"], ["flat_drop"])
-    unsqueeze = n("Unsqueeze", ["batch"], ["batch_1d"], axes=[0]) if opset < 13 else n("Unsqueeze", ["batch", "axes_0"], ["batch_1d"])
+    dropout = (
+        n("Dropout", ["flat"], ["flat_drop"], ratio=0.5)
+        if opset < 12
+        else n("Dropout", ["flat", "ratio"], ["flat_drop"])
+    )
+    unsqueeze = (
+        n("Unsqueeze", ["batch"], ["batch_1d"], axes=[0])
+        if opset < 13
+        else n("Unsqueeze", ["batch", "axes_0"], ["batch_1d"])
+    )
     nodes = [
         n("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, dtype=np.float32))),
         n("Mul", ["x", "two"], ["x2"], name="scale"),
-        n("Conv", ["x2", "w_group", "b_group"], ["g"], name="grouped_dilated_asym", group=2, dilations=[2, 2], pads=[1, 2, 2, 1]),
+        n(
+            "Conv",
+            ["x2", "w_group", "b_group"],
+            ["g"],
+            name="grouped_dilated_asym",
+            group=2,
+            dilations=[2, 2],
+            pads=[1, 2, 2, 1],
+        ),
         n("Relu", ["g"], ["g_relu"]),
         n("Conv", ["g_relu", "w_stride"], ["s"], name="strided", strides=[2, 2], pads=[1, 1, 1, 1]),
         n("BatchNormalization", ["s", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["s_bn"], epsilon=1e-3),

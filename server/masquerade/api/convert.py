@@ -1,0 +1,260 @@
+"""Proto <-> engine types.
+
+Wire-level validation lives here (enum values the engine has no name for, a
+missing image, option ranges that only the wire can get wrong); the engine types
+check the rest (``ReversePersonalizationParams.validated``) and the engine checks
+what needs the pixels (decoding, the pixel cap, the face count).
+Every error names the request field it is about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Protocol
+
+from masquerade.api.protos import pb2
+from masquerade.engine import request as et
+
+MAX_REQUEST_ID_CHARS = 256
+
+METHOD_FROM_PROTO: dict[int, et.Method] = {
+    pb2.REVERSE_PERSONALIZATION: et.Method.REVERSE_PERSONALIZATION,
+    pb2.BLUR: et.Method.BLUR,
+    pb2.PIXELATE: et.Method.PIXELATE,
+    pb2.SOLID: et.Method.SOLID,
+}
+METHOD_TO_PROTO: dict[et.Method, int] = {v: k for k, v in METHOD_FROM_PROTO.items()}
+
+FORMAT_FROM_PROTO: dict[int, str | None] = {
+    pb2.IMAGE_FORMAT_UNSPECIFIED: None,
+    pb2.JPEG: "jpeg",
+    pb2.PNG: "png",
+    pb2.WEBP: "webp",
+}
+FORMAT_TO_PROTO: dict[str, int] = {v: k for k, v in FORMAT_FROM_PROTO.items() if v is not None}
+
+FACE_STATUS_TO_PROTO: dict[et.FaceStatus, int] = {
+    et.FaceStatus.ANONYMIZED: pb2.ANONYMIZED,
+    et.FaceStatus.FALLBACK: pb2.FALLBACK,
+    et.FaceStatus.SKIPPED: pb2.SKIPPED,
+}
+PHASE_TO_PROTO: dict[et.Phase, int] = {
+    et.Phase.PREPROCESS: pb2.PREPROCESS,
+    et.Phase.INVERSION: pb2.INVERSION,
+    et.Phase.GENERATION: pb2.GENERATION,
+    et.Phase.POSTPROCESS: pb2.POSTPROCESS,
+}
+
+
+class RequestDefaults(Protocol):
+    """What conversion needs from the engine's EngineInfo: server-side defaults and limits."""
+
+    defaults: et.ReversePersonalizationParams
+    default_method: et.Method
+    max_faces: int
+
+
+# ---------------------------------------------------------------- proto -> engine
+
+
+def method_from_proto(value: int, default: et.Method) -> et.Method:
+    if value == pb2.METHOD_UNSPECIFIED:
+        return default
+    try:
+        return METHOD_FROM_PROTO[value]
+    except KeyError:
+        raise et.InvalidRequestError("method", f"unknown value {value}; use one of {_names(pb2.Method)}") from None
+
+
+def method_label(message: pb2.AnonymizeRequest) -> str:
+    """Bounded metrics label for the requested method ("unspecified", "unknown", or the method)."""
+    if message.method == pb2.METHOD_UNSPECIFIED:
+        return "unspecified"
+    method = METHOD_FROM_PROTO.get(message.method)
+    return method.value if method else "unknown"
+
+
+def _names(enum_type) -> str:
+    return ", ".join(name for name in enum_type.keys() if not name.endswith("_UNSPECIFIED"))  # noqa: SIM118 (protobuf enum wrappers are not iterable)
+
+
+def _finite(field_name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise et.InvalidRequestError(field_name, f"must be finite, got {value!r}")
+    return value
+
+
+def params_from_proto(
+    message: pb2.ReversePersonalizationParams, defaults: et.ReversePersonalizationParams
+) -> et.ReversePersonalizationParams:
+    """Set fields override the server's defaults; the engine type validates the ranges."""
+    overrides = {
+        name: getattr(message, name)
+        for name in ("skip", "steps", "guidance_scale", "id_emb_scale", "ip_adapter_scale", "attribute_prompt", "seed")
+        if message.HasField(name)
+    }
+    return dataclasses.replace(defaults, **overrides).validated()
+
+
+def detection_from_proto(message: pb2.DetectionOptions, max_faces_limit: int) -> et.DetectionOptions:
+    base = et.DetectionOptions(max_faces=max_faces_limit)
+    overrides: dict = {"aligned": message.aligned}
+    if message.HasField("score_threshold"):
+        overrides["score_threshold"] = _finite("detection.score_threshold", message.score_threshold)
+    if message.HasField("min_face_size"):
+        overrides["min_face_size"] = message.min_face_size
+    if message.HasField("max_faces"):
+        if not 1 <= message.max_faces <= max_faces_limit:
+            raise et.InvalidRequestError(
+                "detection.max_faces",
+                f"must be in [1, {max_faces_limit}] (this server's limit), got {message.max_faces}",
+            )
+        overrides["max_faces"] = message.max_faces
+    return dataclasses.replace(base, **overrides)
+
+
+def output_from_proto(message: pb2.OutputOptions) -> et.OutputOptions:
+    if message.format not in FORMAT_FROM_PROTO:
+        raise et.InvalidRequestError(
+            "output.format", f"unknown value {message.format}; use one of {_names(pb2.ImageFormat)} or leave it unset"
+        )
+    quality = et.OutputOptions().quality
+    if message.HasField("quality"):
+        if not 1 <= message.quality <= 100:
+            raise et.InvalidRequestError("output.quality", f"must be in [1, 100], got {message.quality}")
+        quality = message.quality
+    return et.OutputOptions(format=FORMAT_FROM_PROTO[message.format], quality=quality)
+
+
+def classical_strength_from_proto(message: pb2.ClassicalParams) -> float:
+    if not message.HasField("strength"):
+        return 1.0
+    strength = _finite("classical.strength", message.strength)
+    if not 0.0 < strength <= 10.0:
+        raise et.InvalidRequestError("classical.strength", f"must be in (0, 10], got {strength}")
+    return strength
+
+
+def request_from_proto(message: pb2.AnonymizeRequest, info: RequestDefaults, *, request_id: str) -> et.EngineRequest:
+    """Validates the wire-level fields and builds the engine's request. Raises InvalidRequestError."""
+    if len(message.request_id) > MAX_REQUEST_ID_CHARS:
+        raise et.InvalidRequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+    if not message.image:
+        raise et.InvalidRequestError("image", "is empty; send the encoded JPEG, PNG or WebP bytes")
+    method = method_from_proto(message.method, info.default_method)
+    params = params_from_proto(message.params, info.defaults)
+    return et.EngineRequest(
+        request_id=request_id,
+        image=message.image,
+        method=method,
+        params=params,
+        classical_strength=classical_strength_from_proto(message.classical),
+        detection=detection_from_proto(message.detection, info.max_faces),
+        output=output_from_proto(message.output),
+    )
+
+
+# ---------------------------------------------------------------- engine -> proto
+
+
+def _box(box: tuple[float, float, float, float]) -> pb2.Box:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1)
+
+
+def face_to_proto(face: et.FaceRecord) -> pb2.FaceRecord:
+    record = pb2.FaceRecord(
+        index=face.index,
+        box=_box(face.box),
+        landmarks=[pb2.Point(x=float(x), y=float(y)) for x, y in face.landmarks.reshape(-1, 2)],
+        score=float(face.score),
+        method_applied=METHOD_TO_PROTO[face.method_applied],
+        status=FACE_STATUS_TO_PROTO[face.status],
+        reason=face.reason,
+    )
+    for name in ("identity_similarity_before", "identity_similarity_after", "verifier_distance"):
+        value = getattr(face, name)
+        if value is not None:
+            setattr(record, name, float(value))
+    return record
+
+
+def result_to_proto(result: et.AnonymizeResult, *, request_id: str) -> pb2.AnonymizeResponse:
+    """``request_id`` is the client's id (the engine may know the request under another)."""
+    t = result.timings
+    return pb2.AnonymizeResponse(
+        request_id=request_id,
+        image=result.image,
+        format=FORMAT_TO_PROTO.get(result.format, pb2.IMAGE_FORMAT_UNSPECIFIED),
+        faces=[face_to_proto(face) for face in result.faces],
+        complete=result.complete,
+        no_faces=result.no_faces,
+        timings=pb2.Timings(
+            queued_seconds=t.queued_seconds,
+            preprocess_seconds=t.preprocess_seconds,
+            inversion_seconds=t.inversion_seconds,
+            generation_seconds=t.generation_seconds,
+            postprocess_seconds=t.postprocess_seconds,
+            total_seconds=t.total_seconds,
+        ),
+        model_versions=result.model_versions,
+        width=result.width,
+        height=result.height,
+    )
+
+
+def event_to_proto(event: et.EngineEvent, *, request_id: str) -> pb2.AnonymizeEvent:
+    """One stream event. FailedEvent has no proto: the servicer turns it into a status."""
+    if isinstance(event, et.QueuedEvent):
+        return pb2.AnonymizeEvent(request_id=request_id, queued=pb2.Queued(position=event.position))
+    if isinstance(event, et.FacesFoundEvent):
+        return pb2.AnonymizeEvent(
+            request_id=request_id, faces_found=pb2.FacesFound(boxes=[_box(b) for b in event.boxes])
+        )
+    if isinstance(event, et.ProgressEvent):
+        return pb2.AnonymizeEvent(
+            request_id=request_id,
+            progress=pb2.Progress(phase=PHASE_TO_PROTO[event.phase], step=event.step, total=event.total),
+        )
+    if isinstance(event, et.ResultEvent):
+        return pb2.AnonymizeEvent(request_id=request_id, result=result_to_proto(event.result, request_id=request_id))
+    raise TypeError(f"no AnonymizeEvent for {type(event).__name__}")
+
+
+def params_to_proto(params: et.ReversePersonalizationParams) -> pb2.ReversePersonalizationParams:
+    return pb2.ReversePersonalizationParams(
+        skip=params.skip,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        id_emb_scale=params.id_emb_scale,
+        ip_adapter_scale=params.ip_adapter_scale,
+        attribute_prompt=params.attribute_prompt,
+        seed=params.seed,
+    )
+
+
+def server_info_to_proto(info, *, max_receive_message_bytes: int, max_send_message_bytes: int) -> pb2.ServerInfo:
+    """``info`` is the engine's EngineInfo; the message limits are the gRPC server's."""
+    return pb2.ServerInfo(
+        version=info.version,
+        methods=[
+            pb2.MethodAvailability(method=METHOD_TO_PROTO[method], available=available, reason=reason)
+            for method, (available, reason) in info.methods.items()
+        ],
+        models=dict(info.models),
+        limits=pb2.Limits(
+            max_receive_message_bytes=max_receive_message_bytes,
+            max_send_message_bytes=max_send_message_bytes,
+            max_image_pixels=info.max_image_pixels,
+            max_faces=info.max_faces,
+            max_steps=info.max_steps,
+            max_batch=info.max_batch,
+            max_queue=info.max_queue,
+        ),
+        defaults=params_to_proto(info.defaults),
+        default_method=METHOD_TO_PROTO[info.default_method],
+        device=info.device,
+        dtype=info.dtype,
+        attention_backend=info.attention_backend,
+    )

@@ -1,0 +1,285 @@
+"""AnonymizerServicer: validate -> engine.submit -> engine events -> protos.
+
+Thin on purpose: no batching, no model code. Every path that leaves an engine
+request early (client cancel, deadline, a write failing) calls handle.cancel()
+in a finally block, so the engine frees the job's scheduler slots at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from masquerade import metrics
+from masquerade.api import convert
+from masquerade.api.errors import ServerNotReadyError, code_number, engine_failure, status_for
+from masquerade.api.protos import pb2, pb2_grpc
+from masquerade.engine import request as et
+
+if TYPE_CHECKING:  # the engine is only called through its interface here
+    from masquerade.engine.engine import Engine, RequestHandle
+
+log = logging.getLogger(__name__)
+
+
+class ProgressThrottle:
+    """Rate-limits one request's PROGRESS events; the newest held-back one is always sent.
+
+    A held-back event is flushed before the next event of any other kind or phase,
+    so the client always sees each phase's last step before the RESULT.
+    """
+
+    def __init__(self, min_interval_s: float):
+        self.min_interval_s = min_interval_s
+        self._last_sent = -float("inf")
+        self._pending: et.ProgressEvent | None = None
+
+    def offer(self, event: et.EngineEvent, now: float | None = None) -> list[et.EngineEvent]:
+        """Events to send now, in order, given the next engine event."""
+        now = time.monotonic() if now is None else now
+        out: list[et.EngineEvent] = []
+        if isinstance(event, et.ProgressEvent):
+            if self._pending is not None and self._pending.phase != event.phase:
+                out.append(self._pending)
+            self._pending = None
+            if event.step >= event.total or now - self._last_sent >= self.min_interval_s:
+                out.append(event)
+                self._last_sent = now
+            else:
+                self._pending = event
+            return out
+        if self._pending is not None:
+            out.append(self._pending)
+            self._pending = None
+        out.append(event)
+        return out
+
+
+def _engine_request_id(client_request_id: str) -> str:
+    # Clients choose ids freely and two clients may both send "1"; the engine gets a
+    # unique one (prefixed by the client's for log correlation) and responses echo the client's.
+    suffix = uuid.uuid4().hex[:12]
+    return f"{client_request_id}~{suffix}" if client_request_id else suffix
+
+
+class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
+    """The Anonymizer service over a running engine (``attach``-ed once models are loaded)."""
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        max_receive_message_bytes: int,
+        max_send_message_bytes: int,
+        batch_window: int = 32,
+        progress_interval_s: float = 0.1,
+    ):
+        self.max_receive_message_bytes = max_receive_message_bytes
+        self.max_send_message_bytes = max_send_message_bytes
+        self.batch_window = batch_window  # requests of one AnonymizeBatch stream in flight before reading pauses
+        self.progress_interval_s = progress_interval_s  # <= 10 PROGRESS events per second per request
+        self._engine: Engine | None = None
+        self._info = None
+        if engine is not None:
+            self.attach(engine)
+
+    def attach(self, engine: Engine) -> None:
+        """Called by the server once the engine is built; until then requests get UNAVAILABLE."""
+        self._info = engine.info()
+        self._engine = engine
+
+    # ------------------------------------------------------------ shared pieces
+
+    def _ready_engine(self) -> Engine:
+        engine = self._engine
+        if engine is None:
+            raise ServerNotReadyError("the server is still loading its models; retry shortly")
+        if not engine.ready:
+            raise ServerNotReadyError("the server is warming up or shutting down; retry shortly")
+        return engine
+
+    def _submit(self, message: pb2.AnonymizeRequest) -> RequestHandle:
+        """Validates and submits; raises InvalidRequestError, QueueFullError, MethodUnavailableError."""
+        engine = self._ready_engine()
+        request = convert.request_from_proto(message, self._info, request_id=_engine_request_id(message.request_id))
+        return engine.submit(request)
+
+    @staticmethod
+    def _record(rpc: str, method: str, code: grpc.StatusCode) -> None:
+        metrics.REQUESTS.labels(rpc=rpc, method=method, status=code.name).inc()
+
+    @staticmethod
+    def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+
+    async def _run_to_result(self, message: pb2.AnonymizeRequest) -> pb2.AnonymizeResponse:
+        """Runs one request to its result; raises the request's error. Cancels the job if left early."""
+        handle = self._submit(message)
+        finished = False
+        try:
+            async for event in handle:
+                if isinstance(event, et.FailedEvent):
+                    finished = True
+                    raise engine_failure(event.error)
+                if isinstance(event, et.ResultEvent):
+                    finished = True
+                    return convert.result_to_proto(event.result, request_id=message.request_id)
+            finished = True
+            raise RuntimeError("the engine's event stream ended without a result")
+        finally:
+            if not finished:
+                handle.cancel()
+
+    # ------------------------------------------------------------ RPCs
+
+    async def Anonymize(
+        self, request: pb2.AnonymizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.AnonymizeResponse:
+        method = convert.method_label(request)
+        try:
+            response = await self._run_to_result(request)
+        except asyncio.CancelledError:
+            self._record("Anonymize", method, self._cancel_code(context))
+            raise
+        except Exception as exc:
+            code, details = status_for(exc, request_id=request.request_id)
+            self._record("Anonymize", method, code)
+            await context.abort(code, details)
+        self._record("Anonymize", method, grpc.StatusCode.OK)
+        return response
+
+    # The streaming handlers write with context.write rather than being async generators:
+    # a cancelled RPC then raises CancelledError inside the handler's own try/finally, so
+    # handle.cancel() runs at once instead of whenever the generator is finalized.
+
+    async def AnonymizeStream(self, request: pb2.AnonymizeRequest, context: grpc.aio.ServicerContext) -> None:
+        method = convert.method_label(request)
+        throttle = ProgressThrottle(self.progress_interval_s)
+        failure: BaseException | None = None
+        handle = None
+        finished = False
+        try:
+            handle = self._submit(request)
+            async for event in handle:
+                if isinstance(event, et.FailedEvent):
+                    finished = True
+                    failure = engine_failure(event.error)
+                    break
+                for to_send in throttle.offer(event):
+                    await context.write(convert.event_to_proto(to_send, request_id=request.request_id))
+                if isinstance(event, et.ResultEvent):
+                    finished = True
+                    break
+            else:
+                finished = True
+                failure = RuntimeError("the engine's event stream ended without a result")
+        except asyncio.CancelledError:
+            self._record("AnonymizeStream", method, self._cancel_code(context))
+            raise
+        except Exception as exc:
+            failure = exc
+        finally:
+            if handle is not None and not finished:
+                handle.cancel()
+        if failure is not None:
+            code, details = status_for(failure, request_id=request.request_id)
+            self._record("AnonymizeStream", method, code)
+            await context.abort(code, details)
+        self._record("AnonymizeStream", method, grpc.StatusCode.OK)
+
+    async def AnonymizeBatch(
+        self, request_iterator: AsyncIterator[pb2.AnonymizeRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        responses: asyncio.Queue[pb2.AnonymizeBatchResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self.batch_window)
+        in_flight_ids: set[str] = set()
+        tasks: set[asyncio.Task] = set()
+
+        def error_response(request_id: str, code: grpc.StatusCode, details: str) -> pb2.AnonymizeBatchResponse:
+            return pb2.AnonymizeBatchResponse(
+                request_id=request_id, error=pb2.Error(code=code_number(code), message=details)
+            )
+
+        async def run_one(message: pb2.AnonymizeRequest) -> None:
+            method = convert.method_label(message)
+            try:
+                result = await self._run_to_result(message)
+            except asyncio.CancelledError:
+                self._record("AnonymizeBatch", method, self._cancel_code(context))
+                raise
+            except Exception as exc:
+                code, details = status_for(exc, request_id=message.request_id)
+                self._record("AnonymizeBatch", method, code)
+                responses.put_nowait(error_response(message.request_id, code, details))
+            else:
+                self._record("AnonymizeBatch", method, grpc.StatusCode.OK)
+                responses.put_nowait(pb2.AnonymizeBatchResponse(request_id=message.request_id, result=result))
+            finally:
+                in_flight_ids.discard(message.request_id)
+                window.release()
+
+        async def read_requests() -> None:
+            try:
+                async for message in request_iterator:
+                    # Backpressure: stop reading (gRPC flow control then slows the client)
+                    # while this stream already has batch_window requests in flight.
+                    await window.acquire()
+                    request_id = message.request_id
+                    if not request_id or request_id in in_flight_ids:
+                        window.release()
+                        why = (
+                            "is required in AnonymizeBatch"
+                            if not request_id
+                            else "duplicates a request still in flight on this stream"
+                        )
+                        code = grpc.StatusCode.INVALID_ARGUMENT
+                        self._record("AnonymizeBatch", convert.method_label(message), code)
+                        responses.put_nowait(
+                            error_response(request_id, code, f"request_id: {why}; responses are matched by it")
+                        )
+                        continue
+                    in_flight_ids.add(request_id)
+                    task = asyncio.create_task(run_one(message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                responses.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await responses.get()) is not None:
+                await context.write(response)
+            await reader  # surfaces a failure to read the request stream
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()  # each one's _run_to_result cancels its engine job
+
+    async def GetServerInfo(
+        self, request: pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ServerInfo:
+        try:
+            if self._engine is None:
+                raise ServerNotReadyError("the server is still loading its models; retry shortly")
+            info = self._engine.info()
+        except Exception as exc:
+            code, details = status_for(exc)
+            self._record("GetServerInfo", "none", code)
+            await context.abort(code, details)
+        self._record("GetServerInfo", "none", grpc.StatusCode.OK)
+        return convert.server_info_to_proto(
+            info,
+            max_receive_message_bytes=self.max_receive_message_bytes,
+            max_send_message_bytes=self.max_send_message_bytes,
+        )

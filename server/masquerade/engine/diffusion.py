@@ -1,0 +1,127 @@
+"""Reverse personalization on face crops: encode, make jobs, run steps, decode.
+
+Knows tensors and the algorithm of DESIGN section 1, not requests or pixels
+beyond the aligned crops. The async engine drives the same scheduler and
+runner step by step; ``run_to_completion`` is the synchronous loop used by
+tests and offline tools.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from masquerade.engine.job import FaceJob
+from masquerade.engine.request import ReversePersonalizationParams
+from masquerade.engine.runner import TextConditioning, UNetRunner, apply_results
+from masquerade.engine.scheduler import StepScheduler
+from masquerade.engine.trajectory import Trajectory, build_trajectory
+from masquerade.models.optimize import DEFAULT_COMPILE_MODE, optimized_unet_fn
+
+
+def face_noise_seed(seed: int, face_index: int) -> int:
+    """Independent, reproducible noise per face of a request."""
+    return int(np.random.SeedSequence([int(seed), int(face_index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class DiffusionCore:
+    def __init__(
+        self,
+        models,
+        *,
+        max_batch: int = 16,
+        compile: bool = False,
+        compile_mode: str = DEFAULT_COMPILE_MODE,
+        attention: str = "sdpa",
+        unet_fn=None,
+    ):
+        self.models = models
+        self.max_batch = max_batch
+        self.device = models.device
+        self.dtype = models.dtype
+        self.conditioning = TextConditioning(models.pipe, models.device, models.dtype)
+        # The same prepared UNet on every device (fused LoRA and attention, per-sample IP-Adapter
+        # scale); compiled per batch bucket only on CUDA. Benchmarks may pass their own.
+        if unet_fn is None:
+            unet_fn = optimized_unet_fn(
+                models, max_batch=max_batch, compile=compile, compile_mode=compile_mode, attention=attention
+            )
+        self.runner = UNetRunner(models, self.conditioning, unet_fn)
+        self._alphas_cumprod = models.alphas_cumprod.double().cpu().numpy()
+        self._trajectories: dict[tuple[int, float], Trajectory] = {}
+        self._vae_lock = threading.Lock()
+
+    # ---- trajectories and jobs -------------------------------------------------
+
+    def trajectory(self, steps: int, skip: float) -> Trajectory:
+        key = (int(steps), float(skip))
+        if key not in self._trajectories:
+            self._trajectories[key] = build_trajectory(self._alphas_cumprod, *key)
+        return self._trajectories[key]
+
+    def make_job(
+        self,
+        request_id: str,
+        face_index: int,
+        clean_latent: torch.Tensor,  # [C, h, w] x_0, float32
+        identity: torch.Tensor,  # [512] unit ArcFace embedding e
+        params: ReversePersonalizationParams,
+    ) -> FaceJob:
+        trajectory = self.trajectory(params.steps, params.skip)
+        generator = torch.Generator().manual_seed(face_noise_seed(params.seed, face_index))
+        # Edit-friendly inversion: every x_{t_i} gets its own fresh Gaussian noise.
+        noise = torch.randn((trajectory.steps,) + tuple(clean_latent.shape), generator=generator)
+        x0 = clean_latent.detach().float().cpu()
+        alphas = torch.from_numpy(trajectory.alphas).float().view(-1, 1, 1, 1)
+        sigmas = torch.from_numpy(trajectory.sigmas).float().view(-1, 1, 1, 1)
+        noisy = torch.cat([alphas * x0 + sigmas * noise, x0[None]]).to(self.device)
+        coeffs = torch.from_numpy(trajectory.coefficients(params.guidance_scale)).to(self.device)
+        return FaceJob(
+            request_id=request_id,
+            face_index=face_index,
+            trajectory=trajectory,
+            coeffs=coeffs,
+            noisy_latents=noisy,
+            identity=(params.id_emb_scale * identity.float()).to(self.device),
+            attribute_prompt=params.attribute_prompt,
+            ip_adapter_scale=params.ip_adapter_scale,
+        )
+
+    # ---- VAE and identity ------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, crops: np.ndarray) -> torch.Tensor:
+        """[F, S, S, 3] uint8 RGB -> clean latents x_0 [F, C, S/8, S/8] float32 (the posterior mean)."""
+        vae = self.models.vae
+        images = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with self._vae_lock:
+            latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mean
+        return latents.float() * vae.config.scaling_factor
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """[F, C, h, w] latents -> [F, S, S, 3] uint8 RGB."""
+        vae = self.models.vae
+        with self._vae_lock:
+            images = vae.decode(latents.to(self.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        images = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_identity(self, arcface_crops: np.ndarray) -> torch.Tensor:
+        """[F, 112, 112, 3] uint8 RGB -> [F, 512] unit ArcFace embeddings (float32, on CPU)."""
+        batch = torch.from_numpy(np.ascontiguousarray(arcface_crops)).permute(0, 3, 1, 2).float()
+        embeddings = self.models.arcface(batch.to(self.device, self.dtype))
+        return embeddings.float().cpu()
+
+    # ---- synchronous loop --------------------------------------------------------
+
+    def run_to_completion(self, jobs: list[FaceJob], *, max_batch: int | None = None, inversion_chunk: int = 8) -> None:
+        """Run jobs through inversion and generation with continuous batching."""
+        scheduler = StepScheduler(max_batch=max_batch or self.max_batch, inversion_chunk=inversion_chunk)
+        scheduler.add(jobs)
+        while (plan := scheduler.plan()) is not None:
+            apply_results(self.runner.run(plan))
+            scheduler.drop_finished()

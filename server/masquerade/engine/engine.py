@@ -1,0 +1,459 @@
+"""The asyncio engine: admits requests, runs the step loop, streams events back.
+
+Request flow: preprocess (decode, detect, align, ArcFace, VAE encode) on a
+thread pool -> FaceJobs join the step scheduler -> one packed UNet call per
+iteration on a dedicated thread -> finished jobs are decoded and merged ->
+result. Jobs join and leave between UNet calls; a cancelled request's jobs
+leave at the next iteration and free their rows for everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from masquerade import __version__, metrics
+from masquerade.engine.diffusion import DiffusionCore
+from masquerade.engine.front_end import FaceFrontEnd, PreparedRequest
+from masquerade.engine.job import FaceJob
+from masquerade.engine.job_state import JobStatus
+from masquerade.engine.request import (
+    MAX_STEPS,
+    AnonymizeResult,
+    EngineEvent,
+    EngineNotAcceptingError,
+    EngineRequest,
+    FacesFoundEvent,
+    FailedEvent,
+    InvalidRequestError,
+    Method,
+    MethodUnavailableError,
+    Phase,
+    ProgressEvent,
+    QueuedEvent,
+    QueueFullError,
+    ResultEvent,
+    ReversePersonalizationParams,
+    Timings,
+)
+from masquerade.engine.runner import apply_results
+from masquerade.engine.scheduler import StepScheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings, built once from CLI flags."""
+
+    models: str = "default"
+    """"default" (real weights in MASQUERADE_MODEL_DIR or ~/.cache/masquerade/models; classical
+    methods only when absent), "tiny" (tiny random models, built on first use), or a model dir."""
+    device: str = "auto"
+    """"auto", "cpu", "cuda" or "cuda:N"."""
+    max_batch: int = 16
+    """Most samples in one UNet call; a classifier-free-guidance pair counts as two."""
+    max_wait_ms: float = 2.0
+    """How long the step loop waits for more work when a call would run less than full."""
+    max_queue: int = 64
+    """Admitted requests not yet finished; one more is refused with QueueFullError."""
+    inversion_chunk: int = 8
+    """Inversion steps of one job per UNet call (they are independent of each other)."""
+    max_image_pixels: int = 40_000_000
+    """Largest decoded image accepted (decompression-bomb guard)."""
+    max_faces: int = 32
+    """Most faces processed in one image; more is a bad request."""
+    detector: str = "hog"
+    """Face detector: "hog" or "cnn" (dlib), or "sfd" when face-alignment is installed."""
+    attention: str = "sdpa"
+    """Attention backend on GPU: "sdpa" or "xformers"."""
+    compile: bool = False
+    """torch.compile the UNet per batch-size bucket at start-up (CUDA only)."""
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    """torch.compile mode; "default" compiles in seconds instead of minutes, a little slower per call."""
+    preprocess_threads: int = 2
+    defaults: ReversePersonalizationParams = field(default_factory=ReversePersonalizationParams)
+
+    def validated(self) -> EngineConfig:
+        checks = [
+            (self.max_batch >= 2, f"max_batch must be at least 2 (one CFG pair), got {self.max_batch}"),
+            (self.max_queue >= 1, f"max_queue must be at least 1, got {self.max_queue}"),
+            (self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}"),
+            (self.inversion_chunk >= 1, f"inversion_chunk must be at least 1, got {self.inversion_chunk}"),
+            (self.max_faces >= 1, f"max_faces must be at least 1, got {self.max_faces}"),
+            (self.attention in ("sdpa", "xformers"), f"attention must be sdpa or xformers, got {self.attention!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+@dataclass
+class EngineInfo:
+    version: str
+    device: str
+    dtype: str
+    attention_backend: str
+    methods: dict[Method, tuple[bool, str]]
+    models: dict[str, str]
+    defaults: ReversePersonalizationParams
+    default_method: Method
+    max_batch: int
+    max_queue: int
+    max_image_pixels: int
+    max_faces: int
+    max_steps: int = MAX_STEPS
+
+
+_request_ids = itertools.count(1)
+_TERMINAL = (ResultEvent, FailedEvent)
+
+
+class _RequestState:
+    def __init__(self, request: EngineRequest):
+        self.request = request
+        self.events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self.jobs: list[FaceJob] = []
+        self.job_done: dict[int, asyncio.Future] = {}
+        self.task: asyncio.Task | None = None
+        self.submitted = time.perf_counter()
+        self.phase_started = self.submitted
+        self.timings = Timings()
+        self.finished = False
+
+
+class RequestHandle:
+    """Events of one request: Queued, FacesFound, Progress..., then one Result or Failed."""
+
+    def __init__(self, engine: Engine, state: _RequestState):
+        self._engine = engine
+        self._state = state
+        self.request_id = state.request.request_id
+
+    async def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        while True:
+            event = await self._state.events.get()
+            yield event
+            if isinstance(event, _TERMINAL):
+                return
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._state)
+
+
+def _resolve_model_dir(models: str) -> tuple[Path | None, str]:
+    """Where to load from, or (None, why not) for a classical-only server."""
+    from masquerade.models.layout import ModelLayout, default_model_dir, tiny_model_dir
+    from masquerade.models.tiny import TINY_MARKER, make_tiny
+
+    if models == "tiny":
+        root = tiny_model_dir()
+        if not (root / TINY_MARKER).is_file():
+            make_tiny(root)
+        return root, ""
+    root = default_model_dir() if models == "default" else Path(models).expanduser()
+    missing = ModelLayout(root).missing_parts()
+    if missing and models == "default":
+        return None, (
+            f"no diffusion weights: missing {'; '.join(missing)}. "
+            f"Run `masquerade models fetch --to {root}` or start with --models tiny for the smoke profile"
+        )
+    return root, ""
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, models=None, unavailable_reason: str = ""):
+        self.config = config.validated()
+        self.models = models
+        self.core = (
+            DiffusionCore(
+                models,
+                max_batch=config.max_batch,
+                compile=config.compile,
+                compile_mode=config.compile_mode,
+                attention=config.attention,
+            )
+            if models is not None
+            else None
+        )
+        self.unavailable_reason = unavailable_reason
+        self.front_end = FaceFrontEnd(
+            detector=config.detector,
+            face_size=models.face_size if models is not None else None,
+            core=self.core,
+            max_image_pixels=config.max_image_pixels,
+        )
+        self.scheduler = StepScheduler(max_batch=config.max_batch, inversion_chunk=config.inversion_chunk)
+        self._states: set[_RequestState] = set()
+        self._accepting = False
+        self._loop_task: asyncio.Task | None = None
+        self._work_added: asyncio.Event | None = None
+        self._preprocess_pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="masquerade-pre")
+        self._unet_pool = ThreadPoolExecutor(1, thread_name_prefix="masquerade-unet")
+
+    # ---- construction ------------------------------------------------------------
+
+    @classmethod
+    def build(cls, config: EngineConfig) -> Engine:
+        """Load models as configured (blocking: seconds for tiny, minutes for SDXL)."""
+        from masquerade.models.loader import load_models
+
+        root, reason = _resolve_model_dir(config.models)
+        if root is None:
+            log.warning("serving classical methods only: %s", reason)
+            return cls(config, None, reason)
+        models = load_models(root, device=config.device, attention=config.attention)
+        return cls(config, models)
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._work_added = asyncio.Event()
+        self._loop_task = asyncio.create_task(self._step_loop(), name="masquerade-step-loop")
+        self._accepting = True
+
+    async def shutdown(self, grace_seconds: float = 30.0) -> None:
+        """Stop admitting; let in-flight requests finish within the grace period; cancel the rest."""
+        self._accepting = False
+        pending = [s.task for s in self._states if s.task is not None and not s.task.done()]
+        if pending:
+            _done, still_running = await asyncio.wait(pending, timeout=grace_seconds)
+            for task in still_running:
+                task.cancel()
+            if still_running:
+                await asyncio.wait(still_running, timeout=5)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        self._unet_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self.scheduler)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(1 for s in self._states if not s.finished)
+
+    def info(self) -> EngineInfo:
+        rp_available = self.core is not None
+        methods = {method: (True, "") for method in Method}
+        methods[Method.REVERSE_PERSONALIZATION] = (rp_available, "" if rp_available else self.unavailable_reason)
+        models = dict(self.models.versions) if self.models is not None else {}
+        return EngineInfo(
+            version=__version__,
+            device=str(self.models.device) if self.models is not None else "cpu",
+            dtype=str(self.models.dtype).removeprefix("torch.") if self.models is not None else "float32",
+            attention_backend=self.config.attention,
+            methods=methods,
+            models=models,
+            defaults=self.config.defaults,
+            default_method=Method.REVERSE_PERSONALIZATION if rp_available else Method.BLUR,
+            max_batch=self.config.max_batch,
+            max_queue=self.config.max_queue,
+            max_image_pixels=self.config.max_image_pixels,
+            max_faces=self.config.max_faces,
+        )
+
+    # ---- admission -------------------------------------------------------------------
+
+    def submit(self, request: EngineRequest) -> RequestHandle:
+        """Admit a request or raise InvalidRequestError / QueueFullError / MethodUnavailableError."""
+        if not self._accepting:
+            raise EngineNotAcceptingError("the engine is shutting down or not started; retry on another replica")
+        self._validate(request)
+        if request.method is Method.REVERSE_PERSONALIZATION and self.core is None:
+            raise MethodUnavailableError(f"REVERSE_PERSONALIZATION is unavailable: {self.unavailable_reason}")
+        if self.queue_depth >= self.config.max_queue:
+            raise QueueFullError(f"queue full ({self.config.max_queue} requests in flight); retry with backoff")
+        if not request.request_id:
+            request.request_id = f"req-{next(_request_ids)}"
+        state = _RequestState(request)
+        self._states.add(state)
+        metrics.QUEUE_DEPTH.set(self.queue_depth)
+        state.events.put_nowait(QueuedEvent(request.request_id, position=self.queue_depth - 1))
+        state.task = asyncio.create_task(self._run_request(state), name=f"request-{request.request_id}")
+        return RequestHandle(self, state)
+
+    def _validate(self, request: EngineRequest) -> None:
+        if not request.image:
+            raise InvalidRequestError("image", "is empty; send encoded JPEG, PNG or WebP bytes")
+        request.params.validated()
+        if not (0.0 < request.classical_strength <= 10.0):
+            raise InvalidRequestError("classical.strength", f"must be in (0, 10], got {request.classical_strength}")
+        detection = request.detection
+        if not (1 <= detection.max_faces <= self.config.max_faces):
+            raise InvalidRequestError(
+                "detection.max_faces", f"must be in [1, {self.config.max_faces}], got {detection.max_faces}"
+            )
+        if detection.min_face_size < 0 or detection.min_face_size > 100_000:
+            raise InvalidRequestError("detection.min_face_size", f"out of range: {detection.min_face_size}")
+        if not (-10.0 <= detection.score_threshold <= 10.0):
+            raise InvalidRequestError("detection.score_threshold", f"out of range: {detection.score_threshold}")
+        if not (1 <= request.output.quality <= 100):
+            raise InvalidRequestError("output.quality", f"must be in [1, 100], got {request.output.quality}")
+        if request.output.format not in (None, "jpeg", "png", "webp"):
+            raise InvalidRequestError("output.format", f"unknown format {request.output.format!r}")
+
+    def _cancel(self, state: _RequestState) -> None:
+        if state.task is not None and not state.task.done():
+            state.task.cancel()
+
+    # ---- one request ---------------------------------------------------------------------
+
+    def _phase_done(self, state: _RequestState, phase: Phase) -> None:
+        now = time.perf_counter()
+        elapsed = now - state.phase_started
+        state.phase_started = now
+        setattr(state.timings, f"{phase.value}_seconds", getattr(state.timings, f"{phase.value}_seconds") + elapsed)
+        metrics.PHASE_SECONDS.labels(phase.value).observe(elapsed)
+
+    async def _in_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._preprocess_pool, fn, *args)
+
+    async def _run_request(self, state: _RequestState) -> None:
+        request = state.request
+        try:
+            state.timings.queued_seconds = time.perf_counter() - state.submitted
+            state.phase_started = time.perf_counter()
+            prepared: PreparedRequest = await self._in_pool(self.front_end.prepare, request)
+            self._phase_done(state, Phase.PREPROCESS)
+            state.events.put_nowait(FacesFoundEvent(request.request_id, tuple(r.box for r in prepared.records)))
+            generated, failures = await self._diffuse(state, prepared) if prepared.works else ({}, {})
+            encoded, width, height = await self._in_pool(self.front_end.finish, request, prepared, generated, failures)
+            self._phase_done(state, Phase.POSTPROCESS)
+            state.timings.total_seconds = time.perf_counter() - state.submitted
+            for record in prepared.records:
+                metrics.FACES.labels(record.method_applied.value, record.status.value).inc()
+            result = AnonymizeResult(
+                request_id=request.request_id,
+                image=encoded,
+                format=prepared.output_format,
+                width=width,
+                height=height,
+                faces=prepared.records,
+                timings=state.timings,
+                model_versions=dict(self.models.versions) if self.models is not None else {},
+            )
+            state.events.put_nowait(ResultEvent(request.request_id, result))
+        except asyncio.CancelledError:
+            for job in state.jobs:
+                job.cancel()
+            self._signal_work()
+            state.events.put_nowait(FailedEvent(request.request_id, asyncio.CancelledError("request cancelled")))
+            raise
+        except Exception as error:
+            if not isinstance(error, InvalidRequestError):
+                log.exception("request %s failed", request.request_id)
+            for job in state.jobs:
+                job.fail(str(error))
+            state.events.put_nowait(FailedEvent(request.request_id, error))
+        finally:
+            state.finished = True
+            self._states.discard(state)
+            metrics.QUEUE_DEPTH.set(self.queue_depth)
+
+    async def _diffuse(self, state: _RequestState, prepared: PreparedRequest) -> tuple[dict, dict]:
+        """Run the request's faces through diffusion: (generated crops, failure reasons), by face index."""
+        request = state.request
+        loop = asyncio.get_running_loop()
+        state.jobs = [
+            self.core.make_job(request.request_id, work.record.index, work.clean_latent, work.identity, request.params)
+            for work in prepared.works
+        ]
+        state.job_done = {job.job_id: loop.create_future() for job in state.jobs}
+        self.scheduler.add(state.jobs)
+        metrics.ACTIVE_JOBS.set(len(self.scheduler))
+        self._signal_work()
+        await asyncio.gather(*state.job_done.values())
+        self._phase_done(state, Phase.GENERATION)
+        decoded_jobs = [job for job in state.jobs if job.status is JobStatus.DECODED]
+        generated = {}
+        if decoded_jobs:
+            latents = torch.stack([job.latent for job in decoded_jobs])
+            crops = await self._in_pool(self.core.decode, latents)
+            for job, crop in zip(decoded_jobs, crops):
+                job.finish()
+                generated[job.face_index] = crop
+        failures = {job.face_index: job.failure for job in state.jobs if job.status is JobStatus.FAILED}
+        return generated, failures
+
+    # ---- the step loop -----------------------------------------------------------------
+
+    def _signal_work(self) -> None:
+        if self._work_added is not None:
+            self._work_added.set()
+
+    async def _step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        max_wait = self.config.max_wait_ms / 1000.0
+        while True:
+            self._retire_jobs()
+            plan = self.scheduler.plan()
+            if plan is None:
+                self._work_added.clear()
+                await self._work_added.wait()
+                continue
+            if plan.rows < self.scheduler.max_rows and max_wait > 0 and self._preprocessing():
+                # Requests still in preprocessing will join soon: a short wait fills the call.
+                self._work_added.clear()
+                try:
+                    await asyncio.wait_for(self._work_added.wait(), max_wait)
+                except TimeoutError:
+                    pass
+                plan = self.scheduler.plan() or plan
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._unet_pool, self.core.runner.run, plan)
+            except Exception as error:
+                log.exception("UNet call failed; its %d jobs fall back", len(plan.slices))
+                for piece in plan.slices:
+                    piece.job.fail(f"diffusion step failed: {type(error).__name__}")
+                continue
+            metrics.UNET_BATCH_SIZE.observe(plan.samples)
+            metrics.UNET_CALL_SECONDS.observe(time.perf_counter() - started)
+            apply_results(results)
+            self._report_progress({piece.job.job_id for piece in plan.slices})
+
+    def _preprocessing(self) -> bool:
+        return any(not s.jobs and not s.finished for s in self._states)
+
+    def _retire_jobs(self) -> None:
+        for job in self.scheduler.drop_finished():
+            for state in self._states:
+                future = state.job_done.get(job.job_id)
+                if future is not None and not future.done():
+                    future.set_result(job.status)
+        metrics.ACTIVE_JOBS.set(len(self.scheduler))
+
+    def _report_progress(self, job_ids: set[int]) -> None:
+        for state in self._states:
+            if not any(job.job_id in job_ids for job in state.jobs):
+                continue
+            total = sum(job.steps for job in state.jobs)
+            inverted = sum(job.inversion_done for job in state.jobs)
+            generated = sum(job.generation_done for job in state.jobs)
+            if inverted < total or generated == 0:
+                event = ProgressEvent(state.request.request_id, Phase.INVERSION, inverted, total)
+            else:
+                event = ProgressEvent(state.request.request_id, Phase.GENERATION, generated, total)
+            if inverted == total and state.timings.inversion_seconds == 0.0:
+                self._phase_done(state, Phase.INVERSION)
+            state.events.put_nowait(event)

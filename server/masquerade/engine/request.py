@@ -1,0 +1,210 @@
+"""Engine-side request, parameter, event and result types.
+
+The API layer converts protos to and from these; nothing here knows gRPC.
+Reprs never include pixels, embeddings or face crops: a privacy server must
+not leak through its own logs.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from masquerade.errors import (  # noqa: F401  (re-exported: the engine's callers name them here)
+    EngineNotAcceptingError,
+    InvalidRequestError,
+    MethodUnavailableError,
+    QueueFullError,
+)
+
+
+class Method(enum.Enum):
+    REVERSE_PERSONALIZATION = "reverse_personalization"
+    BLUR = "blur"
+    PIXELATE = "pixelate"
+    SOLID = "solid"
+
+    @property
+    def is_classical(self) -> bool:
+        return self is not Method.REVERSE_PERSONALIZATION
+
+
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class ReversePersonalizationParams:
+    """DESIGN section 1's parameters, with the paper's defaults."""
+
+    skip: float = 0.7
+    steps: int = 100
+    guidance_scale: float = -10.0
+    id_emb_scale: float = 1.0
+    ip_adapter_scale: float = 1.0
+    attribute_prompt: str = ""
+    seed: int = 0
+
+    def validated(self) -> ReversePersonalizationParams:
+        if not (isinstance(self.skip, (int, float)) and 0.0 <= self.skip < 1.0):
+            raise InvalidRequestError("params.skip", f"must be in [0, 1), got {self.skip!r}")
+        if not (1 <= int(self.steps) <= MAX_STEPS):
+            raise InvalidRequestError("params.steps", f"must be in [1, {MAX_STEPS}], got {self.steps!r}")
+        from masquerade.engine.trajectory import inversion_timesteps
+
+        try:
+            inversion_timesteps(int(self.steps), float(self.skip))
+        except ValueError as error:
+            raise InvalidRequestError("params.steps", str(error)) from None
+        for name in ("guidance_scale", "id_emb_scale", "ip_adapter_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise InvalidRequestError(f"params.{name}", f"must be finite, got {value!r}")
+        if abs(self.guidance_scale) > 100:
+            raise InvalidRequestError("params.guidance_scale", f"must be within [-100, 100], got {self.guidance_scale}")
+        if abs(self.id_emb_scale) > 100:
+            raise InvalidRequestError("params.id_emb_scale", f"must be within [-100, 100], got {self.id_emb_scale}")
+        if not 0 <= self.ip_adapter_scale <= 10:
+            raise InvalidRequestError("params.ip_adapter_scale", f"must be within [0, 10], got {self.ip_adapter_scale}")
+        if len(self.attribute_prompt) > 1000:
+            raise InvalidRequestError("params.attribute_prompt", "must be at most 1000 characters")
+        if not 0 <= int(self.seed) < 2**63:
+            raise InvalidRequestError("params.seed", f"must be in [0, 2^63), got {self.seed}")
+        return self
+
+
+@dataclass(frozen=True)
+class DetectionOptions:
+    aligned: bool = False
+    score_threshold: float = 0.0
+    min_face_size: int = 16
+    max_faces: int = 32
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    format: str | None = None  # "jpeg" | "png" | "webp"; None keeps the input's format
+    quality: int = 95
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    image: bytes = field(repr=False)
+    method: Method = Method.REVERSE_PERSONALIZATION
+    params: ReversePersonalizationParams = field(default_factory=ReversePersonalizationParams)
+    classical_strength: float = 1.0
+    detection: DetectionOptions = field(default_factory=DetectionOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+
+class FaceStatus(enum.Enum):
+    ANONYMIZED = "anonymized"
+    FALLBACK = "fallback"
+    SKIPPED = "skipped"
+
+
+@dataclass
+class FaceRecord:
+    """What was done to one face. Landmarks and box are geometry, not pixels."""
+
+    index: int
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in input pixels
+    landmarks: np.ndarray = field(repr=False)  # [68, 2] float32, or [0, 2] in aligned mode
+    score: float
+    method_applied: Method
+    status: FaceStatus
+    reason: str = ""
+    identity_similarity_before: float | None = None
+    identity_similarity_after: float | None = None
+    verifier_distance: float | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index,
+            "box": [round(float(v), 2) for v in self.box],
+            "score": round(float(self.score), 4),
+            "method_applied": self.method_applied.value,
+            "status": self.status.value,
+            "reason": self.reason,
+            "identity_similarity_before": self.identity_similarity_before,
+            "identity_similarity_after": self.identity_similarity_after,
+            "verifier_distance": self.verifier_distance,
+        }
+
+
+@dataclass
+class Timings:
+    queued_seconds: float = 0.0
+    preprocess_seconds: float = 0.0
+    inversion_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    postprocess_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass
+class AnonymizeResult:
+    request_id: str
+    image: bytes = field(repr=False)
+    format: str
+    width: int
+    height: int
+    faces: list[FaceRecord]
+    timings: Timings
+    model_versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def no_faces(self) -> bool:
+        return not self.faces
+
+    @property
+    def complete(self) -> bool:
+        """True only when every detected face was covered."""
+        return all(face.status is not FaceStatus.SKIPPED for face in self.faces)
+
+
+class Phase(enum.Enum):
+    PREPROCESS = "preprocess"
+    INVERSION = "inversion"
+    GENERATION = "generation"
+    POSTPROCESS = "postprocess"
+
+
+@dataclass(frozen=True)
+class QueuedEvent:
+    request_id: str
+    position: int
+
+
+@dataclass(frozen=True)
+class FacesFoundEvent:
+    request_id: str
+    boxes: tuple[tuple[float, float, float, float], ...]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    request_id: str
+    phase: Phase
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class ResultEvent:
+    request_id: str
+    result: AnonymizeResult
+
+
+@dataclass(frozen=True)
+class FailedEvent:
+    """Terminal failure of a whole request; ``error`` is the exception to map to a status."""
+
+    request_id: str
+    error: BaseException
+
+
+EngineEvent = QueuedEvent | FacesFoundEvent | ProgressEvent | ResultEvent | FailedEvent

@@ -1,0 +1,180 @@
+"""Turns a StepPlan into one packed UNet call plus the fused solver step.
+
+Row r of a plan is one job's step; the UNet sees rows [0, R) under the
+unconditional branch and rows [R, 2R) under the conditional one, each with its
+own timestep, text embedding, identity embedding and IP-Adapter scale (DESIGN
+section 1 steps 5 and 6). The runner reads job tensors and returns new ones; the engine loop
+applies them to the jobs, so job state changes only on the loop's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from masquerade.engine import solver
+from masquerade.engine.job_state import StepPhase
+from masquerade.engine.scheduler import StepPlan, StepSlice
+from masquerade_kernels.reference import MEAN_FROM_M1, NOISE_SCALE
+
+ID_EMBED_DIM = 512
+
+
+class TextConditioning:
+    """Cache of SDXL prompt embeddings; they depend on the prompt only (DESIGN section 1 step 3).
+
+    ``None`` is the all-zeros conditioning c_zero (SDXL's force_zeros_for_empty_prompt);
+    ``""`` is c_empty, the encoders run on the empty prompt, which is not zero.
+    """
+
+    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, max_entries: int = 256):
+        self._pipe = pipe
+        self._device = device
+        self._dtype = dtype
+        self._max_entries = max_entries
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        embeds, pooled = self.get("")
+        self._zero = (torch.zeros_like(embeds), torch.zeros_like(pooled))
+
+    def get(self, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds [77, D], pooled [P]) for a prompt; None gives the zero conditioning."""
+        if prompt is None:
+            return self._zero
+        with self._lock:
+            cached = self._cache.get(prompt)
+            if cached is None:
+                with torch.inference_mode():
+                    embeds, _, pooled, _ = self._pipe.encode_prompt(
+                        prompt, device=self._device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                    )
+                cached = (embeds[0].to(self._dtype), pooled[0].to(self._dtype))
+                if len(self._cache) >= self._max_entries:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[prompt] = cached
+            return cached
+
+
+@dataclass
+class SliceResult:
+    """What one slice's rows produced. For inversion ``latents`` are noise maps, else new latents."""
+
+    slice: StepSlice
+    latents: torch.Tensor = field(repr=False)  # [count, C, h, w]
+    last_output: torch.Tensor = field(repr=False)  # [C, h, w] model output of the slice's last step
+
+
+UNetFn = Callable[..., torch.Tensor]
+
+
+class UNetRunner:
+    """Executes plans on one model bundle. Thread-confined: the engine calls it from one worker."""
+
+    def __init__(self, models, conditioning: TextConditioning, unet_fn: UNetFn):
+        self.models = models
+        self.conditioning = conditioning
+        self.device = models.device
+        self.dtype = models.dtype
+        self.unet_fn = unet_fn
+        size = models.face_size
+        self._time_ids = torch.tensor([size, size, 0, 0, size, size], device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> list[SliceResult]:
+        rows = self._gather_rows(plan)
+        eps = self.unet_fn(*rows.unet_inputs)
+        eps_uncond, eps_cond = eps[: rows.count], eps[rows.count :]
+        return self._solve(plan, rows, eps_uncond, eps_cond)
+
+    def _gather_rows(self, plan: StepPlan) -> _Rows:
+        latents, timesteps, coeffs, ip_scales = [], [], [], []
+        uncond_text, cond_text, uncond_pooled, cond_pooled, cond_ids = [], [], [], [], []
+        empty_embeds, empty_pooled = self.conditioning.get("")
+        for piece in plan.slices:
+            job, steps = piece.job, range(piece.start, piece.start + piece.count)
+            if piece.phase is StepPhase.INVERSION:
+                latents.append(job.noisy_latents[piece.start : piece.start + piece.count])
+                # Inversion: both halves under the null identity; uncond c_zero, cond c_empty.
+                uncond_embeds, uncond_pool = self.conditioning.get(None)
+                identity = torch.zeros(ID_EMBED_DIM, device=self.device, dtype=self.dtype)
+            else:
+                latents.append(job.latent[None])
+                # Generation: uncond (attribute prompt or c_zero, null id), cond (c_empty, s_id e).
+                uncond_embeds, uncond_pool = self.conditioning.get(job.attribute_prompt or None)
+                identity = job.identity.to(self.dtype)
+            for step in steps:
+                timesteps.append(int(job.trajectory.timesteps[step]))
+                coeffs.append(job.coeffs[step])
+                ip_scales.append(job.ip_adapter_scale)
+                uncond_text.append(uncond_embeds)
+                uncond_pooled.append(uncond_pool)
+                cond_text.append(empty_embeds)
+                cond_pooled.append(empty_pooled)
+                cond_ids.append(identity)
+        count = len(timesteps)
+        x = torch.cat(latents).to(self.device)  # [R, C, h, w], float32 job state
+        t = torch.tensor(timesteps, device=self.device, dtype=torch.long)
+        null_ids = torch.zeros(count, ID_EMBED_DIM, device=self.device, dtype=self.dtype)
+        unet_inputs = (
+            torch.cat([x, x]).to(self.dtype),
+            torch.cat([t, t]),
+            torch.stack(uncond_text + cond_text),
+            torch.stack(uncond_pooled + cond_pooled),
+            self._time_ids.expand(2 * count, -1),
+            torch.cat([null_ids, torch.stack(cond_ids)])[:, None, :],  # [2R, 1, 512]
+            torch.tensor(ip_scales * 2, device=self.device, dtype=self.dtype),  # [2R]
+        )
+        return _Rows(count=count, x=x, coeffs=torch.stack(coeffs), unet_inputs=unet_inputs)
+
+    def _solve(self, plan: StepPlan, rows: _Rows, eps_uncond, eps_cond) -> list[SliceResult]:
+        results: list[SliceResult] = []
+        offset = 0
+        for piece in plan.slices:
+            end = offset + piece.count
+            part = slice(offset, end)
+            job = piece.job
+            x, coeffs = rows.x[part], rows.coeffs[part]
+            if piece.phase is StepPhase.GENERATION:
+                prev = job.previous_output if job.previous_output is not None else torch.zeros_like(job.latent)
+                noise = job.noise_maps[piece.start : piece.start + 1]
+                x_next, m = solver.generation_step(eps_uncond[part], eps_cond[part], x, prev[None], noise, coeffs)
+                results.append(SliceResult(piece, x_next, m[-1]))
+            else:
+                # The second-order term of step i needs m_{i-1}. For the slice's first step it
+                # is in the job's history; for the others it is an output of this very pass, so
+                # they run with a zero history and get the term afterwards:
+                # z_i = z_i|m1=0 - (mean_from_m1 / noise_scale) m_{i-1}.
+                prev = torch.zeros_like(x)
+                if job.previous_output is not None:
+                    prev[0] = job.previous_output
+                x_next = job.noisy_latents[piece.start + 1 : piece.start + piece.count + 1]
+                noise, m = solver.inversion_step(eps_uncond[part], eps_cond[part], x, prev, x_next, coeffs)
+                if piece.count > 1:
+                    history_weight = (coeffs[1:, MEAN_FROM_M1] / coeffs[1:, NOISE_SCALE]).view(-1, 1, 1, 1)
+                    noise[1:] -= history_weight * m[:-1].float()
+                results.append(SliceResult(piece, noise, m[-1]))
+            offset = end
+        return results
+
+
+@dataclass
+class _Rows:
+    count: int
+    x: torch.Tensor  # [R, C, h, w]
+    coeffs: torch.Tensor  # [R, NUM_COEFFS]
+    unet_inputs: tuple
+
+
+def apply_results(results: list[SliceResult]) -> None:
+    """Hand a call's outputs back to their jobs (on the engine loop's thread)."""
+    for result in results:
+        job = result.slice.job
+        if job.status.finished:
+            continue  # cancelled or failed while the call ran
+        if result.slice.phase is StepPhase.INVERSION:
+            job.record_inversion(result.slice.start, result.latents, result.last_output)
+        else:
+            job.record_generation(result.latents[0], result.last_output)

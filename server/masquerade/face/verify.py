@@ -1,0 +1,76 @@
+"""An independent identity check: dlib's 128-d ResNet face descriptor.
+
+Used for the per-face receipt ("verifier_distance"): the distance between a
+face before and after anonymization. dlib's model is not the ArcFace that
+drives generation, so a large distance here is evidence, not self-grading.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import numpy as np
+
+from .detect import _check_rgb, _dlib, box_to_rectangle, load_shape_predictor
+
+# dlib's documented operating point: descriptors closer than 0.6 are the same
+# person (99.38% on LFW).
+SAME_PERSON_THRESHOLD = 0.6
+
+
+@functools.cache
+def _load_recognizer():
+    import face_recognition_models
+
+    return _dlib().face_recognition_model_v1(face_recognition_models.face_recognition_model_location())
+
+
+class DlibVerifier:
+    """128-d descriptors and their Euclidean distance. Models load on first use."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def _models(self):
+        with self._lock:
+            return load_shape_predictor(), _load_recognizer()
+
+    def descriptor(self, rgb: np.ndarray, landmarks) -> np.ndarray:
+        """[128] float32 for the face with ``landmarks``: a [68, 2] array or a dlib full_object_detection."""
+        rgb = _check_rgb(rgb)
+        _, recognizer = self._models()
+        shape = landmarks if not isinstance(landmarks, np.ndarray) else _to_object_detection(landmarks)
+        return np.asarray(recognizer.compute_face_descriptor(rgb, shape), dtype=np.float32)
+
+    def descriptor_in_box(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray | None:
+        """Re-fit the 68 landmarks inside ``box`` and describe that face; None if the box is empty.
+
+        The predictor always places 68 points in a box, so this works even on a
+        blurred or pixelated face, where a detector would find nothing.
+        """
+        rgb = _check_rgb(rgb)
+        height, width = rgb.shape[:2]
+        x0, y0, x1, y1 = box
+        if min(x1, width) - max(x0, 0) < 2 or min(y1, height) - max(y0, 0) < 2:
+            return None
+        predictor, _ = self._models()
+        return self.descriptor(rgb, predictor(rgb, box_to_rectangle(box)))
+
+    @staticmethod
+    def distance(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)))
+
+    def same_person(self, a: np.ndarray, b: np.ndarray) -> bool:
+        return self.distance(a, b) < SAME_PERSON_THRESHOLD
+
+
+def _to_object_detection(landmarks68: np.ndarray):
+    dlib = _dlib()
+    points = np.asarray(landmarks68, dtype=np.float64)
+    if points.shape != (68, 2):
+        raise ValueError(f"expected [68, 2] landmarks, got {points.shape}")
+    x0, y0 = np.floor(points.min(0)).astype(int)
+    x1, y1 = np.ceil(points.max(0)).astype(int)
+    parts = dlib.points([dlib.point(int(round(x)), int(round(y))) for x, y in points])
+    return dlib.full_object_detection(dlib.rectangle(int(x0), int(y0), int(x1), int(y1)), parts)
