@@ -16,7 +16,7 @@ index  name          meaning
 3      mean_from_x   (sigma_t / sigma_s) e^{-h}
 4      mean_from_m   alpha_t (1 - e^{-2h}) (1 + 1 / (2 r)) for 2nd order, else alpha_t (1 - e^{-2h})
 5      mean_from_m1  -alpha_t (1 - e^{-2h}) / (2 r) for 2nd order, else 0
-6      noise_scale   varsigma = sigma_t sqrt(1 - e^{-2h}); 1 on the final step to sigma = 0
+6      noise_scale   varsigma = sigma_t sqrt(1 - e^{-2h}); the last step lands on discrete t = 0, so > 0
 7      (padding)     keeps a row 32 bytes
 =====  ============  =========================================================
 """

@@ -144,8 +144,8 @@ def test_first_order_row_ignores_garbage_history(kernel_device, step):
 
 @pytest.mark.parametrize("step", STEPS)
 def test_final_step_rows(kernel_device, step):
-    # The last step lands on sigma = 0: the mean is the model output itself and
-    # the stored "noise" is the residual that rebuilds x_0 exactly.
+    # Rows whose mean is the model output itself with a unit noise scale (a step
+    # that lands on sigma = 0, as an earlier trajectory had) still match.
     inputs = step_inputs((4, 4, 6, 5), torch.float32, kernel_device, second_order=[False, True, False, True])
     coeffs = inputs[-1]
     coeffs[1:3, MEAN_FROM_X] = 0.0

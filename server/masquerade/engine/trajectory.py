@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -42,12 +41,14 @@ def inversion_timesteps(steps: int, skip: float) -> np.ndarray:
             f"steps={steps} with skip={skip} repeats timesteps between {int(first)} and 1; "
             f"use at most {int(first)} steps or a smaller skip"
         )
+    if timesteps[-1] < 1:
+        raise ValueError(f"skip={skip} leaves no timestep above 0; use a skip below {1 - 2 / TRAIN_TIMESTEPS}")
     return timesteps
 
 
 @dataclass(frozen=True)
 class Trajectory:
-    """The steps of one (N, skip) run; step i goes from ``timesteps[i]`` to the next (0 after the last)."""
+    """The steps of one (N, skip) run; step i goes from ``timesteps[i]`` to the next, the last to discrete t = 0."""
 
     timesteps: np.ndarray  # [N] int64, descending
     alphas: np.ndarray  # [N] float64, sqrt(alpha_bar) at each timestep
@@ -72,28 +73,27 @@ def _lambda(alpha: float, sigma: float) -> float:
 def build_trajectory(alphas_cumprod: np.ndarray, steps: int, skip: float) -> Trajectory:
     """Per-step coefficients of DPM-Solver++(2M) SDE, reset at the start of the run.
 
-    The first step is first order (no history); later steps are second order
-    using the previous step's output. The last step lands on sigma = 0: there
-    h is infinite, so it is first order with mean = m and nothing left to add
-    as noise. Its "noise map" instead stores the residual x_0 - mean with unit
-    scale, which keeps the reconstruction exact.
+    The first step is first order (no history); every later step is second
+    order using the previous step's output, the last one included: it goes from
+    t_{N-1} (1 for the defaults) to the discrete t = 0 of the training schedule,
+    where sigma_0 = sqrt(1 - alpha_bar_0) = sqrt(beta_0) is small but not zero.
+    That is what the research code's scheduler does (diffusers'
+    ``final_sigmas_type="sigma_min"``, no lower-order final step), and the
+    inversion's x_0 is the target of that step, so reconstruction stays exact.
     """
     alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
     timesteps = inversion_timesteps(steps, skip)
     alpha_bar = alphas_cumprod[timesteps]
     alphas, sigmas = np.sqrt(alpha_bar), np.sqrt(1.0 - alpha_bar)
+    # Where each step lands: the next timestep, then discrete t = 0 (not sigma = 0).
+    alpha_bar_next = np.append(alpha_bar[1:], alphas_cumprod[0])
+    alphas_next, sigmas_next = np.sqrt(alpha_bar_next), np.sqrt(1.0 - alpha_bar_next)
     coeffs = np.zeros((steps, NUM_COEFFS), dtype=np.float64)
     for i in range(steps):
         alpha_s, sigma_s = alphas[i], sigmas[i]
+        alpha_t, sigma_t = alphas_next[i], sigmas_next[i]
         coeffs[i, X0_FROM_X] = 1.0 / alpha_s
         coeffs[i, X0_FROM_EPS] = sigma_s / alpha_s
-        if i == steps - 1:
-            coeffs[i, MEAN_FROM_X] = 0.0
-            coeffs[i, MEAN_FROM_M] = 1.0
-            coeffs[i, MEAN_FROM_M1] = 0.0
-            coeffs[i, NOISE_SCALE] = 1.0
-            continue
-        alpha_t, sigma_t = alphas[i + 1], sigmas[i + 1]
         h = _lambda(alpha_t, sigma_t) - _lambda(alpha_s, sigma_s)
         data_weight = alpha_t * (1.0 - math.exp(-2.0 * h))
         coeffs[i, MEAN_FROM_X] = (sigma_t / sigma_s) * math.exp(-h)
@@ -107,8 +107,3 @@ def build_trajectory(alphas_cumprod: np.ndarray, steps: int, skip: float) -> Tra
             coeffs[i, MEAN_FROM_M] = data_weight * (1.0 + 0.5 / r)
             coeffs[i, MEAN_FROM_M1] = -data_weight * 0.5 / r
     return Trajectory(timesteps=timesteps, alphas=alphas, sigmas=sigmas, base_coeffs=coeffs)
-
-
-@lru_cache(maxsize=64)
-def cached_trajectory(alphas_cumprod_key: tuple[float, ...], steps: int, skip: float) -> Trajectory:
-    return build_trajectory(np.asarray(alphas_cumprod_key), steps, skip)

@@ -1,78 +1,81 @@
 """Face alignment: the "whole face" crop of DESIGN section 1 step 1, ArcFace's
-five-point crop, and pasting a processed crop back with a feathered mask.
+five-point crop, and pasting a processed crop back.
 
-All geometry is 2x3 affine matrices mapping *original pixel coordinates* to
-the target space (crop pixels, template units, ...), composed in numpy.
+The crop geometry is the research code's (its extractor is DeepFaceLab's):
+a similarity fit of 33 landmarks to DeepFaceLab's mean face, the "whole face"
+square around it, a bilinear warp with a white border. All geometry is 2x3
+affine matrices mapping *original pixel coordinates* to the target space
+(crop pixels, template units, ...), composed in numpy.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-# Canonical mean face for the alignment points (68-point indices 17..48 and 54,
-# i.e. ``landmarks[17:49]`` + ``landmarks[54]``: brows, nose, eyes and the two
-# mouth corners — the jaw and inner lips move too much with pose and
-# expression to anchor a similarity fit).
-#
-# Where the numbers come from: the initial shape (the training-set mean shape
-# of iBUG 300-W) stored in dlib's ``shape_predictor_68_face_landmarks.dat``
-# (first matrix after the version number), restricted to points 17..67 and
-# rescaled so those 51 points span exactly [0,1]^2 — the usual normalisation
-# of the "mean face" used by whole-face aligners. tests/face/test_align.py
-# re-derives it from the model file. Coordinates are (x, y), y pointing down.
+# DeepFaceLab's mean face (``landmarks_2D_new``): where the 68-point landmarks
+# 17..48 and 54 (``landmarks[17:49]`` + ``landmarks[54]``: brows, nose, eyes
+# and the two mouth corners; the jaw and inner lips move too much with pose and
+# expression to anchor a similarity fit) sit in the unit square. These are the
+# published numbers the research code's extractor aligns to. (x, y), y down.
 ALIGNMENT_TEMPLATE = np.array(
     [
-        [0.000000, 0.098984],
-        [0.076576, 0.022731],
-        [0.184660, 0.000005],  # 17-19 right brow
-        [0.296584, 0.017637],
-        [0.401376, 0.065814],  # 20-21
-        [0.598618, 0.065808],
-        [0.703411, 0.017631],
-        [0.815337, 0.000000],  # 22-24 left brow
-        [0.923422, 0.022725],
-        [1.000000, 0.098982],  # 25-26
-        [0.499995, 0.207347],
-        [0.499990, 0.323774],
-        [0.499989, 0.439173],  # 27-29 nose bridge
-        [0.499983, 0.557943],  # 30 nose tip
-        [0.374596, 0.638254],
-        [0.434816, 0.662776],
-        [0.499985, 0.683726],  # 31-33 nostrils
-        [0.565159, 0.662779],
-        [0.625383, 0.638260],  # 34-35
-        [0.124314, 0.221901],
-        [0.191113, 0.179426],
-        [0.271341, 0.180676],  # 36-38 right eye
-        [0.341602, 0.239313],
-        [0.266384, 0.254143],
-        [0.186515, 0.252976],  # 39-41
-        [0.658390, 0.239308],
-        [0.728651, 0.180671],
-        [0.808877, 0.179421],  # 42-44 left eye
-        [0.875674, 0.221899],
-        [0.813472, 0.252972],
-        [0.733606, 0.254139],  # 45-47
-        [0.259852, 0.854252],  # 48 mouth corner
-        [0.740124, 0.854252],  # 54 mouth corner
+        [0.000213256, 0.106454],  # 17-21 right brow (image left)
+        [0.0752622, 0.038915],
+        [0.18113, 0.0187482],
+        [0.29077, 0.0344891],
+        [0.393397, 0.0773906],
+        [0.586856, 0.0773906],  # 22-26 left brow
+        [0.689483, 0.0344891],
+        [0.799124, 0.0187482],
+        [0.904991, 0.038915],
+        [0.98004, 0.106454],
+        [0.490127, 0.203352],  # 27-30 nose bridge and tip
+        [0.490127, 0.307009],
+        [0.490127, 0.409805],
+        [0.490127, 0.515625],
+        [0.36688, 0.587326],  # 31-35 nostrils
+        [0.426036, 0.609345],
+        [0.490127, 0.628106],
+        [0.554217, 0.609345],
+        [0.613373, 0.587326],
+        [0.121737, 0.216423],  # 36-41 right eye
+        [0.187122, 0.178758],
+        [0.265825, 0.179852],
+        [0.334606, 0.231733],
+        [0.260918, 0.245099],
+        [0.182743, 0.244077],
+        [0.645647, 0.231733],  # 42-47 left eye
+        [0.714428, 0.179852],
+        [0.793132, 0.178758],
+        [0.858516, 0.216423],
+        [0.79751, 0.244077],
+        [0.719335, 0.245099],
+        [0.254149, 0.780233],  # 48 mouth corner
+        [0.726104, 0.780233],  # 54 mouth corner
     ],
     dtype=np.float64,
 )  # [33, 2]
 
-# "Whole face" crop geometry (DESIGN section 1 step 1), in template units.
+# "Whole face" crop geometry (DESIGN section 1 step 1), in template units: the
+# unit square's half-diagonal grown by padding*sqrt2 diagonals, the centre moved
+# up by 7 % of the square's height (more forehead). Same numbers as the research
+# extractor's WHOLE_FACE type at scale 1.
 WHOLE_FACE_PADDING = 0.40
 WHOLE_FACE_FOREHEAD_SHIFT = 0.07  # fraction of the template square's height
 
 # The face itself (forehead to chin, ear to ear) as an ellipse in template
-# units. Measured on the same dlib mean shape: jaw points span x -0.12..1.12,
-# the chin is at y 1.32; the hairline sits about one facial third (~0.55)
-# above the brows. A margin of ~0.1 is added everywhere.
-FACE_ELLIPSE_CENTRE = (0.5, 0.45)
-FACE_ELLIPSE_AXES = (0.72, 1.0)  # semi-axes (x, y)
+# units: where classical covers go and what a neighbour's paste-back must not
+# overwrite. Measured by fitting dlib's 68-point mean shape (the initial shape
+# in shape_predictor_68_face_landmarks.dat) to the template above: jaw points
+# span x -0.12..1.10, the chin is at y 1.19; the hairline sits about one
+# facial third (~0.5) above the brows. A margin of ~0.07 is added everywhere.
+FACE_ELLIPSE_CENTRE = (0.49, 0.427)
+FACE_ELLIPSE_AXES = (0.675, 0.937)  # semi-axes (x, y)
 
 # ArcFace's 112x112 five-point destination (insightface's published reference
 # points: eye centres, nose tip, mouth corners).
@@ -173,7 +176,12 @@ def crop_from_template(size: int) -> np.ndarray:
 
 
 def align_face(rgb: np.ndarray, landmarks68: np.ndarray, size: int) -> AlignedFace:
-    """Whole-face crop (DESIGN section 1 step 1): Lanczos warp, white border."""
+    """Whole-face crop (DESIGN section 1 step 1): bilinear warp, white border.
+
+    Bilinear because that is what the research code gets: it passes
+    ``cv2.INTER_LANCZOS4`` where ``cv2.warpAffine`` expects ``dst``, so OpenCV
+    uses its default interpolation.
+    """
     if size < 8:
         raise ValueError(f"crop size must be at least 8, got {size}")
     matrix = compose(crop_from_template(size), template_matrix(landmarks68))
@@ -181,7 +189,7 @@ def align_face(rgb: np.ndarray, landmarks68: np.ndarray, size: int) -> AlignedFa
         np.ascontiguousarray(rgb),
         matrix,
         (size, size),
-        flags=cv2.INTER_LANCZOS4,
+        flags=cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=WHITE,
     )
@@ -270,12 +278,7 @@ def face_ellipse_from_template(template_from_image: np.ndarray) -> np.ndarray:
 
 
 def face_region_mask(shape: tuple[int, ...], matrix: np.ndarray, size: int, feather: float = 0.1) -> np.ndarray:
-    """[H,W] float32 feathered face ellipse for a whole-face crop's ``matrix``.
-
-    The ellipse (not the whole crop square) is what gets pasted: the square is
-    about twice the face's width and in group photos overlaps the neighbours,
-    whose pixels must not be overwritten with this crop's copy of them.
-    """
+    """[H,W] float32 feathered face ellipse (forehead to chin, ear to ear) for a whole-face crop's ``matrix``."""
     template_from_image = compose(invert(crop_from_template(size)), matrix)
     return ellipse_mask(shape, face_ellipse_from_template(template_from_image), feather)
 
@@ -293,25 +296,82 @@ def blend_masked(original: np.ndarray, replacement: np.ndarray, mask: np.ndarray
     return out
 
 
-# Largest colour correction paste_back applies (8-bit levels): enough for a
-# VAE's tint drift, too small to undo an intended edit.
+def square_mask(shape: tuple[int, ...], matrix: np.ndarray, size: int, feather: float = 0.05) -> np.ndarray:
+    """[H,W] float32: the whole S x S crop square warped back, feathered only at its border.
+
+    1 where the square's border is more than ``feather`` * S away (in crop
+    pixels), a smooth ramp to 0 at the border, exactly 0 outside.
+    """
+    height, width = shape[:2]
+    mask = np.zeros((height, width), dtype=np.float32)
+    corners = transform_points(invert(matrix), np.array([[0.0, 0.0], [size, 0.0], [size, size], [0.0, size]]))
+    x0, y0 = np.floor(corners.min(0)).astype(int) - 1
+    x1, y1 = np.ceil(corners.max(0)).astype(int) + 2
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    if x0 >= x1 or y0 >= y1:
+        return mask
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+    # Pixel centres in crop coordinates; the square is [-0.5, S - 0.5]^2 there.
+    u = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2] + 0.5
+    v = matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2] + 0.5
+    inside = np.minimum(np.minimum(u, size - u), np.minimum(v, size - v))
+    mask[y0:y1, x0:x1] = _smoothstep(inside / max(float(feather) * size, 1e-6))
+    return mask
+
+
+def protected_faces_mask(
+    shape: tuple[int, ...], matrix: np.ndarray, size: int, others: Sequence[np.ndarray]
+) -> np.ndarray:
+    """[H,W] float32: the other faces' ellipses (given by their [68, 2] landmarks), minus this face's own.
+
+    A whole-face square is about twice a face wide; in a group photo it holds
+    copies of the neighbours that its own generation did not anonymize. Those
+    pixels must come from the neighbour's own result (or cover), never from
+    this crop; where two faces' ellipses overlap, either crop may write.
+    """
+    protect = np.zeros(shape[:2], dtype=np.float32)
+    for landmarks in others:
+        np.maximum(
+            protect, ellipse_mask(shape, face_ellipse_from_template(template_matrix(landmarks)), 0.1), out=protect
+        )
+    if protect.any():
+        own = face_region_mask(shape, matrix, size)
+        protect *= 1.0 - own
+    return protect
+
+
+# Largest colour correction paste_back applies with ``colour_match`` (8-bit levels).
 MAX_COLOUR_SHIFT = 24.0
 
 
-def paste_back(original_rgb: np.ndarray, crop_rgb: np.ndarray, matrix: np.ndarray, feather: float = 0.1) -> np.ndarray:
-    """Warp ``crop_rgb`` back with the inverse of ``matrix`` and blend it into the face ellipse.
+def paste_back(
+    original_rgb: np.ndarray,
+    crop_rgb: np.ndarray,
+    matrix: np.ndarray,
+    feather: float = 0.05,
+    *,
+    protect: Sequence[np.ndarray] = (),
+    colour_match: bool = False,
+) -> np.ndarray:
+    """Warp the whole ``crop_rgb`` square back (bilinear) and blend it in, feathered only at its border.
 
-    ``feather`` is the soft edge's width as a fraction of the ellipse radius.
-    Colour consistency: the per-channel median difference between original and
-    warped crop over the feather ring is added to the crop (clipped to
-    MAX_COLOUR_SHIFT), so a global tint from the generator does not show as a
-    halo. Pixels outside the mask are returned bit for bit.
+    The research code pastes the whole regenerated square hard-edged with
+    nearest-neighbour sampling; this does the same with a soft edge of
+    ``feather`` * S crop pixels, so hair, ears and jaw come from the crop and
+    no seam shows. ``protect`` lists the [68, 2] landmarks of the image's other
+    faces, whose ellipses this crop must not write (see protected_faces_mask).
+    ``colour_match`` (off by default: it can undo an attribute prompt's change
+    of skin tone) adds the per-channel median difference between original and
+    crop over the feather band, clipped to MAX_COLOUR_SHIFT. Pixels outside
+    the mask are returned bit for bit.
     """
     original_rgb = np.ascontiguousarray(original_rgb)
     size = crop_rgb.shape[0]
     if crop_rgb.shape[:2] != (size, size) or crop_rgb.ndim != 3:
         raise ValueError(f"crop must be [S, S, 3], got {crop_rgb.shape}")
-    mask = face_region_mask(original_rgb.shape, matrix, size, feather)
+    mask = square_mask(original_rgb.shape, matrix, size, feather)
+    if len(protect):
+        mask *= 1.0 - protected_faces_mask(original_rgb.shape, matrix, size, protect)
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     if len(rows) == 0:
         return original_rgb.copy()
@@ -323,15 +383,16 @@ def paste_back(original_rgb: np.ndarray, crop_rgb: np.ndarray, matrix: np.ndarra
         np.ascontiguousarray(crop_rgb).astype(np.float32),
         roi_from_crop,
         (int(x1 - x0), int(y1 - y0)),
-        flags=cv2.INTER_LANCZOS4,
+        flags=cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_REPLICATE,
     )
     roi_original = original_rgb[y0:y1, x0:x1]
     roi_mask = mask[y0:y1, x0:x1]
-    ring = (roi_mask > 0) & (roi_mask < 1)
-    if ring.sum() >= 16:
-        shift = np.median(roi_original[ring].astype(np.float32) - warped[ring], axis=0)
-        warped = warped + np.clip(shift, -MAX_COLOUR_SHIFT, MAX_COLOUR_SHIFT)
+    if colour_match:
+        band = (roi_mask > 0) & (roi_mask < 1)
+        if band.sum() >= 16:
+            shift = np.median(roi_original[band].astype(np.float32) - warped[band], axis=0)
+            warped = warped + np.clip(shift, -MAX_COLOUR_SHIFT, MAX_COLOUR_SHIFT)
     out = original_rgb.copy()
     out[y0:y1, x0:x1] = blend_masked(roi_original, np.clip(warped, 0, 255), roi_mask)
     return out
