@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv at the repo root with Masquerade and its dependencies.
 #   scripts/setup.sh          the server and CLI
-#   scripts/setup.sh --test   plus test tools, sample photos and the other languages' client toolchains
+#   scripts/setup.sh --test   plus test tools, Ray Serve (the [ray] extra), sample photos and the other languages' client toolchains
 set -euo pipefail
 cd "$(dirname "$0")/.."
 with_tests=0
@@ -13,7 +13,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first: this pins the CPU wheel here; on a GPU machine install your CUDA build before running this.
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
 if (( with_tests )); then
-  "${pip[@]}" -e ".[test]" --config-settings editable_mode=compat
+  "${pip[@]}" -e ".[test,ray]" --config-settings editable_mode=compat
   # insightface ships the six-person sample photo used by the tests; its own dependencies
   # (a GUI OpenCV build among them) are not needed for that.
   "${pip[@]}" --no-deps "insightface>=0.7"
