@@ -52,3 +52,9 @@ PHASE_SECONDS = Histogram(
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
     registry=REGISTRY,
 )
+AUTH_FAILURES = Counter(
+    "masquerade_auth_failures",
+    "RPCs refused UNAUTHENTICATED, by reason (missing or invalid bearer token).",
+    ["reason"],
+    registry=REGISTRY,
+)

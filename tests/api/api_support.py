@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import time
 from collections.abc import Callable
 
@@ -12,12 +11,6 @@ from PIL import Image
 
 MAX_IMAGE_PIXELS = 1_000_000  # small, so the over-the-cap image stays cheap to encode
 MAX_FACES = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

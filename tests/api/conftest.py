@@ -6,23 +6,15 @@ so only the first engine pays the model-loading seconds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
-from api_support import MAX_FACES, MAX_IMAGE_PIXELS, free_port, png_bytes
+from api_support import MAX_FACES, MAX_IMAGE_PIXELS, png_bytes
 
-from masquerade.api.server import BackgroundServer, ServerConfig
 from masquerade.engine.engine import Engine, EngineConfig
 from masquerade_client import AnonymizerClient
-
-
-def server_config(engine_config: EngineConfig, *, metrics: bool = False, grace_seconds: float = 2.0) -> ServerConfig:
-    return ServerConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=free_port() if metrics else 0,
-        grace_seconds=grace_seconds,
-        engine=engine_config,
-    )
+from server_support import BackgroundServer, ServerConfig, loopback_config, make_certificates
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +26,7 @@ def tiny_engine_config() -> EngineConfig:
 
 @pytest.fixture(scope="session")
 def server(tiny_engine_config) -> BackgroundServer:
-    running = BackgroundServer(server_config(tiny_engine_config, metrics=True)).start()
+    running = BackgroundServer(loopback_config(tiny_engine_config, metrics=True)).start()
     yield running
     running.stop()
 
@@ -51,11 +43,19 @@ def start_server_sharing_models(server):
     """Starts more servers over the session engine's loaded models; stops them after the test."""
     started: list[BackgroundServer] = []
 
-    def start(engine_config: EngineConfig, *, grace_seconds: float = 2.0, models=True) -> BackgroundServer:
+    def start(
+        engine_config: EngineConfig,
+        *,
+        grace_seconds: float = 2.0,
+        models=True,
+        configure: Callable[[ServerConfig], ServerConfig] | None = None,
+    ) -> BackgroundServer:
+        """``configure`` edits the loopback config (TLS, tokens, drain) before the server starts."""
         engine = Engine(
             engine_config, server.engine.models if models else None, "" if models else "test: no diffusion weights"
         )
-        running = BackgroundServer(server_config(engine_config, grace_seconds=grace_seconds), engine).start()
+        config = loopback_config(engine_config, grace_seconds=grace_seconds)
+        running = BackgroundServer(configure(config) if configure else config, engine).start()
         started.append(running)
         return running
 
@@ -81,3 +81,9 @@ def two_astronauts_png() -> bytes:
 @pytest.fixture(scope="session")
 def oversized_png() -> bytes:
     return png_bytes(np.zeros((1001, 1000, 3), dtype=np.uint8))  # just over MAX_IMAGE_PIXELS
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory):
+    """A throw-away CA with server and client certificates, generated for this session."""
+    return make_certificates(tmp_path_factory.mktemp("pki"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from api_support import MAX_FACES, free_port, wait_until
+from api_support import MAX_FACES, wait_until
 
 from masquerade.api.protos import pb2
 from masquerade.engine.engine import EngineConfig
@@ -19,6 +19,7 @@ from masquerade_client import (
     Unavailable,
     build_request,
 )
+from server_support import free_port
 
 # A long job for the tiny models: ~1000 UNet calls, so it is surely still running when cancelled.
 SLOW = dict(aligned=True, skip=0.0, steps=500)

@@ -57,8 +57,8 @@ def built_clients() -> None:
 
 @pytest.fixture(scope="module")
 def server_address(built_clients) -> str:
-    from masquerade.api.server import start_test_server
     from masquerade.engine.engine import EngineConfig
+    from server_support import start_test_server
 
     address, stop = start_test_server(EngineConfig(models="tiny", device="cpu"))
     yield address

@@ -22,7 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Serve masquerade.v1.Anonymizer over gRPC, with health, reflection and Prometheus /metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--host", default="[::]", help="interface to listen on")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface for gRPC; loopback by default. '0.0.0.0' or '[::]' exposes it: add TLS and tokens",
+    )
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one; the log says which)")
     models = parser.add_mutually_exclusive_group()
     models.add_argument("--model-dir", metavar="DIR", help="folder holding the real model files")
@@ -51,12 +55,39 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help='torch.compile mode; "default" starts in seconds rather than minutes',
     )
     parser.add_argument("--inversion-chunk", type=int, default=8, help="inversion steps of one face per UNet call")
-    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; 0 turns it off")
     parser.add_argument(
-        "--grace-seconds", type=float, default=30.0, help="on SIGTERM, time in-flight requests get to finish"
+        "--metrics-port", type=int, default=9090, help="HTTP port for /metrics, /livez and /readyz; 0 turns it off"
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", help="interface for the HTTP port (it has no TLS and no tokens)"
+    )
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", metavar="PEM", help="certificate chain; with --tls-key, serve TLS only")
+    security.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca", metavar="PEM", help="CA bundle; clients must present a certificate it signed (mutual TLS)"
+    )
+    security.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="one bearer token per line; every RPC but health then needs 'authorization: Bearer <token>' "
+        "metadata. SIGHUP rereads the file",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, how long the port stays open answering NOT_SERVING (and /readyz 503) "
+        "before in-flight requests are waited on; a second SIGTERM cuts it short",
+    )
+    parser.add_argument(
+        "--grace-seconds", type=float, default=30.0, help="after the drain, time in-flight requests get to finish"
     )
     parser.add_argument("--max-message-mib", type=int, default=64, help="gRPC receive and send message limit, MiB")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="'json': every log line is one JSON object"
+    )
     parser.set_defaults(func=run_serve, handler=run_serve)  # masquerade.cli dispatches on `handler`
     return parser
 
@@ -80,30 +111,39 @@ def config_from_args(args: argparse.Namespace):
     return ServerConfig(
         host=args.host,
         port=args.port,
+        metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
         max_receive_message_bytes=args.max_message_mib * MIB,
         max_send_message_bytes=args.max_message_mib * MIB,
+        drain_seconds=args.drain_seconds,
         grace_seconds=args.grace_seconds,
         engine=engine,
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from masquerade.api.access_log import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
     except ValueError as exc:
         print(f"masquerade serve: {exc}", file=sys.stderr)
         return 2
+    from masquerade.api.security import SecurityConfigError
     from masquerade.api.server import serve
 
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
+    except SecurityConfigError as exc:  # an unreadable or empty TLS or token file; the message names the flag
+        log.error("%s", exc)
+        return 2
     except OSError as exc:
         log.error("%s", exc)
         return 1

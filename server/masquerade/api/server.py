@@ -1,15 +1,15 @@
-"""The gRPC server: Anonymizer service, health, reflection, /metrics, graceful shutdown.
+"""The gRPC server: Anonymizer service, health, reflection, HTTP probes, TLS, tokens and a visible drain.
 
-``serve`` runs until SIGTERM/SIGINT (or its stop event): health goes NOT_SERVING,
-new RPCs are refused, in-flight ones get ``grace_seconds`` to finish, then the
-engine is shut down. ``start_test_server`` runs the same thing on a background
-thread for tests and for other languages' client tests.
+``serve`` runs until SIGTERM/SIGINT (or its stop function). It then drains in two
+stages: health goes NOT_SERVING, /readyz 503 and new RPCs UNAVAILABLE at once while
+the port stays open for ``drain_seconds`` (so load balancers see it leave); then
+in-flight requests get ``grace_seconds`` before the engine shuts down.
+Tests start it on a background thread through tests/server_support.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import threading
@@ -21,7 +21,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from masquerade.api.http_probes import ProbeServer
 from masquerade.api.protos import SERVICE_NAME, pb2_grpc
+from masquerade.api.security import GateInterceptor, TokenStore, is_loopback, server_credentials
 from masquerade.api.servicer import AnonymizerServicer
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server, by gRPC health convention
+LOOPBACK = "127.0.0.1"
 
 
 def _default_engine_config() -> EngineConfig:
@@ -41,20 +44,32 @@ def _default_engine_config() -> EngineConfig:
 
 @dataclass
 class ServerConfig:
-    """Everything ``serve`` needs; built once from the CLI flags."""
+    """Everything ``serve`` needs; built once from the CLI flags. Secure by default: loopback only."""
 
-    host: str = "[::]"
-    """Interface to listen on ("[::]" all, "127.0.0.1" loopback only)."""
+    host: str = LOOPBACK
+    """Interface for gRPC. Loopback by default; "0.0.0.0" or "[::]" exposes it (then use TLS and tokens)."""
     port: int = 50051
     """gRPC port; 0 picks a free one (the bound address is logged and returned)."""
+    metrics_host: str = LOOPBACK
+    """Interface for the HTTP port (/metrics, /livez, /readyz); these answer without a token."""
     metrics_port: int = 9090
-    """Prometheus /metrics HTTP port; 0 turns it off."""
+    """HTTP port for /metrics, /livez and /readyz; 0 turns it off."""
+    tls_cert: str | None = None
+    """PEM certificate chain; with ``tls_key`` the server speaks only TLS."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: str | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    auth_token_file: str | None = None
+    """One bearer token per line; when set every RPC but health needs ``authorization: Bearer <token>``."""
     max_receive_message_bytes: int = 64 * MIB
     """Largest request accepted. gRPC's default of 4 MiB is too small for a 12-megapixel JPEG or a PNG."""
     max_send_message_bytes: int = 64 * MIB
     """Largest response sent (the anonymized image plus records)."""
+    drain_seconds: float = 5.0
+    """On shutdown, how long the port stays open answering NOT_SERVING before in-flight requests are waited on."""
     grace_seconds: float = 30.0
-    """On shutdown, how long in-flight requests may run before they are cancelled."""
+    """After the drain, how long in-flight requests may run before they are cancelled."""
     batch_window: int = 32
     """Requests of one AnonymizeBatch stream in flight before the server stops reading it."""
     engine: EngineConfig = field(default_factory=_default_engine_config)
@@ -68,10 +83,15 @@ class ServerConfig:
             value = getattr(self, name)
             if value < MIB:
                 raise ValueError(f"ServerConfig.{name}={value}: must be at least 1 MiB ({MIB}); images need room")
-        if self.grace_seconds < 0:
-            raise ValueError(f"ServerConfig.grace_seconds={self.grace_seconds}: must be >= 0")
+        for name in ("drain_seconds", "grace_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ServerConfig.{name}={getattr(self, name)}: must be >= 0")
         if self.batch_window < 1:
             raise ValueError(f"ServerConfig.batch_window={self.batch_window}: must be >= 1")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None or self.tls_key is not None
 
 
 @dataclass
@@ -82,20 +102,39 @@ class ServingState:
     port: int
     metrics_port: int  # 0 when off
     engine: Engine
-    stop: Callable[[], None]  # thread-safe: begins the graceful shutdown
+    stop: Callable[[], None]  # thread-safe: begins the drain (a second call skips the rest of the drain)
+    reload_tokens: Callable[[], bool]  # thread-safe: what SIGHUP does; False when no token file or reload failed
+    tls: bool = False
 
 
-async def _mirror_engine_health(engine: Engine, health_servicer, stopping: asyncio.Event) -> None:
-    """Health follows engine.ready (models loaded, buckets warm, loop running) until shutdown starts."""
+class _Lifecycle:
+    """Loading -> serving -> draining, as /readyz, health and the RPC gate see it."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.draining = False
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if self.engine is None or not self.engine.ready:
+            return False, "loading"
+        return True, "ready"
+
+
+async def _set_health(health_servicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in HEALTH_SERVICES:
+        await health_servicer.set(name, status)
+
+
+async def _mirror_engine_health(lifecycle: _Lifecycle, health_servicer, stopping: asyncio.Event) -> None:
+    """Health follows readiness (models loaded, loop running) until the drain starts."""
     serving = None
     while not stopping.is_set():
-        now_serving = bool(engine.ready)
+        now_serving, _ = lifecycle.readiness()
         if now_serving != serving:
-            status = (
-                health_pb2.HealthCheckResponse.SERVING if now_serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            for name in HEALTH_SERVICES:
-                await health_servicer.set(name, status)
+            await _set_health(health_servicer, now_serving)
             serving = now_serving
         try:
             await asyncio.wait_for(stopping.wait(), timeout=0.1)
@@ -103,16 +142,27 @@ async def _mirror_engine_health(engine: Engine, health_servicer, stopping: async
             pass
 
 
-def _start_metrics_http(config: ServerConfig) -> tuple[object | None, int]:
-    if not config.metrics_port:
-        return None, 0
-    from prometheus_client import start_http_server
-
-    from masquerade.metrics import REGISTRY
-
-    addr = "0.0.0.0" if config.host in ("[::]", "0.0.0.0", "") else config.host.strip("[]")
-    httpd, _thread = start_http_server(config.metrics_port, addr=addr, registry=REGISTRY)
-    return httpd, httpd.server_port
+def _warn_about_exposure(config: ServerConfig, tokens: TokenStore | None) -> None:
+    if not is_loopback(config.host):
+        if not config.tls:
+            log.warning(
+                "gRPC listens on %s without TLS: face photos, results and tokens cross the network in clear text "
+                "and can be read or altered on the way; pass --tls-cert/--tls-key, or bind 127.0.0.1 behind a "
+                "TLS-terminating proxy",
+                config.host,
+            )
+        if tokens is None:
+            log.warning(
+                "gRPC listens on %s without --auth-token-file: anyone who can reach the port can submit photos "
+                "and use the GPU",
+                config.host,
+            )
+    if config.metrics_port and not is_loopback(config.metrics_host):
+        log.warning(
+            "the HTTP port listens on %s: /metrics, /livez and /readyz answer anyone who can reach it, "
+            "without TLS or tokens",
+            config.metrics_host,
+        )
 
 
 def _describe(engine: Engine) -> str:
@@ -126,6 +176,10 @@ def _describe(engine: Engine) -> str:
     )
 
 
+def _display_host(host: str) -> str:
+    return "0.0.0.0" if host in ("[::]", "0.0.0.0", "") else host
+
+
 async def serve(
     config: ServerConfig,
     engine: Engine | None = None,
@@ -134,21 +188,36 @@ async def serve(
     on_started: Callable[[ServingState], None] | None = None,
     handle_signals: bool = True,
 ) -> None:
-    """Serves until SIGTERM/SIGINT or ``stop_event``; then shuts down gracefully.
+    """Serves until SIGTERM/SIGINT or ``stop_event``; then drains and shuts down gracefully.
 
-    With ``engine=None`` the engine is built from ``config.engine`` *after* the port is
-    open, so health probes answer NOT_SERVING (not connection refused) while models load.
-    A given engine may be built but not started; ``serve`` starts it.
+    With ``engine=None`` the engine is built from ``config.engine`` *after* the ports are
+    open, so health probes answer NOT_SERVING and /readyz 503 (not connection refused)
+    while models load. A given engine may be built but not started; ``serve`` starts it.
+    Raises SecurityConfigError (a ValueError naming the flag) for unusable TLS or token files.
     """
     stop_event = stop_event or asyncio.Event()
+    hurry = asyncio.Event()  # a second stop request: skip what is left of the drain
     loop = asyncio.get_running_loop()
+    lifecycle = _Lifecycle()
+    tokens = TokenStore(config.auth_token_file) if config.auth_token_file else None
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+
+    def request_stop() -> None:
+        if stop_event.is_set():
+            hurry.set()
+        stop_event.set()
+
+    def reload_tokens() -> bool:
+        return tokens.reload() if tokens is not None else False
+
     server = grpc.aio.server(
+        interceptors=[GateInterceptor(tokens, lambda: lifecycle.draining)],
         options=[
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),
             ("grpc.max_send_message_length", config.max_send_message_bytes),
             # Two servers silently sharing one port would split traffic between them.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     servicer = AnonymizerServicer(
         max_receive_message_bytes=config.max_receive_message_bytes,
@@ -157,27 +226,36 @@ async def serve(
     )
     pb2_grpc.add_AnonymizerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
-    for name in HEALTH_SERVICES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health_servicer, False)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    bind = f"{config.host}:{config.port}"
+    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     if port == 0:
-        raise OSError(f"could not bind gRPC port {config.host}:{config.port}; is another server running there?")
-    host = config.host if config.host not in ("[::]", "0.0.0.0", "") else "0.0.0.0"
-    address = f"{host}:{port}"
+        raise OSError(f"could not bind gRPC port {bind}; is another server running there?")
+    address = f"{_display_host(config.host)}:{port}"
+    _warn_about_exposure(config, tokens)
     await server.start()
 
-    if handle_signals and threading.current_thread() is threading.main_thread():
+    signals = handle_signals and threading.current_thread() is threading.main_thread()
+    if signals:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop_event.set)
+            loop.add_signal_handler(signum, request_stop)
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens)
 
-    httpd = None
+    probes = None
     stopping = asyncio.Event()
     health_task = None
     try:
+        if config.metrics_port:
+            probes = ProbeServer(config.metrics_host, config.metrics_port, lifecycle.readiness)
+        security = (("mutual TLS" if config.tls_client_ca else "TLS") if credentials else "plaintext") + (
+            f", {len(tokens)} bearer token(s)" if tokens is not None else ", no token auth"
+        )
+        log.info("masquerade listening on %s (%s); loading models", address, security)
+        health_task = asyncio.create_task(_mirror_engine_health(lifecycle, health_servicer, stopping))
         if engine is None:
             from masquerade.engine.engine import Engine
 
@@ -185,29 +263,43 @@ async def serve(
             engine = await asyncio.to_thread(Engine.build, config.engine)
         await engine.start()
         servicer.attach(engine)
-        health_task = asyncio.create_task(_mirror_engine_health(engine, health_servicer, stopping))
-        httpd, metrics_port = _start_metrics_http(config)
-        metrics_note = f"metrics on http://{host}:{metrics_port}/metrics" if metrics_port else "metrics off"
-        log.info("masquerade serving on %s (%s); %s", address, _describe(engine), metrics_note)
+        lifecycle.engine = engine
+        http_note = (
+            f"metrics and probes on http://{_display_host(config.metrics_host)}:{probes.port}/{{metrics,livez,readyz}}"
+            if probes
+            else "metrics off"
+        )
+        log.info("masquerade serving on %s (%s); %s; %s", address, _describe(engine), security, http_note)
         if on_started is not None:
             on_started(
                 ServingState(
                     address=address,
                     port=port,
-                    metrics_port=metrics_port,
+                    metrics_port=probes.port if probes else 0,
                     engine=engine,
-                    stop=lambda: loop.call_soon_threadsafe(stop_event.set),
+                    stop=lambda: loop.call_soon_threadsafe(request_stop),
+                    reload_tokens=reload_tokens,
+                    tls=credentials is not None,
                 )
             )
         await stop_event.wait()
     finally:
-        log.info("shutting down: health NOT_SERVING, draining in-flight requests for up to %.0fs", config.grace_seconds)
+        # Stage 1, visible drain: every probe says "not ready" at once while the port stays open.
+        lifecycle.draining = True
         stopping.set()
         if health_task is not None:
             await asyncio.gather(health_task, return_exceptions=True)
+        await _set_health(health_servicer, False)
+        servicer.draining = True  # AnonymizeBatch streams already open take no new requests either
+        if lifecycle.engine is not None and config.drain_seconds > 0 and not hurry.is_set():
+            log.info("draining: health NOT_SERVING, /readyz 503, new RPCs UNAVAILABLE for %gs", config.drain_seconds)
+            try:
+                await asyncio.wait_for(hurry.wait(), timeout=config.drain_seconds)
+            except TimeoutError:
+                pass
+        # Stage 2: close the port; in-flight requests get the grace period while the engine drains.
+        log.info("shutting down: in-flight requests get up to %gs", config.grace_seconds)
         await health_servicer.enter_graceful_shutdown()
-        # Stop accepting RPCs and let in-flight ones finish, while the engine stops
-        # admitting and drains; both give up at the grace period.
         waits = [server.stop(config.grace_seconds)]
         if engine is not None:
             waits.append(engine.shutdown(config.grace_seconds))
@@ -215,89 +307,9 @@ async def serve(
         for result in results:
             if isinstance(result, BaseException):
                 log.error("error during shutdown", exc_info=result)
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-        if handle_signals and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
+        if probes is not None:
+            probes.close()
+        if signals:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         log.info("stopped")
-
-
-class BackgroundServer:
-    """``serve`` on its own event loop in a daemon thread; for tests and client tests.
-
-    ``start()`` blocks until the server is SERVING-capable (engine started) and
-    returns self; ``address`` is "127.0.0.1:PORT"; ``engine`` is the live engine.
-    """
-
-    def __init__(self, config: ServerConfig, engine: Engine | None = None):
-        self.config = config
-        self._engine = engine
-        self._state: ServingState | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="masquerade-test-server", daemon=True)
-
-    def _run(self) -> None:
-        def on_started(state: ServingState) -> None:
-            self._state = state
-            self._started.set()
-
-        try:
-            asyncio.run(serve(self.config, self._engine, on_started=on_started, handle_signals=False))
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self._started.set()
-
-    def start(self, timeout: float = 300.0) -> BackgroundServer:
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError(f"test server did not start within {timeout}s")
-        if self._state is None:
-            raise RuntimeError("test server failed to start") from self._error
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self._state.port}"
-
-    @property
-    def metrics_port(self) -> int:
-        return self._state.metrics_port
-
-    @property
-    def engine(self) -> Engine:
-        return self._state.engine
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Graceful stop; waits for the thread (up to grace + 30 s unless ``timeout`` says otherwise)."""
-        if self._state is not None and self._thread.is_alive():
-            self._state.stop()
-        self._thread.join(self.config.grace_seconds + 30 if timeout is None else timeout)
-
-
-def start_test_server(
-    engine_config: EngineConfig, *, grace_seconds: float = 2.0, metrics: bool = False
-) -> tuple[str, Callable[[], None]]:
-    """Starts a server on 127.0.0.1 (free port) in a background thread; returns (address, stop)."""
-    config = ServerConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        grace_seconds=grace_seconds,
-        engine=engine_config,
-    )
-    if metrics:
-        config = dataclasses.replace(config, metrics_port=_free_port())
-    server = BackgroundServer(config).start()
-    return server.address, server.stop
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from masquerade import metrics
 from masquerade.api import convert
+from masquerade.api.access_log import AccessRecord
 from masquerade.api.errors import ServerNotReadyError, code_number, engine_failure, status_for
 from masquerade.api.protos import pb2, pb2_grpc
 from masquerade.engine import request as et
@@ -86,6 +86,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         self.progress_interval_s = progress_interval_s  # <= 10 PROGRESS events per second per request
         self._engine: Engine | None = None
         self._info = None
+        self.draining = False  # set by the server when shutdown starts: requests on open streams are refused
         if engine is not None:
             self.attach(engine)
 
@@ -100,19 +101,30 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         engine = self._engine
         if engine is None:
             raise ServerNotReadyError("the server is still loading its models; retry shortly")
+        if self.draining:
+            raise ServerNotReadyError("the server is draining for shutdown; retry on another replica")
         if not engine.ready:
             raise ServerNotReadyError("the server is warming up or shutting down; retry shortly")
         return engine
 
-    def _submit(self, message: pb2.AnonymizeRequest) -> RequestHandle:
+    def _submit(self, message: pb2.AnonymizeRequest, record: AccessRecord) -> RequestHandle:
         """Validates and submits; raises InvalidRequestError, QueueFullError, MethodUnavailableError."""
         engine = self._ready_engine()
-        request = convert.request_from_proto(message, self._info, request_id=_engine_request_id(message.request_id))
+        record.server_request_id = _engine_request_id(message.request_id)
+        request = convert.request_from_proto(message, self._info, request_id=record.server_request_id)
         return engine.submit(request)
 
     @staticmethod
-    def _record(rpc: str, method: str, code: grpc.StatusCode) -> None:
-        metrics.REQUESTS.labels(rpc=rpc, method=method, status=code.name).inc()
+    def _access(rpc: str, message: pb2.AnonymizeRequest | None, context: grpc.aio.ServicerContext) -> AccessRecord:
+        """The access-log record of one request (counted in the metrics and logged by ``finish``)."""
+        if message is None:
+            return AccessRecord(rpc=rpc, peer=context.peer() or "")
+        return AccessRecord(
+            rpc=rpc,
+            peer=context.peer() or "",
+            request_id=message.request_id[:128],
+            method=convert.method_label(message),
+        )
 
     @staticmethod
     def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -121,9 +133,9 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
 
-    async def _run_to_result(self, message: pb2.AnonymizeRequest) -> pb2.AnonymizeResponse:
+    async def _run_to_result(self, message: pb2.AnonymizeRequest, record: AccessRecord) -> pb2.AnonymizeResponse:
         """Runs one request to its result; raises the request's error. Cancels the job if left early."""
-        handle = self._submit(message)
+        handle = self._submit(message, record)
         finished = False
         try:
             async for event in handle:
@@ -132,7 +144,9 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
                     raise engine_failure(event.error)
                 if isinstance(event, et.ResultEvent):
                     finished = True
-                    return convert.result_to_proto(event.result, request_id=message.request_id)
+                    response = convert.result_to_proto(event.result, request_id=message.request_id)
+                    record.set_result(response)
+                    return response
             finished = True
             raise RuntimeError("the engine's event stream ended without a result")
         finally:
@@ -144,17 +158,17 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
     async def Anonymize(
         self, request: pb2.AnonymizeRequest, context: grpc.aio.ServicerContext
     ) -> pb2.AnonymizeResponse:
-        method = convert.method_label(request)
+        record = self._access("Anonymize", request, context)
         try:
-            response = await self._run_to_result(request)
+            response = await self._run_to_result(request, record)
         except asyncio.CancelledError:
-            self._record("Anonymize", method, self._cancel_code(context))
+            record.finish(self._cancel_code(context))
             raise
         except Exception as exc:
             code, details = status_for(exc, request_id=request.request_id)
-            self._record("Anonymize", method, code)
+            record.finish(code)
             await context.abort(code, details)
-        self._record("Anonymize", method, grpc.StatusCode.OK)
+        record.finish(grpc.StatusCode.OK)
         return response
 
     # The streaming handlers write with context.write rather than being async generators:
@@ -162,28 +176,30 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
     # handle.cancel() runs at once instead of whenever the generator is finalized.
 
     async def AnonymizeStream(self, request: pb2.AnonymizeRequest, context: grpc.aio.ServicerContext) -> None:
-        method = convert.method_label(request)
+        record = self._access("AnonymizeStream", request, context)
         throttle = ProgressThrottle(self.progress_interval_s)
         failure: BaseException | None = None
         handle = None
         finished = False
         try:
-            handle = self._submit(request)
+            handle = self._submit(request, record)
             async for event in handle:
                 if isinstance(event, et.FailedEvent):
                     finished = True
                     failure = engine_failure(event.error)
                     break
                 for to_send in throttle.offer(event):
-                    await context.write(convert.event_to_proto(to_send, request_id=request.request_id))
+                    proto = convert.event_to_proto(to_send, request_id=request.request_id)
+                    await context.write(proto)
                 if isinstance(event, et.ResultEvent):
                     finished = True
+                    record.set_result(proto.result)
                     break
             else:
                 finished = True
                 failure = RuntimeError("the engine's event stream ended without a result")
         except asyncio.CancelledError:
-            self._record("AnonymizeStream", method, self._cancel_code(context))
+            record.finish(self._cancel_code(context))
             raise
         except Exception as exc:
             failure = exc
@@ -192,9 +208,9 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
                 handle.cancel()
         if failure is not None:
             code, details = status_for(failure, request_id=request.request_id)
-            self._record("AnonymizeStream", method, code)
+            record.finish(code)
             await context.abort(code, details)
-        self._record("AnonymizeStream", method, grpc.StatusCode.OK)
+        record.finish(grpc.StatusCode.OK)
 
     async def AnonymizeBatch(
         self, request_iterator: AsyncIterator[pb2.AnonymizeRequest], context: grpc.aio.ServicerContext
@@ -210,18 +226,18 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
             )
 
         async def run_one(message: pb2.AnonymizeRequest) -> None:
-            method = convert.method_label(message)
+            record = self._access("AnonymizeBatch", message, context)
             try:
-                result = await self._run_to_result(message)
+                result = await self._run_to_result(message, record)
             except asyncio.CancelledError:
-                self._record("AnonymizeBatch", method, self._cancel_code(context))
+                record.finish(self._cancel_code(context))
                 raise
             except Exception as exc:
                 code, details = status_for(exc, request_id=message.request_id)
-                self._record("AnonymizeBatch", method, code)
+                record.finish(code)
                 responses.put_nowait(error_response(message.request_id, code, details))
             else:
-                self._record("AnonymizeBatch", method, grpc.StatusCode.OK)
+                record.finish(grpc.StatusCode.OK)
                 responses.put_nowait(pb2.AnonymizeBatchResponse(request_id=message.request_id, result=result))
             finally:
                 in_flight_ids.discard(message.request_id)
@@ -242,7 +258,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
                             else "duplicates a request still in flight on this stream"
                         )
                         code = grpc.StatusCode.INVALID_ARGUMENT
-                        self._record("AnonymizeBatch", convert.method_label(message), code)
+                        self._access("AnonymizeBatch", message, context).finish(code)
                         responses.put_nowait(
                             error_response(request_id, code, f"request_id: {why}; responses are matched by it")
                         )
@@ -269,15 +285,16 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
     async def GetServerInfo(
         self, request: pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb2.ServerInfo:
+        record = self._access("GetServerInfo", None, context)
         try:
             if self._engine is None:
                 raise ServerNotReadyError("the server is still loading its models; retry shortly")
             info = self._engine.info()
         except Exception as exc:
             code, details = status_for(exc)
-            self._record("GetServerInfo", "none", code)
+            record.finish(code)
             await context.abort(code, details)
-        self._record("GetServerInfo", "none", grpc.StatusCode.OK)
+        record.finish(grpc.StatusCode.OK)
         return convert.server_info_to_proto(
             info,
             max_receive_message_bytes=self.max_receive_message_bytes,

@@ -1,0 +1,148 @@
+"""The access log (one line per request) and the JSON log format.
+
+A line holds ids, the peer, the RPC, the method, per-face statuses, durations and the
+status code: never pixels, prompts, embeddings or any other request content.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import grpc
+
+from masquerade import metrics
+
+ACCESS_LOGGER = "masquerade.access"
+_access = logging.getLogger(ACCESS_LOGGER)
+
+_PHASES = ("queued", "preprocess", "inversion", "generation", "postprocess")
+
+
+@dataclass
+class AccessRecord:
+    """One request's line, filled in while it is served; ``finish`` counts it and logs it once."""
+
+    rpc: str
+    peer: str
+    request_id: str = ""
+    """The client's id (free text: quoted in text lines, escaped in JSON)."""
+    server_request_id: str = ""
+    """The engine's unique id for the request; "" when it never reached the engine."""
+    method: str = "none"
+    faces: int | None = None
+    statuses: list[str] = field(default_factory=list)
+    complete: bool | None = None
+    durations_ms: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    _done: bool = False
+
+    def set_result(self, response) -> None:
+        """Takes what the log may hold from an AnonymizeResponse: counts, statuses, timings."""
+        from masquerade.api.protos import pb2
+
+        self.faces = len(response.faces)
+        self.statuses = [pb2.FaceStatus.Name(face.status) for face in response.faces]
+        self.complete = bool(response.complete)
+        timings = response.timings
+        for phase in _PHASES:
+            self.durations_ms[phase] = round(getattr(timings, f"{phase}_seconds") * 1000.0, 3)
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        if self._done:
+            return
+        self._done = True
+        metrics.REQUESTS.labels(rpc=self.rpc, method=self.method, status=code.name).inc()
+        self.durations_ms["total"] = round((time.perf_counter() - self.started) * 1000.0, 3)
+        fields = self.fields(code)
+        _access.info("access %s", _as_text(fields), extra={"access": fields})
+
+    def fields(self, code: grpc.StatusCode) -> dict:
+        return {
+            "request_id": self.request_id,
+            "server_request_id": self.server_request_id,
+            "peer": self.peer,
+            "rpc": self.rpc,
+            "method": self.method,
+            "faces": self.faces,
+            "statuses": self.statuses,
+            "complete": self.complete,
+            "durations_ms": dict(self.durations_ms),
+            "code": code.name,
+        }
+
+
+def _as_text(fields: dict) -> str:
+    parts = []
+    for key, value in fields.items():
+        if key == "durations_ms":
+            parts.extend(f"{phase}_ms={ms:g}" for phase, ms in value.items())
+        elif key == "statuses":
+            parts.append(f"statuses={','.join(value) or '-'}")
+        elif value is None:
+            parts.append(f"{key}=-")
+        elif isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        elif key == "request_id":
+            parts.append(f"{key}={json.dumps(value)}")  # client text: quoted, so it cannot forge fields or lines
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    """Every record as one JSON object per line; access records carry their fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        access = getattr(record, "access", None)
+        if access is not None:
+            out["event"] = "access"
+            out.update(access)
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """The root handler on stderr, in ``text`` or ``json``; replaces any handler set before."""
+    if log_format not in ("text", "json"):
+        raise ValueError(f"--log-format {log_format!r}: must be 'text' or 'json'")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    if log_format == "json":
+        _route_library_output_through_logging()
+
+
+def _route_library_output_through_logging() -> None:
+    """So that every line is JSON: warnings and the HF libraries' own handlers go through the root handler."""
+    logging.captureWarnings(True)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for library in ("transformers", "diffusers"):
+        try:
+            library_logging = importlib.import_module(f"{library}.utils.logging")
+        except ImportError:
+            continue
+        library_logging.disable_default_handler()
+        library_logging.enable_propagation()
+        library_logging.disable_progress_bar()

@@ -1,0 +1,185 @@
+"""Transport security and the RPC gate: TLS credentials, bearer tokens, and refusing RPCs while draining.
+
+Health is always let through (load balancers' probes carry no token, and must see
+NOT_SERVING while the server drains); every other service, reflection included,
+needs a valid token when a token file is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from masquerade import metrics
+from masquerade.api.access_log import AccessRecord
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+AUTHORIZATION = "authorization"
+
+
+class SecurityConfigError(ValueError):
+    """A TLS or token file is missing, unreadable or empty; the message names the flag."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    bare = host.strip().strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def read_pem(path: str | Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
+    if b"-----BEGIN " not in data:
+        raise SecurityConfigError(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def server_credentials(
+    cert: str | Path | None, key: str | Path | None, client_ca: str | Path | None
+) -> grpc.ServerCredentials | None:
+    """TLS credentials for add_secure_port; None means plaintext. A client CA turns on mutual TLS."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first")
+        return None
+    if cert is None or key is None:
+        missing = "--tls-key" if key is None else "--tls-cert"
+        raise SecurityConfigError(f"{missing} is missing: TLS needs both --tls-cert and --tls-key")
+    cert_pem = read_pem(cert, "--tls-cert")
+    key_pem = read_pem(key, "--tls-key")
+    ca_pem = read_pem(client_ca, "--tls-client-ca")
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=ca_pem is not None
+    )
+
+
+class TokenStore:
+    """Bearer tokens from a file (one per line; blank lines and '#' comments ignored); ``reload`` on SIGHUP."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._tokens: tuple[bytes, ...] = self._read()
+        self._lock = threading.Lock()
+
+    def _read(self) -> tuple[bytes, ...]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SecurityConfigError(f"--auth-token-file {self.path}: cannot read it ({exc.strerror or exc})") from exc
+        tokens = tuple(
+            line.strip().encode() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        )
+        if not tokens:
+            raise SecurityConfigError(f"--auth-token-file {self.path}: holds no token; write one token per line")
+        return tokens
+
+    def reload(self) -> bool:
+        """Rereads the file; on failure keeps the tokens in force and logs why. True when reloaded."""
+        try:
+            tokens = self._read()
+        except SecurityConfigError as exc:
+            log.error("token reload failed, keeping the previous tokens: %s", exc)
+            return False
+        with self._lock:
+            self._tokens = tokens
+        log.info("reloaded %d bearer token(s) from %s", len(tokens), self.path)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def accepts(self, presented: bytes) -> bool:
+        """Constant-time in the token's contents: every stored token is compared, with no early exit."""
+        with self._lock:
+            tokens = self._tokens
+        matched = False
+        for token in tokens:
+            matched |= hmac.compare_digest(token, presented)
+        return matched
+
+
+def bearer_token(metadata) -> bytes | None:
+    """The token of an ``authorization: Bearer <token>`` header (scheme case-insensitive, RFC 6750)."""
+    for key, value in metadata or ():
+        if key.lower() != AUTHORIZATION:
+            continue
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip().encode("latin-1")
+        return None
+    return None
+
+
+def _rejecting_handler(handler: grpc.RpcMethodHandler, rpc: str, code: grpc.StatusCode, details: str):
+    """A handler of the same shape as ``handler`` that answers ``code`` (and logs one access line)."""
+
+    async def reject(_request_or_iterator, context: grpc.aio.ServicerContext) -> None:
+        record = AccessRecord(rpc=rpc, peer=context.peer() or "")
+        record.finish(code)
+        await context.abort(code, details)
+
+    if handler.request_streaming and handler.response_streaming:
+        make = grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        make = grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        make = grpc.unary_stream_rpc_method_handler
+    else:
+        make = grpc.unary_unary_rpc_method_handler
+    return make(
+        reject, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
+class GateInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every RPC but health's, and refuses new ones (UNAVAILABLE) once draining starts."""
+
+    def __init__(self, tokens: TokenStore | None, draining: Callable[[], bool]):
+        self.tokens = tokens
+        self.draining = draining
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        if self.tokens is not None:
+            presented = bearer_token(handler_call_details.invocation_metadata)
+            if presented is None or not self.tokens.accepts(presented):
+                metrics.AUTH_FAILURES.labels(reason="missing" if presented is None else "invalid").inc()
+                why = "no 'authorization: Bearer <token>' metadata" if presented is None else "the token is not valid"
+                return _rejecting_handler(
+                    handler,
+                    rpc,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{why}; send a token listed in the server's token file",
+                )
+        if self.draining():
+            return _rejecting_handler(
+                handler,
+                rpc,
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is draining for shutdown; retry on another replica",
+            )
+        return handler
