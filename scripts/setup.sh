@@ -23,7 +23,11 @@ fi
 # Folder path = import path: the source roots go on sys.path through a plain .pth (no import hook),
 # so editors and language servers resolve `masquerade` and `masquerade_kernels` to the files in the tree.
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-printf '%s\n' "$PWD/server" "$PWD/kernels" "$PWD/clients/python" > "$site/masquerade-source-roots.pth"
+printf '%s\n' "$PWD/server" "$PWD/kernels" > "$site/masquerade-source-roots.pth"
+# The Python client is its own distribution (masquerade-client); its build generates its stubs from
+# proto/ with the venv's grpcio-tools (no build isolation: the stubs then match the installed grpcio).
+.venv/bin/python -c "import setuptools" 2>/dev/null || "${pip[@]}" "setuptools>=70"
+"${pip[@]}" --no-build-isolation -e ./clients/python --config-settings editable_mode=compat
 # onnx2torch-style packages may pull PyPI's torchvision, which does not load beside the CPU torch wheel.
 if .venv/bin/python -m pip show -q torchvision >/dev/null 2>&1 && ! .venv/bin/python -c "import torchvision" 2>/dev/null; then
   .venv/bin/python -m pip uninstall -y -q torchvision

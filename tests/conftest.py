@@ -12,6 +12,22 @@ from pathlib import Path
 
 import pytest
 
+
+def _refresh_client_stubs() -> None:
+    """masquerade_client's stubs come from its build (scripts/setup.sh installs it); when proto/
+    changed since, regenerate them so the tests never run a stale client."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "clients" / "python" / "stubgen.py"
+    spec = importlib.util.spec_from_file_location("masquerade_client_stubgen", path)
+    stubgen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stubgen)
+    if stubgen.is_stale():
+        stubgen.generate()
+
+
+_refresh_client_stubs()
+
 # Engines built with models="tiny" (the API and client tests) find the session's set here.
 _SESSION_TINY_DIR = Path(tempfile.mkdtemp(prefix="masquerade-tiny-"))
 os.environ.setdefault("MASQUERADE_TINY_DIR", str(_SESSION_TINY_DIR))

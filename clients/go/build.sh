@@ -20,11 +20,11 @@ fi
 # directory cycle (build/ lives inside it) for tools that follow links.
 gosrc="$here/build/gopath/src/masquerade/clients/go"
 mkdir -p "$gosrc"
-for pkg in gen masquerade cmd; do ln -sfn "$here/$pkg" "$gosrc/$pkg"; done
+for pkg in gen masquerade retryenv cmd; do ln -sfn "$here/$pkg" "$gosrc/$pkg"; done
 
 export GO111MODULE=off GOFLAGS= GOPATH="$here/build/gopath:/usr/share/gocode"
 export GOCACHE="${GOCACHE:-$here/build/gocache}"
 cd "$gosrc"
-go vet ./masquerade ./cmd/...
+go vet ./masquerade ./retryenv ./cmd/...
 go build -o "$here/build/bin/masquerade-anonymize" ./cmd/masquerade-anonymize
 echo "built $here/build/bin/masquerade-anonymize"

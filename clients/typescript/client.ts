@@ -1,7 +1,9 @@
 // A thin client over the generated grpc-js stub (gen/, built from proto/ by
-// `npm run build`): one deadline per call across all its attempts, retries of
-// UNAVAILABLE with exponential backoff before any response arrived, and
+// `npm run build`): one deadline per call, retries of UNAVAILABLE by gRPC itself
+// (the channel's service config; the same retryPolicy as the Python, Go and C++
+// clients), TLS / mutual TLS and a bearer token from options, and
 // MasqueradeError for every failure.
+import { readFileSync } from "node:fs";
 import {
   type ClientDuplexStream,
   credentials as grpcCredentials,
@@ -23,23 +25,44 @@ import { MasqueradeError } from "./errors";
 export * from "./gen/masquerade/v1/anonymizer";
 export { MasqueradeError, statusName, status } from "./errors";
 
-/** When and how often a call that found the server UNAVAILABLE is tried again. */
-export interface RetryPolicy {
-  /** Attempts in all, the first included. */
-  maxAttempts: number;
-  initialBackoffMs: number;
-  maxBackoffMs: number;
-  multiplier: number;
-}
+const SERVICE = "masquerade.v1.Anonymizer";
 
-export const DEFAULT_RETRY: RetryPolicy = { maxAttempts: 4, initialBackoffMs: 200, maxBackoffMs: 5_000, multiplier: 2 };
+/**
+ * gRPC's retryPolicy for UNAVAILABLE, the project's one policy in all four clients:
+ * 4 attempts in all, backoff 0.2 s doubling to at most 5 s (gRPC waits a random time
+ * up to that), only before any response arrived and never past the call's deadline.
+ * AnonymizeBatch is not retried: the server may already be running what was sent.
+ */
+export const SERVICE_CONFIG = {
+  methodConfig: [
+    {
+      name: [{ service: SERVICE }],
+      retryPolicy: {
+        maxAttempts: 4,
+        initialBackoff: "0.2s",
+        maxBackoff: "5s",
+        backoffMultiplier: 2,
+        retryableStatusCodes: ["UNAVAILABLE"],
+      },
+    },
+    { name: [{ service: SERVICE, method: "AnonymizeBatch" }] },
+  ],
+};
 
 export interface MasqueradeClientOptions {
-  /** Default: insecure (plaintext), as the server listens on loopback or behind a proxy. */
+  /** PEM file of the CA that signed the server's certificate; implies TLS. */
+  caFile?: string;
+  /** PEM files of this client's certificate and key, for servers that require mutual TLS. */
+  certFile?: string;
+  keyFile?: string;
+  /** TLS with Node's default CA roots when no caFile is given. */
+  tls?: boolean;
+  /** Sent as `authorization: Bearer <token>` metadata on every call. */
+  token?: string;
+  /** Overrides caFile/certFile/keyFile/tls. Default: plaintext (a server on loopback). */
   credentials?: ChannelCredentials;
-  /** Deadline of each call, all attempts together, unless the call sets its own. Default 300 s. */
+  /** Deadline of each call, retries included, unless the call sets its own. Default 300 s. */
   timeoutMs?: number;
-  retry?: Partial<RetryPolicy>;
   channelOptions?: Partial<ClientOptions>;
 }
 
@@ -48,18 +71,46 @@ export interface CallOptions {
   metadata?: Metadata;
 }
 
+/** Channel credentials from the TLS options: plaintext when none is set. */
+export function channelCredentials(options: MasqueradeClientOptions): ChannelCredentials {
+  if (options.credentials) return options.credentials;
+  if ((options.certFile === undefined) !== (options.keyFile === undefined)) {
+    throw new Error("certFile and keyFile: give both (mutual TLS) or neither");
+  }
+  if (options.caFile === undefined && options.certFile === undefined && !options.tls) {
+    return grpcCredentials.createInsecure();
+  }
+  const read = (path?: string) => (path === undefined ? null : readFileSync(path));
+  return grpcCredentials.createSsl(read(options.caFile), read(options.keyFile), read(options.certFile));
+}
+
 export class MasqueradeClient {
   /** The generated stub, for calls this wrapper does not cover. */
   readonly raw: AnonymizerClient;
   private readonly timeoutMs: number;
-  private readonly retry: RetryPolicy;
+  private readonly token?: string;
 
   constructor(address: string, options: MasqueradeClientOptions = {}) {
-    // Results are whole encoded images, larger than grpc-js's 4 MiB default; 64 MiB matches the server.
-    const channelOptions = { "grpc.max_receive_message_length": 64 << 20, ...options.channelOptions };
-    this.raw = new AnonymizerClient(address, options.credentials ?? grpcCredentials.createInsecure(), channelOptions);
+    const channelOptions = {
+      // Results are whole encoded images, larger than grpc-js's 4 MiB default; 64 MiB matches the server.
+      "grpc.max_receive_message_length": 64 << 20,
+      "grpc.enable_retries": 1,
+      "grpc.service_config": JSON.stringify(SERVICE_CONFIG),
+      ...options.channelOptions,
+    };
+    if (options.token !== undefined && (options.token.trim() === "" || /\s/.test(options.token.trim()))) {
+      throw new Error("token: empty or holds whitespace");
+    }
+    this.token = options.token?.trim();
+    this.raw = new AnonymizerClient(address, channelCredentials(options), channelOptions);
     this.timeoutMs = options.timeoutMs ?? 300_000;
-    this.retry = { ...DEFAULT_RETRY, ...options.retry };
+  }
+
+  /** The call's metadata plus the bearer token. */
+  private metadata(options: CallOptions): Metadata {
+    const metadata = options.metadata?.clone() ?? new Metadata();
+    if (this.token !== undefined) metadata.set("authorization", `Bearer ${this.token}`);
+    return metadata;
   }
 
   close(): void {
@@ -72,22 +123,13 @@ export class MasqueradeClient {
    */
   async *anonymizeStream(request: AnonymizeRequest, options: CallOptions = {}): AsyncGenerator<AnonymizeEvent> {
     const deadline = new Date(Date.now() + (options.timeoutMs ?? this.timeoutMs));
-    for (let attempt = 1; ; attempt++) {
-      const call = this.raw.anonymizeStream(request, options.metadata ?? new Metadata(), { deadline });
-      let received = false;
-      try {
-        for await (const event of call as AsyncIterable<AnonymizeEvent>) {
-          received = true;
-          yield event;
-        }
-        return;
-      } catch (err) {
-        const error = MasqueradeError.from(err);
-        // Once an event arrived the server has the job; a retry would run it twice.
-        if (received || !(await this.backoffBeforeRetry(error, attempt, deadline))) throw error;
-      } finally {
-        call.cancel(); // no-op when finished; frees the server's slot when the caller stops early
-      }
+    const call = this.raw.anonymizeStream(request, this.metadata(options), { deadline });
+    try {
+      for await (const event of call as AsyncIterable<AnonymizeEvent>) yield event;
+    } catch (err) {
+      throw MasqueradeError.from(err);
+    } finally {
+      call.cancel(); // no-op when finished; frees the server's slot when the caller stops early
     }
   }
 
@@ -121,7 +163,7 @@ export class MasqueradeClient {
     options: CallOptions = {},
   ): AsyncGenerator<AnonymizeBatchResponse> {
     const deadline = new Date(Date.now() + (options.timeoutMs ?? this.timeoutMs));
-    const call = this.raw.anonymizeBatch(options.metadata ?? new Metadata(), { deadline });
+    const call = this.raw.anonymizeBatch(this.metadata(options), { deadline });
     // The iteration below reports errors; this listener keeps the one a cancel emits after it stopped from being uncaught.
     call.on("error", () => {});
     const state: { finished: boolean; inputFailed: boolean; inputError?: unknown } = { finished: false, inputFailed: false };
@@ -142,28 +184,13 @@ export class MasqueradeClient {
   /** Version, methods available, models loaded, limits and defaults. */
   async getServerInfo(options: CallOptions = {}): Promise<ServerInfo> {
     const deadline = new Date(Date.now() + (options.timeoutMs ?? this.timeoutMs));
-    for (let attempt = 1; ; attempt++) {
-      try {
-        return await new Promise<ServerInfo>((resolve, reject) =>
-          this.raw.getServerInfo({}, options.metadata ?? new Metadata(), { deadline }, (err, info) =>
-            err ? reject(err) : resolve(info),
-          ),
-        );
-      } catch (err) {
-        const error = MasqueradeError.from(err);
-        if (!(await this.backoffBeforeRetry(error, attempt, deadline))) throw error;
-      }
+    try {
+      return await new Promise<ServerInfo>((resolve, reject) =>
+        this.raw.getServerInfo({}, this.metadata(options), { deadline }, (err, info) => (err ? reject(err) : resolve(info))),
+      );
+    } catch (err) {
+      throw MasqueradeError.from(err);
     }
-  }
-
-  /** Sleeps before the next attempt and returns true, or returns false when `error` is final. */
-  private async backoffBeforeRetry(error: MasqueradeError, attempt: number, deadline: Date): Promise<boolean> {
-    if (error.code !== status.UNAVAILABLE || attempt >= this.retry.maxAttempts) return false;
-    const ceiling = Math.min(this.retry.maxBackoffMs, this.retry.initialBackoffMs * this.retry.multiplier ** (attempt - 1));
-    const delayMs = ceiling * (0.5 + Math.random() / 2); // jitter, so clients that failed together do not retry together
-    if (Date.now() + delayMs >= deadline.getTime()) return false;
-    await new Promise((resolve) => setTimeout(resolve, delayMs));
-    return true;
   }
 }
 

@@ -12,17 +12,21 @@ import {
   type AnonymizeBatchResponse,
   type AnonymizeEvent,
   type AnonymizeRequest,
+  DetectionOptions,
   MasqueradeClient,
+  type MasqueradeClientOptions,
   MasqueradeError,
   Method,
   phaseToJSON,
+  ReversePersonalizationParams,
   status,
   statusName,
 } from "./client";
 
 const USAGE =
   "usage: node dist/example.js --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n" +
-  "       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE\n" +
+  "       [--aligned] [--steps N] [--timeout SECONDS]\n" +
+  "       [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--token-file FILE] INPUT_IMAGE OUTPUT_IMAGE\n" +
   "       node dist/example.js --batch --server HOST:PORT [options as above] INPUT_IMAGE... OUTPUT_DIR";
 
 const METHODS: Record<string, Method> = {
@@ -39,6 +43,8 @@ interface Args {
   /** Every field but requestId and image. */
   template: Omit<AnonymizeRequest, "requestId" | "image">;
   timeoutMs: number;
+  /** TLS and token options of the client. */
+  connection: MasqueradeClientOptions;
   batch: boolean;
   inputs: string[];
   /** The output image, or with --batch the output directory. */
@@ -58,6 +64,11 @@ function parseCommandLine(argv: string[]): Args {
         steps: { type: "string" },
         timeout: { type: "string", default: "300" },
         batch: { type: "boolean", default: false },
+        tls: { type: "boolean", default: false },
+        "tls-ca": { type: "string" },
+        "tls-cert": { type: "string" },
+        "tls-key": { type: "string" },
+        "token-file": { type: "string" },
         help: { type: "boolean", short: "h", default: false },
       },
     });
@@ -88,15 +99,39 @@ function parseCommandLine(argv: string[]): Args {
   const timeoutSeconds = Number(values.timeout);
   if (!(timeoutSeconds > 0)) throw new UsageError(`--timeout ${values.timeout}: use a positive number of seconds`);
 
+  if ((values["tls-cert"] === undefined) !== (values["tls-key"] === undefined)) {
+    throw new UsageError("--tls-cert and --tls-key: give both (mutual TLS) or neither");
+  }
+  let token: string | undefined;
+  if (values["token-file"] !== undefined) {
+    let text: string;
+    try {
+      text = readFileSync(values["token-file"], "utf8");
+    } catch (err) {
+      throw new UsageError(`--token-file ${values["token-file"]}: ${(err as Error).message}`);
+    }
+    token = text.split(/\r?\n/).map((line) => line.trim()).find((line) => line !== "");
+    if (token === undefined) throw new UsageError(`--token-file ${values["token-file"]}: the file holds no token`);
+  }
+  const connection: MasqueradeClientOptions = {
+    tls: values.tls,
+    caFile: values["tls-ca"],
+    certFile: values["tls-cert"],
+    keyFile: values["tls-key"],
+    token,
+  };
+
   const template = {
     method,
-    params: steps === undefined ? undefined : { steps },
-    detection: values.aligned ? { aligned: true } : undefined,
+    // fromPartial: fields the proto gains later take their defaults.
+    params: steps === undefined ? undefined : ReversePersonalizationParams.fromPartial({ steps }),
+    detection: values.aligned ? DetectionOptions.fromPartial({ aligned: true }) : undefined,
   };
   return {
     server: values.server,
     template,
     timeoutMs: timeoutSeconds * 1000,
+    connection,
     batch: values.batch,
     inputs: positionals.slice(0, -1),
     output: positionals[positionals.length - 1],
@@ -176,7 +211,13 @@ async function main(): Promise<number> {
     console.error(`error: ${err.message}\n${USAGE}`);
     return 2;
   }
-  const client = new MasqueradeClient(args.server, { timeoutMs: args.timeoutMs });
+  let client: MasqueradeClient;
+  try {
+    client = new MasqueradeClient(args.server, { ...args.connection, timeoutMs: args.timeoutMs });
+  } catch (err) {
+    console.error(`error: ${(err as Error).message}`); // an unreadable PEM file, a bad token
+    return 2;
+  }
   try {
     if (args.batch) return await runBatch(client, args);
     const request: AnonymizeRequest = { ...args.template, requestId: "", image: readFileSync(args.inputs[0]) };

@@ -25,7 +25,8 @@ namespace v1 = masquerade::v1;
 
 constexpr const char* kUsage =
     "usage: masquerade-anonymize --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n"
-    "       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE\n"
+    "       [--aligned] [--steps N] [--timeout SECONDS]\n"
+    "       [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--token-file FILE] INPUT_IMAGE OUTPUT_IMAGE\n"
     "       masquerade-anonymize --batch --server HOST:PORT [options as above] INPUT_IMAGE... OUTPUT_DIR";
 
 const std::map<std::string, v1::Method> kMethods = {
@@ -46,6 +47,8 @@ struct Args {
   std::optional<unsigned> steps;
   double timeout_seconds = 300;
   bool batch = false;
+  bool tls = false;
+  std::string tls_ca, tls_cert, tls_key, token_file;
   std::vector<std::string> inputs;
   std::string output;  // the output image, or with --batch the output directory
 };
@@ -80,6 +83,16 @@ Args ParseArgs(int argc, char** argv) {
       args.method = found->second;
     } else if (arg == "--batch") {
       args.batch = true;
+    } else if (arg == "--tls") {
+      args.tls = true;
+    } else if (arg == "--tls-ca") {
+      args.tls_ca = value();
+    } else if (arg == "--tls-cert") {
+      args.tls_cert = value();
+    } else if (arg == "--tls-key") {
+      args.tls_key = value();
+    } else if (arg == "--token-file") {
+      args.token_file = value();
     } else if (arg == "--aligned") {
       args.aligned = true;
     } else if (arg == "--steps") {
@@ -107,6 +120,9 @@ Args ParseArgs(int argc, char** argv) {
     }
   }
   if (args.server.empty()) throw UsageError("--server HOST:PORT is required");
+  if (args.tls_cert.empty() != args.tls_key.empty()) {
+    throw UsageError("--tls-cert and --tls-key: give both (mutual TLS) or neither");
+  }
   if (args.batch) {
     if (positional.size() < 2) throw UsageError("--batch: expected INPUT_IMAGE... OUTPUT_DIR");
     std::set<std::string> seen;
@@ -129,6 +145,18 @@ std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot read " + path);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// The first non-empty line of the token file.
+std::string ReadToken(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw UsageError("--token-file: cannot read " + path);
+  for (std::string line; std::getline(in, line);) {
+    const auto begin = line.find_first_not_of(" \t\r");
+    if (begin == std::string::npos) continue;
+    return line.substr(begin, line.find_last_not_of(" \t\r") - begin + 1);
+  }
+  throw UsageError("--token-file " + path + ": the file holds no token");
 }
 
 void WriteFile(const std::string& path, const std::string& bytes) {
@@ -234,15 +262,27 @@ int main(int argc, char** argv) {
     std::cerr << "error: " << e.what() << "\n" << kUsage << "\n";
     return 2;
   }
+  masquerade::ClientOptions options;
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
   try {
-    masquerade::ClientOptions options;
     options.timeout = std::chrono::milliseconds(static_cast<long long>(args.timeout_seconds * 1000));
+    options.tls = args.tls;
+    options.ca_file = args.tls_ca;
+    options.cert_file = args.tls_cert;
+    options.key_file = args.tls_key;
+    if (!args.token_file.empty()) options.token = ReadToken(args.token_file);
+    credentials = masquerade::ChannelCredentialsFor(options);  // reads the PEM files now
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  }
+  try {
     if (args.batch) {
-      masquerade::Client client(args.server, options);
+      masquerade::Client client(args.server, options, credentials);
       return RunBatch(client, args);
     }
     const v1::AnonymizeRequest request = NewRequest(args, "", ReadFile(args.inputs[0]));
-    masquerade::Client client(args.server, options);
+    masquerade::Client client(args.server, options, credentials);
     const v1::AnonymizeResponse result = client.AnonymizeStream(
         request, [](const v1::AnonymizeEvent& event) { std::cout << Describe(event) << std::endl; });
     WriteFile(args.output, result.image());

@@ -1,7 +1,8 @@
 #include "masquerade/client.h"
 
-#include <algorithm>
-#include <random>
+#include <fstream>
+#include <iterator>
+#include <stdexcept>
 #include <thread>
 
 namespace masquerade {
@@ -21,53 +22,84 @@ const char* CodeName(grpc::StatusCode code) noexcept {
   return index >= 0 && index < static_cast<int>(std::size(kNames)) ? kNames[index] : "UNKNOWN";
 }
 
+const char* const kServiceConfig = R"({"methodConfig": [
+  {"name": [{"service": "masquerade.v1.Anonymizer"}],
+   "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "5s", "backoffMultiplier": 2,
+                   "retryableStatusCodes": ["UNAVAILABLE"]}},
+  {"name": [{"service": "masquerade.v1.Anonymizer", "method": "AnonymizeBatch"}]}]})";
+
+namespace {
+
+std::string ReadFile(const char* what, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::invalid_argument(std::string(what) + ": cannot read " + path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentialsFor(const ClientOptions& options) {
+  if (options.cert_file.empty() != options.key_file.empty()) {
+    throw std::invalid_argument("cert_file and key_file: give both (mutual TLS) or neither");
+  }
+  if (options.ca_file.empty() && options.cert_file.empty() && !options.tls) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions ssl;
+  if (!options.ca_file.empty()) ssl.pem_root_certs = ReadFile("ca_file", options.ca_file);
+  if (!options.cert_file.empty()) {
+    ssl.pem_cert_chain = ReadFile("cert_file", options.cert_file);
+    ssl.pem_private_key = ReadFile("key_file", options.key_file);
+  }
+  return grpc::SslCredentials(ssl);
+}
+
 Client::Client(const std::string& target, ClientOptions options, std::shared_ptr<grpc::ChannelCredentials> credentials)
-    : options_(options) {
+    : options_(std::move(options)) {
+  if (!credentials) credentials = ChannelCredentialsFor(options_);
   grpc::ChannelArguments args;
   // Results are whole encoded images, larger than gRPC's 4 MiB default; 64 MiB matches the server.
   args.SetMaxReceiveMessageSize(64 << 20);
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, 1);
+  args.SetServiceConfigJSON(kServiceConfig);
   channel_ = grpc::CreateCustomChannel(target, std::move(credentials), args);
   stub_ = v1::Anonymizer::NewStub(channel_);
 }
 
+void Client::Prepare(grpc::ClientContext& context) const {
+  context.set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  if (!options_.token.empty()) context.AddMetadata("authorization", "Bearer " + options_.token);
+}
+
 v1::AnonymizeResponse Client::AnonymizeStream(const v1::AnonymizeRequest& request, const EventCallback& on_event) {
-  const auto deadline = std::chrono::system_clock::now() + options_.timeout;
-  for (int attempt = 1;; ++attempt) {
-    grpc::ClientContext context;
-    context.set_deadline(deadline);
-    auto reader = stub_->AnonymizeStream(&context, request);
-    v1::AnonymizeEvent event;
-    v1::AnonymizeResponse result;
-    bool received = false, has_result = false;
-    while (reader->Read(&event)) {
-      received = true;
-      if (on_event) {
-        try {
-          on_event(event);
-        } catch (...) {
-          context.TryCancel();  // frees the server's slot
-          reader->Finish();
-          throw;
-        }
-      }
-      if (event.has_result()) {
-        result = std::move(*event.mutable_result());
-        has_result = true;
+  grpc::ClientContext context;
+  Prepare(context);
+  auto reader = stub_->AnonymizeStream(&context, request);
+  v1::AnonymizeEvent event;
+  v1::AnonymizeResponse result;
+  bool has_result = false;
+  while (reader->Read(&event)) {
+    if (on_event) {
+      try {
+        on_event(event);
+      } catch (...) {
+        context.TryCancel();  // frees the server's slot
+        reader->Finish();
+        throw;
       }
     }
-    const grpc::Status status = reader->Finish();
-    if (status.ok()) {
-      if (!has_result) throw RpcError(grpc::StatusCode::INTERNAL, "the stream ended without a result event");
-      return result;
+    if (event.has_result()) {
+      result = std::move(*event.mutable_result());
+      has_result = true;
     }
-    // Once an event arrived the server has the job; a retry would run it twice.
-    if (received || !BackoffBeforeRetry(status, attempt, deadline)) throw RpcError(status);
   }
+  const grpc::Status status = reader->Finish();
+  if (!status.ok()) throw RpcError(status);
+  if (!has_result) throw RpcError(grpc::StatusCode::INTERNAL, "the stream ended without a result event");
+  return result;
 }
 
 void Client::AnonymizeBatch(const std::vector<v1::AnonymizeRequest>& requests, const BatchCallback& on_response) {
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  Prepare(context);
   const auto stream = stub_->AnonymizeBatch(&context);
   // Write blocks under flow control while the server waits for its responses to
   // be read, so writing runs beside the reads below. Write and WritesDone fail
@@ -102,28 +134,12 @@ void Client::AnonymizeBatch(const std::vector<v1::AnonymizeRequest>& requests, c
 }
 
 v1::ServerInfo Client::GetServerInfo() {
-  const auto deadline = std::chrono::system_clock::now() + options_.timeout;
-  for (int attempt = 1;; ++attempt) {
-    grpc::ClientContext context;
-    context.set_deadline(deadline);
-    v1::ServerInfo info;
-    const grpc::Status status = stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info);
-    if (status.ok()) return info;
-    if (!BackoffBeforeRetry(status, attempt, deadline)) throw RpcError(status);
-  }
-}
-
-bool Client::BackoffBeforeRetry(const grpc::Status& status, int attempt, std::chrono::system_clock::time_point deadline) {
-  if (status.error_code() != grpc::StatusCode::UNAVAILABLE || attempt >= options_.max_attempts) return false;
-  const std::chrono::milliseconds ceiling =
-      std::min<std::chrono::milliseconds>(options_.max_backoff, options_.initial_backoff * (1LL << std::min(attempt - 1, 20)));
-  // Jitter, so clients that failed together do not retry together.
-  thread_local std::mt19937 rng{std::random_device{}()};
-  const auto delay = std::chrono::milliseconds(static_cast<long long>(
-      ceiling.count() * std::uniform_real_distribution<double>(0.5, 1.0)(rng)));
-  if (std::chrono::system_clock::now() + delay >= deadline) return false;
-  std::this_thread::sleep_for(delay);
-  return true;
+  grpc::ClientContext context;
+  Prepare(context);
+  v1::ServerInfo info;
+  const grpc::Status status = stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info);
+  if (!status.ok()) throw RpcError(status);
+  return info;
 }
 
 }  // namespace masquerade

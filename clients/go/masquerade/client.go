@@ -1,47 +1,98 @@
 // Package masquerade is a thin Go client for the Masquerade anonymization server,
 // over the stub generated from proto/ (package masqueradev1, built by
-// clients/go/build.sh): one deadline per call across all its attempts, retries
-// of UNAVAILABLE with exponential backoff before any response arrived, and *Error
-// for every failure.
+// clients/go/build.sh): one deadline per call, retries of UNAVAILABLE by gRPC
+// itself (the channel's service config: the same retryPolicy as the Python,
+// TypeScript and C++ clients), TLS / mutual TLS and a bearer token from Options,
+// and *Error for every failure.
+//
+// grpc-go before 1.40 applies a retryPolicy only with GRPC_GO_RETRY=on set before
+// it initializes: import _ "masquerade/clients/go/retryenv" first in package main
+// (the example does).
 package masquerade
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
 	"io"
-	"math/rand"
+	"os"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 
 	pb "masquerade/clients/go/gen/masquerade/v1"
 )
 
-// Options of a Client; zero fields take the defaults below.
+// ServiceConfig is gRPC's retryPolicy for UNAVAILABLE, the project's one policy in
+// all four clients: 4 attempts in all, backoff 0.2 s doubling to at most 5 s (gRPC
+// waits a random time up to that), only before any response arrived and never past
+// the call's deadline. AnonymizeBatch is not retried: the server may already be
+// running what was sent.
+const ServiceConfig = `{"methodConfig": [
+  {"name": [{"service": "masquerade.v1.Anonymizer"}],
+   "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "5s", "backoffMultiplier": 2,
+                   "retryableStatusCodes": ["UNAVAILABLE"]}},
+  {"name": [{"service": "masquerade.v1.Anonymizer", "method": "AnonymizeBatch"}]}]}`
+
+// Options of a Client; zero fields take the defaults.
 type Options struct {
-	// Timeout is the deadline of each call, all attempts together, unless ctx has an
+	// Timeout is the deadline of each call, retries included, unless ctx has an
 	// earlier one. Default 300 s.
 	Timeout time.Duration
-	// MaxAttempts counts the first attempt. Default 4.
-	MaxAttempts    int
-	InitialBackoff time.Duration // default 200 ms, doubled per retry
-	MaxBackoff     time.Duration // default 5 s
+	// CAFile is the PEM file of the CA that signed the server's certificate; it
+	// implies TLS. TLS alone uses the system's roots.
+	CAFile string
+	TLS    bool
+	// CertFile and KeyFile are this client's PEM certificate and key, for servers
+	// that require mutual TLS.
+	CertFile string
+	KeyFile  string
+	// Token is sent as "authorization: Bearer <token>" metadata on every call.
+	Token string
 }
 
 func (o Options) withDefaults() Options {
 	if o.Timeout <= 0 {
 		o.Timeout = 300 * time.Second
 	}
-	if o.MaxAttempts <= 0 {
-		o.MaxAttempts = 4
-	}
-	if o.InitialBackoff <= 0 {
-		o.InitialBackoff = 200 * time.Millisecond
-	}
-	if o.MaxBackoff <= 0 {
-		o.MaxBackoff = 5 * time.Second
-	}
 	return o
+}
+
+// TransportCredentials returns the TLS credentials the options ask for, or nil
+// for plaintext (no CAFile, no CertFile, TLS false).
+func (o Options) TransportCredentials() (credentials.TransportCredentials, error) {
+	if (o.CertFile == "") != (o.KeyFile == "") {
+		return nil, errors.New("CertFile and KeyFile: give both (mutual TLS) or neither")
+	}
+	if o.CAFile == "" && o.CertFile == "" && !o.TLS {
+		return nil, nil
+	}
+	config := &tls.Config{MinVersion: tls.VersionTLS12}
+	if o.CAFile != "" {
+		pem, err := os.ReadFile(o.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("CAFile: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("CAFile %s: no PEM certificate in it", o.CAFile)
+		}
+		config.RootCAs = pool
+	}
+	if o.CertFile != "" {
+		pair, err := tls.LoadX509KeyPair(o.CertFile, o.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("CertFile/KeyFile: %w", err)
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return credentials.NewTLS(config), nil
 }
 
 // Client calls one Masquerade server. It is safe for concurrent use.
@@ -52,19 +103,42 @@ type Client struct {
 	opts Options
 }
 
-// Dial connects lazily to target ("host:port"). Without dialOpts the channel is
-// plaintext, as the server listens on loopback or behind a proxy.
+// Dial connects lazily to target ("host:port"), with TLS and a token as opts say
+// (plaintext by default, for a server on loopback). dialOpts come last and may
+// override any of them.
 func Dial(target string, opts Options, dialOpts ...grpc.DialOption) (*Client, error) {
-	if len(dialOpts) == 0 {
-		dialOpts = []grpc.DialOption{grpc.WithInsecure()}
+	opts = opts.withDefaults()
+	if token := strings.TrimSpace(opts.Token); opts.Token != "" && (token == "" || strings.ContainsAny(token, " \t\r\n")) {
+		return nil, errors.New("Token: empty or holds whitespace")
 	}
-	// Results are whole encoded images, larger than gRPC's 4 MiB default; 64 MiB matches the server.
-	dialOpts = append(dialOpts, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)))
-	conn, err := grpc.Dial(target, dialOpts...)
+	opts.Token = strings.TrimSpace(opts.Token)
+	creds, err := opts.TransportCredentials()
+	if err != nil {
+		return nil, err
+	}
+	transport := grpc.WithInsecure()
+	if creds != nil {
+		transport = grpc.WithTransportCredentials(creds)
+	}
+	all := []grpc.DialOption{
+		transport,
+		grpc.WithDefaultServiceConfig(ServiceConfig),
+		// Results are whole encoded images, larger than gRPC's 4 MiB default; 64 MiB matches the server.
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20)),
+	}
+	conn, err := grpc.Dial(target, append(all, dialOpts...)...)
 	if err != nil {
 		return nil, fromError(err)
 	}
-	return &Client{conn: conn, Raw: pb.NewAnonymizerClient(conn), opts: opts.withDefaults()}, nil
+	return &Client{conn: conn, Raw: pb.NewAnonymizerClient(conn), opts: opts}, nil
+}
+
+// callContext applies the deadline and the bearer token.
+func (c *Client) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if c.opts.Token != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+c.opts.Token)
+	}
+	return context.WithTimeout(ctx, c.opts.Timeout)
 }
 
 // Close releases the channel.
@@ -75,45 +149,27 @@ func (c *Client) Close() error { return c.conn.Close() }
 // the result. An error from onEvent cancels the call and is returned as is; any
 // other failure is an *Error.
 func (c *Client) AnonymizeStream(ctx context.Context, req *pb.AnonymizeRequest, onEvent func(*pb.AnonymizeEvent) error) (*pb.AnonymizeResponse, error) {
-	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
-	defer cancel()
-	for attempt := 1; ; attempt++ {
-		result, received, err := c.streamOnce(ctx, req, onEvent)
-		if err == nil {
-			return result, nil
-		}
-		merr, isRPC := err.(*Error)
-		// Once an event arrived the server has the job; a retry would run it twice.
-		if !isRPC || received || !c.backoffBeforeRetry(ctx, merr, attempt) {
-			return nil, err
-		}
-	}
-}
-
-func (c *Client) streamOnce(ctx context.Context, req *pb.AnonymizeRequest, onEvent func(*pb.AnonymizeEvent) error) (*pb.AnonymizeResponse, bool, error) {
-	ctx, cancel := context.WithCancel(ctx) // frees the server's slot if onEvent gives up
+	ctx, cancel := c.callContext(ctx) // cancel also frees the server's slot if onEvent gives up
 	defer cancel()
 	stream, err := c.Raw.AnonymizeStream(ctx, req)
 	if err != nil {
-		return nil, false, fromError(err)
+		return nil, fromError(err)
 	}
-	received := false
 	for {
 		event, err := stream.Recv()
 		if err == io.EOF {
-			return nil, received, &Error{Code: codes.Internal, Message: "the stream ended without a result event"}
+			return nil, &Error{Code: codes.Internal, Message: "the stream ended without a result event"}
 		}
 		if err != nil {
-			return nil, received, fromError(err)
+			return nil, fromError(err)
 		}
-		received = true
 		if onEvent != nil {
 			if err := onEvent(event); err != nil {
-				return nil, received, err
+				return nil, err
 			}
 		}
 		if result := event.GetResult(); result != nil {
-			return result, received, nil
+			return result, nil
 		}
 	}
 }
@@ -137,7 +193,7 @@ func (c *Client) Anonymize(ctx context.Context, req *pb.AnonymizeRequest) (*pb.A
 // called from the caller's goroutine, never concurrently. requests must not be
 // nil nor be changed before AnonymizeBatch returns.
 func (c *Client) AnonymizeBatch(ctx context.Context, requests []*pb.AnonymizeRequest, onResponse func(*pb.AnonymizeBatchResponse) error) error {
-	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
+	ctx, cancel := c.callContext(ctx)
 	defer cancel() // ends the call, and with it the sender, on every early return
 	stream, err := c.Raw.AnonymizeBatch(ctx)
 	if err != nil {
@@ -182,41 +238,11 @@ func (c *Client) AnonymizeBatch(ctx context.Context, requests []*pb.AnonymizeReq
 
 // GetServerInfo returns the version, methods available, models loaded, limits and defaults.
 func (c *Client) GetServerInfo(ctx context.Context) (*pb.ServerInfo, error) {
-	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
+	ctx, cancel := c.callContext(ctx)
 	defer cancel()
-	for attempt := 1; ; attempt++ {
-		info, err := c.Raw.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
-		if err == nil {
-			return info, nil
-		}
-		merr := fromError(err)
-		if !c.backoffBeforeRetry(ctx, merr, attempt) {
-			return nil, merr
-		}
+	info, err := c.Raw.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
+	if err != nil {
+		return nil, fromError(err)
 	}
-}
-
-// backoffBeforeRetry sleeps before the next attempt and returns true, or returns
-// false when err is final.
-func (c *Client) backoffBeforeRetry(ctx context.Context, err *Error, attempt int) bool {
-	if err.Code != codes.Unavailable || attempt >= c.opts.MaxAttempts {
-		return false
-	}
-	ceiling := c.opts.InitialBackoff << (attempt - 1)
-	if ceiling > c.opts.MaxBackoff || ceiling <= 0 {
-		ceiling = c.opts.MaxBackoff
-	}
-	// Jitter, so clients that failed together do not retry together.
-	delay := ceiling/2 + time.Duration(rand.Int63n(int64(ceiling/2)+1))
-	if deadline, ok := ctx.Deadline(); ok && time.Now().Add(delay).After(deadline) {
-		return false
-	}
-	timer := time.NewTimer(delay)
-	defer timer.Stop()
-	select {
-	case <-timer.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
+	return info, nil
 }

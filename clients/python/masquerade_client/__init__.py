@@ -1,7 +1,7 @@
 """Python client for the Masquerade face-anonymization server (masquerade.v1.Anonymizer).
 
 from masquerade_client import AnonymizerClient
-with AnonymizerClient("localhost:50051") as client:
+with AnonymizerClient("localhost:50051") as client:  # ca_file=, cert_file=, key_file=, token= for TLS
     client.wait_ready(timeout=60)
     response = client.anonymize(image_bytes, method="reverse_personalization", steps=50)
     open("out.jpg", "wb").write(response.image)
@@ -9,10 +9,14 @@ with AnonymizerClient("localhost:50051") as client:
 
 from masquerade_client.client import (
     DEFAULT_TIMEOUT_S,
+    SERVICE_NAME,
     AnonymizerClient,
     AsyncAnonymizerClient,
     RetryPolicy,
     build_request,
+    channel_credentials,
+    pb2,
+    pb2_grpc,
 )
 from masquerade_client.errors import (
     Cancelled,
@@ -34,6 +38,10 @@ __all__ = [
     "AsyncAnonymizerClient",
     "RetryPolicy",
     "build_request",
+    "channel_credentials",
+    "pb2",
+    "pb2_grpc",
+    "SERVICE_NAME",
     "DEFAULT_TIMEOUT_S",
     "MasqueradeError",
     "InvalidArgument",

@@ -1,27 +1,32 @@
 """Python clients for masquerade.v1.Anonymizer: ``AnonymizerClient`` (blocking) and ``AsyncAnonymizerClient``.
 
-Both apply a default deadline to every call, retry UNAVAILABLE with bounded
-exponential backoff (unary calls, and streams that have not yet produced an
-event), and raise gRPC failures as ``MasqueradeError`` subclasses.
-Responses are the generated protobuf messages (``masquerade.v1.anonymizer_pb2``).
+Both apply a default deadline to every call, raise gRPC failures as ``MasqueradeError``
+subclasses, and leave retries to gRPC itself: the channel's service config carries one
+``retryPolicy`` (UNAVAILABLE only; see ``RetryPolicy``), the same in the TypeScript, Go and
+C++ clients. TLS (``ca_file``, or ``tls=True`` for the system's roots), mutual TLS
+(``cert_file`` + ``key_file``) and a bearer token (``token``, sent as
+``authorization: Bearer <token>`` metadata on every call) are constructor options.
+Responses are the generated protobuf messages (``masquerade_client.pb2``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from masquerade.api.protos import SERVICE_NAME, pb2, pb2_grpc
 from masquerade_client.errors import MasqueradeError, Unavailable, from_rpc_error
+from masquerade_client.v1 import anonymizer_pb2 as pb2
+from masquerade_client.v1 import anonymizer_pb2_grpc as pb2_grpc
 
-T = TypeVar("T")
+SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Anonymizer"].full_name  # "masquerade.v1.Anonymizer"
 
 DEFAULT_TIMEOUT_S = 300.0
 """Deadline of a call when none is given: long enough for 100-step SDXL under load."""
@@ -34,17 +39,36 @@ _FORMATS = {name.lower(): number for name, number in pb2.ImageFormat.items()}
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff for UNAVAILABLE, bounded in attempts and by the call's deadline."""
+    """gRPC's retryPolicy for UNAVAILABLE (the project's one policy, in all four clients).
 
-    max_attempts: int = 5
-    initial_backoff_s: float = 0.1
+    gRPC retries a call only before any response arrived, waits a random time up to
+    ``min(initial_backoff_s * multiplier**(n-1), max_backoff_s)`` before retry n, and never
+    past the call's deadline. AnonymizeBatch is never retried: the server may already be
+    running what was sent.
+    """
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.2
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
 
-    def backoff(self, attempt: int) -> float:
-        """Sleep before attempt ``attempt + 1`` (attempt counts from 1), with full jitter."""
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)
+    def service_config(self) -> str:
+        """The channel's service config (JSON), as the ``grpc.service_config`` channel option takes it."""
+        retry = {
+            "maxAttempts": self.max_attempts,
+            "initialBackoff": f"{self.initial_backoff_s:g}s",
+            "maxBackoff": f"{self.max_backoff_s:g}s",
+            "backoffMultiplier": self.multiplier,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+        return json.dumps(
+            {
+                "methodConfig": [
+                    {"name": [{"service": SERVICE_NAME}], "retryPolicy": retry},
+                    {"name": [{"service": SERVICE_NAME, "method": "AnonymizeBatch"}]},
+                ]
+            }
+        )
 
 
 def _enum_value(field_name: str, value: int | str, table: dict[str, int]) -> int:
@@ -113,28 +137,68 @@ def build_request(
     return request
 
 
-def _channel_options(max_message_bytes: int, extra: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _channel_options(
+    max_message_bytes: int, retry: RetryPolicy, extra: Iterable[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", retry.service_config()),
         *extra,
     ]
 
 
+def channel_credentials(
+    *,
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+    tls: bool = False,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files, or None for plaintext (no file given and ``tls`` false).
+
+    ``ca_file``: the CA that signed the server's certificate (the system's roots when omitted
+    and ``tls`` is true); ``cert_file`` + ``key_file``: this client's certificate, for servers
+    that require mutual TLS.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("cert_file and key_file: give both (mutual TLS) or neither")
+    if ca_file is None and cert_file is None and not tls:
+        return None
+
+    def read(name: str, path: str | Path | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"{name}: cannot read {path}: {error.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read("ca_file", ca_file),
+        private_key=read("key_file", key_file),
+        certificate_chain=read("cert_file", cert_file),
+    )
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    if token is None:
+        return ()
+    token = token.strip()
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("token: empty or holds whitespace")
+    return (("authorization", f"Bearer {token}"),)
+
+
 class _Deadline:
-    """One overall deadline across retries; each attempt gets what is left."""
+    """One overall deadline for a wait loop."""
 
     def __init__(self, timeout: float):
         self.end = time.monotonic() + timeout
 
     def remaining(self) -> float:
         return max(0.0, self.end - time.monotonic())
-
-
-def _should_retry(error: grpc.RpcError, attempt: int, policy: RetryPolicy, deadline: _Deadline, pause: float) -> bool:
-    return (
-        error.code() == grpc.StatusCode.UNAVAILABLE and attempt < policy.max_attempts and deadline.remaining() > pause
-    )
 
 
 class BatchResponses(Iterator[pb2.AnonymizeBatchResponse]):
@@ -188,26 +252,40 @@ class AnonymizerClient:
     >>> with AnonymizerClient("localhost:50051") as client:
     ...     client.wait_ready(timeout=60)
     ...     response = client.anonymize(open("photo.jpg", "rb").read(), method="blur")
+
+    ``address``: "host:port". ``timeout``: the deadline of each call (retries included) unless
+    the call gives its own. TLS: ``ca_file`` (or ``tls=True`` for the system's roots), plus
+    ``cert_file`` and ``key_file`` for mutual TLS, or ready-made ``credentials``. ``token``:
+    sent as ``authorization: Bearer <token>`` on every call.
     """
 
     def __init__(
         self,
-        target: str,
+        address: str,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        tls: bool = False,
+        token: str | None = None,
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Iterable[tuple[str, Any]] = (),
     ):
-        self.target = target
+        self.target = address
         self.timeout = timeout
         self.retry = retry
-        options = _channel_options(max_message_bytes, channel_options)
+        self._metadata = _auth_metadata(token)
+        options = _channel_options(max_message_bytes, retry, channel_options)
+        credentials = credentials or channel_credentials(
+            ca_file=ca_file, cert_file=cert_file, key_file=key_file, tls=tls
+        )
         self._channel = (
-            grpc.secure_channel(target, credentials, options=options)
+            grpc.secure_channel(address, credentials, options=options)
             if credentials is not None
-            else grpc.insecure_channel(target, options=options)
+            else grpc.insecure_channel(address, options=options)
         )
         self._stub = pb2_grpc.AnonymizerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -221,27 +299,21 @@ class AnonymizerClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _unary(self, call: Callable[..., T], request, timeout: float | None) -> T:
-        deadline = _Deadline(self.timeout if timeout is None else timeout)
-        attempt = 1
-        while True:
-            try:
-                return call(request, timeout=deadline.remaining())
-            except grpc.RpcError as error:
-                pause = self.retry.backoff(attempt)
-                if not _should_retry(error, attempt, self.retry, deadline, pause):
-                    raise from_rpc_error(error) from None
-            time.sleep(pause)
-            attempt += 1
+    def _timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
     def anonymize(self, image: bytes, *, timeout: float | None = None, **options: Any) -> pb2.AnonymizeResponse:
-        """Anonymizes every face in ``image``; ``options`` are ``build_request``'s keyword arguments."""
+        """Anonymizes every face in ``image``; ``options`` are ``build_request``'s keyword arguments
+        (``method="blur"``, ``steps=50``, ``aligned=True``, ...)."""
         return self.anonymize_request(build_request(image, **options), timeout=timeout)
 
     def anonymize_request(
         self, request: pb2.AnonymizeRequest, *, timeout: float | None = None
     ) -> pb2.AnonymizeResponse:
-        return self._unary(self._stub.Anonymize, request, timeout)
+        try:
+            return self._stub.Anonymize(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     def anonymize_stream(
         self, image: bytes, *, timeout: float | None = None, **options: Any
@@ -250,26 +322,15 @@ class AnonymizerClient:
 
         Breaking out of the loop cancels the call, and the server frees the request's slots.
         """
-        request = build_request(image, **options)
-        deadline = _Deadline(self.timeout if timeout is None else timeout)
-        attempt = 1
-        while True:
-            call = self._stub.AnonymizeStream(request, timeout=deadline.remaining())
-            received = False
-            try:
-                for event in call:
-                    received = True
-                    yield event
-                return
-            except grpc.RpcError as error:
-                pause = self.retry.backoff(attempt)
-                # Only a stream that produced nothing is safe to restart.
-                if received or not _should_retry(error, attempt, self.retry, deadline, pause):
-                    raise from_rpc_error(error) from None
-            finally:
-                call.cancel()  # no-op once the stream has finished
-            time.sleep(pause)
-            attempt += 1
+        call = self._stub.AnonymizeStream(
+            build_request(image, **options), timeout=self._timeout(timeout), metadata=self._metadata
+        )
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()  # no-op once the stream has finished
 
     def anonymize_batch(
         self, requests: Iterable[pb2.AnonymizeRequest], *, timeout: float | None = None
@@ -279,14 +340,19 @@ class AnonymizerClient:
         Iterate the result for responses in completion order; a failed request is a
         response whose ``error`` is set (``masquerade_client.errors.error_for_code_number``
         turns it into an exception). ``close()`` cancels the stream and every request still
-        running on it. Not retried: the request iterable is consumed once.
+        running on it. Never retried: the server may already be running what was sent.
         """
         return BatchResponses(
-            self._stub.AnonymizeBatch(iter(requests), timeout=self.timeout if timeout is None else timeout)
+            self._stub.AnonymizeBatch(iter(requests), timeout=self._timeout(timeout), metadata=self._metadata)
         )
 
     def server_info(self, *, timeout: float | None = None) -> pb2.ServerInfo:
-        return self._unary(self._stub.GetServerInfo, pb2.GetServerInfoRequest(), timeout)
+        try:
+            return self._stub.GetServerInfo(
+                pb2.GetServerInfoRequest(), timeout=self._timeout(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Blocks until the server's health check says SERVING; raises Unavailable after ``timeout``."""
@@ -311,26 +377,35 @@ class AnonymizerClient:
 
 
 class AsyncAnonymizerClient:
-    """asyncio client (grpc.aio); same calls as AnonymizerClient, awaited. ``async with`` closes it."""
+    """asyncio client (grpc.aio); same options and calls as AnonymizerClient, awaited. ``async with`` closes it."""
 
     def __init__(
         self,
-        target: str,
+        address: str,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        tls: bool = False,
+        token: str | None = None,
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Iterable[tuple[str, Any]] = (),
     ):
-        self.target = target
+        self.target = address
         self.timeout = timeout
         self.retry = retry
-        options = _channel_options(max_message_bytes, channel_options)
+        self._metadata = _auth_metadata(token)
+        options = _channel_options(max_message_bytes, retry, channel_options)
+        credentials = credentials or channel_credentials(
+            ca_file=ca_file, cert_file=cert_file, key_file=key_file, tls=tls
+        )
         self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=options)
+            grpc.aio.secure_channel(address, credentials, options=options)
             if credentials is not None
-            else grpc.aio.insecure_channel(target, options=options)
+            else grpc.aio.insecure_channel(address, options=options)
         )
         self._stub = pb2_grpc.AnonymizerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -344,18 +419,8 @@ class AsyncAnonymizerClient:
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
 
-    async def _unary(self, call, request, timeout: float | None):
-        deadline = _Deadline(self.timeout if timeout is None else timeout)
-        attempt = 1
-        while True:
-            try:
-                return await call(request, timeout=deadline.remaining())
-            except grpc.RpcError as error:
-                pause = self.retry.backoff(attempt)
-                if not _should_retry(error, attempt, self.retry, deadline, pause):
-                    raise from_rpc_error(error) from None
-            await asyncio.sleep(pause)
-            attempt += 1
+    def _timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
     async def anonymize(self, image: bytes, *, timeout: float | None = None, **options: Any) -> pb2.AnonymizeResponse:
         return await self.anonymize_request(build_request(image, **options), timeout=timeout)
@@ -363,30 +428,24 @@ class AsyncAnonymizerClient:
     async def anonymize_request(
         self, request: pb2.AnonymizeRequest, *, timeout: float | None = None
     ) -> pb2.AnonymizeResponse:
-        return await self._unary(self._stub.Anonymize, request, timeout)
+        try:
+            return await self._stub.Anonymize(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     async def anonymize_stream(
         self, image: bytes, *, timeout: float | None = None, **options: Any
     ) -> AsyncIterator[pb2.AnonymizeEvent]:
-        request = build_request(image, **options)
-        deadline = _Deadline(self.timeout if timeout is None else timeout)
-        attempt = 1
-        while True:
-            call = self._stub.AnonymizeStream(request, timeout=deadline.remaining())
-            received = False
-            try:
-                async for event in call:
-                    received = True
-                    yield event
-                return
-            except grpc.RpcError as error:
-                pause = self.retry.backoff(attempt)
-                if received or not _should_retry(error, attempt, self.retry, deadline, pause):
-                    raise from_rpc_error(error) from None
-            finally:
-                call.cancel()
-            await asyncio.sleep(pause)
-            attempt += 1
+        call = self._stub.AnonymizeStream(
+            build_request(image, **options), timeout=self._timeout(timeout), metadata=self._metadata
+        )
+        try:
+            async for event in call:
+                yield event
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
 
     def anonymize_batch(
         self,
@@ -396,11 +455,16 @@ class AsyncAnonymizerClient:
     ) -> AsyncBatchResponses:
         """Starts the batch stream at once; ``async for`` over the result; ``close()`` cancels it."""
         return AsyncBatchResponses(
-            self._stub.AnonymizeBatch(requests, timeout=self.timeout if timeout is None else timeout)
+            self._stub.AnonymizeBatch(requests, timeout=self._timeout(timeout), metadata=self._metadata)
         )
 
     async def server_info(self, *, timeout: float | None = None) -> pb2.ServerInfo:
-        return await self._unary(self._stub.GetServerInfo, pb2.GetServerInfoRequest(), timeout)
+        try:
+            return await self._stub.GetServerInfo(
+                pb2.GetServerInfoRequest(), timeout=self._timeout(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = _Deadline(timeout)
@@ -428,8 +492,12 @@ __all__ = [
     "AsyncAnonymizerClient",
     "RetryPolicy",
     "build_request",
+    "channel_credentials",
     "BatchResponses",
     "AsyncBatchResponses",
     "MasqueradeError",
     "DEFAULT_TIMEOUT_S",
+    "SERVICE_NAME",
+    "pb2",
+    "pb2_grpc",
 ]

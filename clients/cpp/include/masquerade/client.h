@@ -1,7 +1,8 @@
 // A thin C++ client for the Masquerade anonymization server, over the stub that
-// the CMake build generates from proto/: one deadline per call across all its
-// attempts, retries of UNAVAILABLE with exponential backoff before any response
-// arrived, and masquerade::RpcError thrown for every failure.
+// the CMake build generates from proto/: one deadline per call, retries of
+// UNAVAILABLE by gRPC itself (the channel's service config: the same retryPolicy
+// as the Python, TypeScript and Go clients), TLS / mutual TLS and a bearer token
+// from ClientOptions, and masquerade::RpcError thrown for every failure.
 #pragma once
 
 #include <chrono>
@@ -40,22 +41,39 @@ class RpcError : public std::runtime_error {
 // "INVALID_ARGUMENT" for grpc::StatusCode::INVALID_ARGUMENT, as in the gRPC spec.
 const char* CodeName(grpc::StatusCode code) noexcept;
 
+// gRPC's retryPolicy for UNAVAILABLE, the project's one policy in all four clients:
+// 4 attempts in all, backoff 0.2 s doubling to at most 5 s (gRPC waits a random time
+// up to that), only before any response arrived and never past the call's deadline.
+// AnonymizeBatch is not retried: the server may already be running what was sent.
+extern const char* const kServiceConfig;
+
 struct ClientOptions {
-  // Deadline of each call, all attempts together.
+  // Deadline of each call, retries included.
   std::chrono::milliseconds timeout{std::chrono::seconds(300)};
-  int max_attempts = 4;  // the first attempt included
-  std::chrono::milliseconds initial_backoff{200};  // doubled per retry
-  std::chrono::milliseconds max_backoff{5000};
+  // PEM file of the CA that signed the server's certificate; implies TLS.
+  std::string ca_file;
+  // TLS with gRPC's default roots when ca_file is empty.
+  bool tls = false;
+  // PEM files of this client's certificate and key, for servers that require mutual TLS.
+  std::string cert_file;
+  std::string key_file;
+  // Sent as "authorization: Bearer <token>" metadata on every call.
+  std::string token;
 };
+
+// The channel credentials the options ask for: plaintext when ca_file, cert_file
+// are empty and tls is false. Throws std::invalid_argument for an unreadable file.
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentialsFor(const ClientOptions& options);
 
 class Client {
  public:
   using EventCallback = std::function<void(const v1::AnonymizeEvent&)>;
   using BatchCallback = std::function<void(const v1::AnonymizeBatchResponse&)>;
 
-  // Plaintext by default, as the server listens on loopback or behind a proxy.
+  // TLS and the token as options say; plaintext by default (a server on loopback).
+  // Explicit credentials override the options' TLS files.
   explicit Client(const std::string& target, ClientOptions options = {},
-                  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials());
+                  std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
   // Sends one image through AnonymizeStream, passes every event (queued, faces
   // found, progress, result) to on_event as it arrives and returns the result.
@@ -82,8 +100,8 @@ class Client {
   v1::Anonymizer::Stub& raw() { return *stub_; }
 
  private:
-  // Sleeps before the next attempt and returns true, or returns false when status is final.
-  bool BackoffBeforeRetry(const grpc::Status& status, int attempt, std::chrono::system_clock::time_point deadline);
+  // Sets the deadline and the token on a call's context.
+  void Prepare(grpc::ClientContext& context) const;
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;

@@ -10,6 +10,9 @@
 package main
 
 import (
+	// First: grpc-go before 1.40 reads GRPC_GO_RETRY when it initializes (see the package).
+	_ "masquerade/clients/go/retryenv"
+
 	"context"
 	"errors"
 	"flag"
@@ -28,7 +31,8 @@ import (
 )
 
 const usage = `usage: masquerade-anonymize --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]
-       [--aligned] [--steps N] [--timeout SECONDS] INPUT_IMAGE OUTPUT_IMAGE
+       [--aligned] [--steps N] [--timeout SECONDS]
+       [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--token-file FILE] INPUT_IMAGE OUTPUT_IMAGE
        masquerade-anonymize --batch --server HOST:PORT [options as above] INPUT_IMAGE... OUTPUT_DIR`
 
 var methods = map[string]pb.Method{
@@ -39,14 +43,19 @@ var methods = map[string]pb.Method{
 }
 
 type args struct {
-	server  string
-	method  string
-	aligned bool
-	steps   uint
-	timeout float64
-	batch   bool
-	inputs  []string
-	output  string // the output image, or with --batch the output directory
+	server    string
+	method    string
+	aligned   bool
+	steps     uint
+	timeout   float64
+	batch     bool
+	tls       bool
+	tlsCA     string
+	tlsCert   string
+	tlsKey    string
+	tokenFile string
+	inputs    []string
+	output    string // the output image, or with --batch the output directory
 }
 
 func parseArgs(argv []string) (args, error) {
@@ -59,6 +68,11 @@ func parseArgs(argv []string) (args, error) {
 	fs.UintVar(&a.steps, "steps", 0, "diffusion steps (default: the server's)")
 	fs.Float64Var(&a.timeout, "timeout", 300, "deadline in seconds, retries included")
 	fs.BoolVar(&a.batch, "batch", false, "send every INPUT_IMAGE over one AnonymizeBatch stream into OUTPUT_DIR")
+	fs.BoolVar(&a.tls, "tls", false, "TLS with the system's CA roots")
+	fs.StringVar(&a.tlsCA, "tls-ca", "", "PEM: the CA that signed the server's certificate (implies TLS)")
+	fs.StringVar(&a.tlsCert, "tls-cert", "", "PEM: this client's certificate, for mutual TLS")
+	fs.StringVar(&a.tlsKey, "tls-key", "", "PEM: this client's private key, for mutual TLS")
+	fs.StringVar(&a.tokenFile, "token-file", "", "file whose first line is the bearer token")
 	// flag stops at the first positional argument; go on past it so options may follow the files.
 	var positional []string
 	for {
@@ -78,6 +92,8 @@ func parseArgs(argv []string) (args, error) {
 		return a, errors.New("--batch: expected INPUT_IMAGE... OUTPUT_DIR")
 	case !a.batch && len(positional) != 2:
 		return a, errors.New("expected INPUT_IMAGE and OUTPUT_IMAGE")
+	case (a.tlsCert == "") != (a.tlsKey == ""):
+		return a, errors.New("--tls-cert and --tls-key: give both (mutual TLS) or neither")
 	case a.timeout <= 0:
 		return a, fmt.Errorf("--timeout %v: use a positive number of seconds", a.timeout)
 	}
@@ -141,8 +157,43 @@ func newRequest(a args, id string, image []byte) *pb.AnonymizeRequest {
 	return req
 }
 
+// usageError is a failure of the command line's files (exit 2).
+type usageError struct{ error }
+
+func readToken(path string) (string, error) {
+	if path == "" {
+		return "", nil
+	}
+	text, err := os.ReadFile(path)
+	if err != nil {
+		return "", usageError{fmt.Errorf("--token-file: %w", err)}
+	}
+	for _, line := range strings.Split(string(text), "\n") {
+		if line = strings.TrimSpace(line); line != "" {
+			return line, nil
+		}
+	}
+	return "", usageError{fmt.Errorf("--token-file %s: the file holds no token", path)}
+}
+
 func dial(a args) (*masquerade.Client, error) {
-	return masquerade.Dial(a.server, masquerade.Options{Timeout: time.Duration(a.timeout * float64(time.Second))})
+	token, err := readToken(a.tokenFile)
+	if err != nil {
+		return nil, err
+	}
+	client, err := masquerade.Dial(a.server, masquerade.Options{
+		Timeout:  time.Duration(a.timeout * float64(time.Second)),
+		TLS:      a.tls,
+		CAFile:   a.tlsCA,
+		CertFile: a.tlsCert,
+		KeyFile:  a.tlsKey,
+		Token:    token,
+	})
+	var merr *masquerade.Error
+	if err != nil && !errors.As(err, &merr) {
+		return nil, usageError{err} // an unreadable PEM file, a bad token
+	}
+	return client, err
 }
 
 func run(a args) error {
@@ -244,8 +295,12 @@ func main() {
 		err = run(a)
 	}
 	var merr *masquerade.Error
+	var uerr usageError
 	switch {
 	case err == nil:
+	case errors.As(err, &uerr):
+		fmt.Fprintf(os.Stderr, "error: %v\n", err)
+		os.Exit(2)
 	case errors.As(err, &merr):
 		fmt.Fprintf(os.Stderr, "error: %s: %s\n", merr.CodeName(), merr.Message)
 		if errors.Is(err, masquerade.ErrInvalidArgument) {
