@@ -1,5 +1,5 @@
 """The TypeScript, Go and C++ clients, built from proto/ by clients/build_all.sh,
-against a real server on tiny models: every example streams its events before the
+against a real server on tiny models (plaintext, and mutual TLS + bearer token): every example streams its events before the
 result, writes a valid image, and maps gRPC failures to the documented exit codes
 (3 for INVALID_ARGUMENT, 1 otherwise) with `error: <CODE_NAME>: <message>` on stderr;
 with --batch, sends many images over one AnonymizeBatch stream, one line per response.
@@ -56,22 +56,8 @@ def built_clients() -> None:
 
 
 @pytest.fixture(scope="module")
-def server_address(built_clients) -> str:
-    from masquerade.engine.engine import EngineConfig
-    from server_support import start_test_server
-
-    address, stop = start_test_server(EngineConfig(models="tiny", device="cpu"))
-    yield address
-    stop()
-
-
-@pytest.fixture(scope="module")
-def face_png(tmp_path_factory) -> Path:
-    """An 'already aligned' face: any picture works with tiny models (detection is skipped)."""
-    path = tmp_path_factory.mktemp("clients") / "face.png"
-    rgb = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(path)
-    return path
+def server_address(built_clients, plain_server_address) -> str:
+    return plain_server_address
 
 
 def run_example(language: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -262,6 +248,76 @@ def test_unavailable_is_retried_before_any_event(language, built_clients, face_p
     assert calls() == 3
 
 
+def tls_flags(secure) -> list[str]:
+    c = secure.certificates
+    return ["--tls-ca", str(c.ca_cert), "--tls-cert", str(c.client_cert), "--tls-key", str(c.client_key)]
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_tls_and_token_server_is_called_with_the_ca_client_certificate_and_token(
+    language, built_clients, secure_server, face_png, tmp_path
+):
+    output = tmp_path / "out.png"
+    completed = run_example(
+        language,
+        "--server",
+        secure_server.address,
+        *tls_flags(secure_server),
+        "--token-file",
+        str(secure_server.token_file),
+        "--method",
+        "blur",
+        "--aligned",
+        str(face_png),
+        str(output),
+    )
+    assert_events_then_result(completed, output)
+
+    # The same call without the token is refused: the token really travels.
+    refused = run_example(
+        language,
+        "--server",
+        secure_server.address,
+        *tls_flags(secure_server),
+        "--method",
+        "blur",
+        str(face_png),
+        str(tmp_path / "refused.png"),
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert re.search(r"^error: UNAUTHENTICATED: ", refused.stderr, re.MULTILINE), refused.stderr
+    assert not (tmp_path / "refused.png").exists()
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_batch_over_tls_with_token(language, built_clients, secure_server, face_png, tmp_path):
+    completed = run_example(
+        language,
+        "--batch",
+        "--server",
+        secure_server.address,
+        *tls_flags(secure_server),
+        "--token-file",
+        str(secure_server.token_file),
+        "--method",
+        "pixelate",
+        "--aligned",
+        str(face_png),
+        str(tmp_path / "out"),
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert BATCH_RESULT_LINE.match(completed.stdout.strip()), completed.stdout
+    assert (tmp_path / "out" / face_png.name).is_file()
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_half_a_client_key_pair_is_a_usage_error(language, built_clients, secure_server, face_png, tmp_path):
+    cert = str(secure_server.certificates.client_cert)
+    completed = run_example(language, "--server", "127.0.0.1:1", "--tls-cert", cert, str(face_png), str(tmp_path / "o"))
+    assert completed.returncode == 2, completed.stderr
+    assert "--tls-key" in completed.stderr
+
+
 class socket_bound_but_closed:
     """A loopback address nobody listens on (bound, never listening, so no one else takes the port)."""
 
@@ -284,7 +340,7 @@ class flaky_server:
         self.failures = failures
 
     def __enter__(self):
-        from masquerade.api.protos import pb2, pb2_grpc
+        from masquerade_client import pb2, pb2_grpc
 
         lock, count = threading.Lock(), [0]
         failures = self.failures

@@ -41,6 +41,16 @@ class Unavailable(MasqueradeError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(MasqueradeError):
+    """The server wants a bearer token (``token=``) and got none or a wrong one."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MasqueradeError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DeadlineExceeded(MasqueradeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -68,6 +78,8 @@ _BY_CODE: dict[grpc.StatusCode, type[MasqueradeError]] = {
         ResourceExhausted,
         FailedPrecondition,
         Unavailable,
+        Unauthenticated,
+        PermissionDenied,
         DeadlineExceeded,
         Cancelled,
         Internal,
