@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -13,28 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from api_support import wait_until
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from api_support import health_status, http_get, wait_until
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from masquerade.api.protos import SERVICE_NAME
-from masquerade.engine.engine import EngineConfig
-from masquerade_client import AnonymizerClient
-
-
-def _health(address: str, service: str) -> str:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        except grpc.RpcError as error:
-            return error.code().name
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+from masquerade.api.protos import SERVICE_NAME, pb2, pb2_grpc
+from server_support import free_port, write_token_file
 
 
 def test_health_is_serving_for_the_server_and_the_service(server, client):
-    assert _health(server.address, "") == "SERVING"
-    assert _health(server.address, SERVICE_NAME) == "SERVING"
+    assert health_status(server.address, "") == "SERVING"
+    assert health_status(server.address, SERVICE_NAME) == "SERVING"
 
 
 def test_reflection_lists_the_service_and_health(server):
@@ -110,65 +100,64 @@ def test_a_request_among_fifteen_others_equals_the_request_alone(client, face_pn
     assert np.abs(crowded - alone).max() <= 3  # PNG output, so only float noise can differ
 
 
-def test_graceful_shutdown_finishes_in_flight_requests(start_server_sharing_models, face_png):
-    draining = start_server_sharing_models(EngineConfig(models="tiny", device="cpu"), grace_seconds=30)
-    with AnonymizerClient(draining.address, timeout=60) as c:
-        c.wait_ready(timeout=10)
-        stream = c.anonymize_stream(face_png, aligned=True, skip=0.0, steps=60, request_id="in-flight")
-        for event in stream:
-            if event.WhichOneof("event") == "progress":
-                break
-        stopper = threading.Thread(target=draining.stop)
-        stopper.start()
-        wait_until(lambda: _health(draining.address, SERVICE_NAME) != "SERVING", what="health to leave SERVING")
-        kinds = [event.WhichOneof("event") for event in stream]
-        assert kinds[-1] == "result"
-        stopper.join(30)
-        assert not stopper.is_alive()
+def _get_info(address: str, token: str | None) -> grpc.StatusCode:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address) as channel:
+        try:
+            pb2_grpc.AnonymizerStub(channel).GetServerInfo(pb2.GetServerInfoRequest(), metadata=metadata, timeout=5)
+        except grpc.RpcError as error:
+            return error.code()
+    return grpc.StatusCode.OK
 
 
-@pytest.mark.timeout(120)
-def test_serve_command_logs_its_address_and_stops_on_sigterm():
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "masquerade.api.cli",
-            "serve",
-            "--models",
-            "tiny",
-            "--device",
-            "cpu",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--grace-seconds",
-            "5",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+@pytest.mark.timeout(180)
+def test_serve_command_loads_serves_reloads_tokens_and_drains_visibly(tmp_path):
+    """`masquerade serve` as deployed: /readyz 503 while loading, loopback by default, SIGHUP rereads the
+    token file, SIGTERM turns probes NOT_SERVING while the port stays open, and every log line is JSON."""
+    metrics_port, drain_seconds = free_port(), 3.0
+    token_file = write_token_file(tmp_path, ["first-token"])
+    command = [sys.executable, "-m", "masquerade.api.cli", "serve", "--models", "tiny", "--device", "cpu"]
+    command += ["--port", "0", "--metrics-port", str(metrics_port), "--auth-token-file", str(token_file)]
+    command += ["--drain-seconds", str(drain_seconds), "--grace-seconds", "5", "--log-format", "json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
-        address = None
-        deadline = time.monotonic() + 90
-        while address is None and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            match = re.search(r"masquerade serving on (\S+:\d+) \(", line)
-            if match:
-                address = match.group(1)
-                assert "methods=[reverse_personalization" in line
-        assert address, "the serve command never logged its address"
-        with AnonymizerClient(address, timeout=30) as c:
-            c.wait_ready(timeout=10)
-            assert c.server_info().limits.max_queue == 64
+        seen: list[int] = []
+        deadline = time.monotonic() + 120
+        while (not seen or seen[-1] != 200) and time.monotonic() < deadline and process.poll() is None:
+            try:
+                seen.append(http_get(metrics_port, "/readyz")[0])
+            except OSError:  # the HTTP port is not open yet
+                pass
+            time.sleep(0.05)
+        assert seen and seen[0] == 503 and seen[-1] == 200, f"/readyz never went 503 -> 200: {seen}\n{lines}"
+        messages = [json.loads(line).get("message", "") for line in list(lines)]
+        listening = [re.search(r"listening on (\S+:\d+) ", m) for m in messages]
+        address = next(match.group(1) for match in listening if match)
+        assert address.startswith("127.0.0.1:")  # loopback unless --host says otherwise
+        assert any("methods=[reverse_personalization" in m for m in messages)
+
+        assert _get_info(address, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert _get_info(address, "first-token") == grpc.StatusCode.OK
+        write_token_file(tmp_path, ["second-token"])
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: _get_info(address, "second-token") == grpc.StatusCode.OK, what="the reloaded token")
+        assert _get_info(address, "first-token") == grpc.StatusCode.UNAUTHENTICATED
+
+        stopped_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        wait_until(lambda: http_get(metrics_port, "/readyz")[0] == 503, timeout=1, what="/readyz 503")
+        assert health_status(address) == "NOT_SERVING"  # answered, so the port is still open
+        assert time.monotonic() - stopped_at < drain_seconds
+        assert process.wait(timeout=60) == 0
+        assert time.monotonic() - stopped_at >= drain_seconds
+        reader.join(10)
+        records = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+        access = [r for r in records if r.get("event") == "access" and r["rpc"] == "GetServerInfo"]
+        assert {r["code"] for r in access} == {"OK", "UNAUTHENTICATED"}
+        assert all(r["peer"].startswith("ipv4:127.0.0.1:") for r in access)
     finally:
         if process.poll() is None:
             process.kill()

@@ -89,8 +89,8 @@ def _as_text(fields: dict) -> str:
             parts.append(f"{key}=-")
         elif isinstance(value, bool):
             parts.append(f"{key}={str(value).lower()}")
-        elif key == "request_id":
-            parts.append(f"{key}={json.dumps(value)}")  # client text: quoted, so it cannot forge fields or lines
+        elif key in ("request_id", "server_request_id"):
+            parts.append(f"{key}={json.dumps(value)}")  # hold client text: quoted, so it cannot forge fields or lines
         else:
             parts.append(f"{key}={value}")
     return " ".join(parts)
