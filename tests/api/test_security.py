@@ -167,12 +167,18 @@ def test_mutual_tls_serves_a_client_with_a_certificate(mutual_tls_server, certif
 
 def test_unreadable_tls_or_token_file_names_the_flag(tiny_engine_config, certificates, tmp_path):
     base = loopback_config(tiny_engine_config)
-    cases = {
-        "--tls-key": replace(base, tls_cert=str(certificates.server_cert)),
-        "--tls-cert": replace(base, tls_cert=str(tmp_path / "missing.pem"), tls_key=str(certificates.server_key)),
-        "--tls-client-ca": replace(base, tls_client_ca=str(certificates.ca_cert)),
-        "--auth-token-file": replace(base, auth_token_file=str(write_token_file(tmp_path, []))),
-    }
-    for flag, config in cases.items():
-        with pytest.raises(SecurityConfigError, match=flag):
+    spaced = tmp_path / "spaced"
+    spaced.mkdir()
+    cases = [
+        ("--tls-key is missing", replace(base, tls_cert=str(certificates.server_cert))),
+        (
+            "--tls-cert .*missing.pem",
+            replace(base, tls_cert=str(tmp_path / "missing.pem"), tls_key=str(certificates.server_key)),
+        ),
+        ("--tls-client-ca needs --tls-cert", replace(base, tls_client_ca=str(certificates.ca_cert))),
+        ("--auth-token-file .*no token", replace(base, auth_token_file=str(write_token_file(tmp_path, [])))),
+        ("--auth-token-file .*line 2", replace(base, auth_token_file=str(write_token_file(spaced, ["two words"])))),
+    ]
+    for message, config in cases:
+        with pytest.raises(SecurityConfigError, match=message):
             asyncio.run(serve(config, handle_signals=False))

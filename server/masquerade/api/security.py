@@ -84,12 +84,20 @@ class TokenStore:
             text = self.path.read_text(encoding="utf-8")
         except OSError as exc:
             raise SecurityConfigError(f"--auth-token-file {self.path}: cannot read it ({exc.strerror or exc})") from exc
-        tokens = tuple(
-            line.strip().encode() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
-        )
+        tokens = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            token = line.strip()
+            if not token or token.startswith("#"):
+                continue
+            if any(c.isspace() for c in token) or not token.isascii():
+                raise SecurityConfigError(
+                    f"--auth-token-file {self.path}: line {number} holds whitespace or non-ASCII characters; "
+                    "a bearer token is one word of ASCII characters"
+                )
+            tokens.append(token.encode())
         if not tokens:
             raise SecurityConfigError(f"--auth-token-file {self.path}: holds no token; write one token per line")
-        return tokens
+        return tuple(tokens)
 
     def reload(self) -> bool:
         """Rereads the file; on failure keeps the tokens in force and logs why. True when reloaded."""
