@@ -88,6 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="'json': every log line is one JSON object"
     )
+    from masquerade.scale.config import add_ray_arguments
+
+    add_ray_arguments(parser)  # --ray-replicas etc.: the same contract from engine replicas on Ray Serve
     parser.set_defaults(func=run_serve, handler=run_serve)  # masquerade.cli dispatches on `handler`
     return parser
 
@@ -134,6 +137,17 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"masquerade serve: {exc}", file=sys.stderr)
         return 2
+    from masquerade.scale.config import scale_config_from_args
+
+    try:
+        scale = scale_config_from_args(args)
+    except ValueError as exc:
+        print(f"masquerade serve: {exc}", file=sys.stderr)
+        return 2
+    if scale is not None:  # README "Scaling out"
+        from masquerade.scale.server import run_ray_serve
+
+        return run_ray_serve(config, scale)
     from masquerade.api.security import SecurityConfigError
     from masquerade.api.server import serve
 

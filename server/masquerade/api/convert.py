@@ -10,6 +10,8 @@ Every error names the request field it is about.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import math
 from typing import Protocol
 
@@ -17,6 +19,11 @@ from masquerade.api.protos import pb2
 from masquerade.engine import request as et
 
 MAX_REQUEST_ID_CHARS = 256
+
+
+def process_id() -> str:
+    """This process's ``served_by`` ("<host>:<pid>"); a Ray Serve replica passes its own id instead."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 METHOD_FROM_PROTO: dict[int, et.Method] = {
     pb2.REVERSE_PERSONALIZATION: et.Method.REVERSE_PERSONALIZATION,
@@ -180,8 +187,11 @@ def face_to_proto(face: et.FaceRecord) -> pb2.FaceRecord:
     return record
 
 
-def result_to_proto(result: et.AnonymizeResult, *, request_id: str) -> pb2.AnonymizeResponse:
-    """``request_id`` is the client's id (the engine may know the request under another)."""
+def result_to_proto(
+    result: et.AnonymizeResult, *, request_id: str, served_by: str | None = None
+) -> pb2.AnonymizeResponse:
+    """``request_id`` is the client's id (the engine may know the request under another);
+    ``served_by`` names the engine replica (default: this process, ``process_id()``)."""
     t = result.timings
     return pb2.AnonymizeResponse(
         request_id=request_id,
@@ -201,10 +211,11 @@ def result_to_proto(result: et.AnonymizeResult, *, request_id: str) -> pb2.Anony
         model_versions=result.model_versions,
         width=result.width,
         height=result.height,
+        served_by=served_by or process_id(),
     )
 
 
-def event_to_proto(event: et.EngineEvent, *, request_id: str) -> pb2.AnonymizeEvent:
+def event_to_proto(event: et.EngineEvent, *, request_id: str, served_by: str | None = None) -> pb2.AnonymizeEvent:
     """One stream event. FailedEvent has no proto: the servicer turns it into a status."""
     if isinstance(event, et.QueuedEvent):
         return pb2.AnonymizeEvent(request_id=request_id, queued=pb2.Queued(position=event.position))
@@ -218,7 +229,10 @@ def event_to_proto(event: et.EngineEvent, *, request_id: str) -> pb2.AnonymizeEv
             progress=pb2.Progress(phase=PHASE_TO_PROTO[event.phase], step=event.step, total=event.total),
         )
     if isinstance(event, et.ResultEvent):
-        return pb2.AnonymizeEvent(request_id=request_id, result=result_to_proto(event.result, request_id=request_id))
+        return pb2.AnonymizeEvent(
+            request_id=request_id,
+            result=result_to_proto(event.result, request_id=request_id, served_by=served_by),
+        )
     raise TypeError(f"no AnonymizeEvent for {type(event).__name__}")
 
 
@@ -234,8 +248,11 @@ def params_to_proto(params: et.ReversePersonalizationParams) -> pb2.ReversePerso
     )
 
 
-def server_info_to_proto(info, *, max_receive_message_bytes: int, max_send_message_bytes: int) -> pb2.ServerInfo:
-    """``info`` is the engine's EngineInfo; the message limits are the gRPC server's."""
+def server_info_to_proto(
+    info, *, max_receive_message_bytes: int, max_send_message_bytes: int, replicas: int = 1
+) -> pb2.ServerInfo:
+    """``info`` is the engine's EngineInfo; the message limits are the gRPC server's; ``replicas``
+    the engine replicas behind it (1 for the single-process server)."""
     return pb2.ServerInfo(
         version=info.version,
         methods=[
@@ -257,4 +274,5 @@ def server_info_to_proto(info, *, max_receive_message_bytes: int, max_send_messa
         device=info.device,
         dtype=info.dtype,
         attention_backend=info.attention_backend,
+        replicas=replicas,
     )

@@ -1,0 +1,293 @@
+"""The masquerade.v1.Anonymizer front end over Ray Serve deployment handles.
+
+Thin on purpose: each RPC becomes one streaming handle call per image
+(``EngineReplica.events``), so Ray's router picks, per request, a replica with
+room (``max_ongoing_requests``) and queues the rest (``max_queued_requests``,
+then RESOURCE_EXHAUSTED). Validation and status mapping happen on the replica
+with the single-process server's own code; the front end maps only what Ray
+itself raises:
+
+- the replica died or its node went away (``RayActorError`` and kin): UNAVAILABLE,
+  for exactly the requests that replica had in flight; clients retry it;
+- the queue in front of the replicas is full (``BackPressureError``): RESOURCE_EXHAUSTED;
+- no replica could be deployed (``DeploymentUnavailableError``): UNAVAILABLE.
+
+Leaving an RPC early (client cancel, deadline) cancels its handle call, which
+closes the replica's stream and cancels the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from masquerade import metrics
+from masquerade.api import convert
+from masquerade.api.errors import code_number, status_for
+from masquerade.api.protos import pb2, pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class RemoteStatus(Exception):
+    """A status an engine replica decided (validation, overload, engine failure), passed on unchanged."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def ray_status(exc: BaseException, *, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """(status, message) for an exception met while calling the engine replicas."""
+    if isinstance(exc, RemoteStatus):
+        return exc.code, exc.details
+    from ray import exceptions as ray_errors
+    from ray.serve import exceptions as serve_errors
+
+    if isinstance(exc, serve_errors.RequestCancelledError):
+        return grpc.StatusCode.CANCELLED, "the request was cancelled"
+    if isinstance(
+        exc,
+        (
+            ray_errors.RayActorError,  # ActorDiedError, ActorUnavailableError
+            ray_errors.WorkerCrashedError,
+            ray_errors.NodeDiedError,
+            ray_errors.OutOfMemoryError,
+            serve_errors.ReplicaUnavailableError,
+        ),
+    ):
+        return grpc.StatusCode.UNAVAILABLE, (
+            "the engine replica serving this request stopped before it finished "
+            f"({type(exc).__name__}); retry: another replica takes it"
+        )
+    if isinstance(exc, serve_errors.BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+            "every engine replica is busy and the queue in front of them is full; retry later with backoff"
+        )
+    if isinstance(exc, serve_errors.DeploymentUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, "no engine replica could be started; the server log says why"
+    return status_for(exc, request_id=request_id)
+
+
+def _decode(item: tuple) -> pb2.AnonymizeEvent:
+    """One item of ``EngineReplica.events``; raises RemoteStatus for its error item."""
+    kind = item[0]
+    if kind == "event":
+        return pb2.AnonymizeEvent.FromString(item[1])
+    if kind == "error":
+        return_code = _CODES.get(int(item[1]), grpc.StatusCode.UNKNOWN)
+        raise RemoteStatus(return_code, str(item[2]))
+    raise RemoteStatus(grpc.StatusCode.INTERNAL, f"unexpected item from an engine replica: {kind!r}")
+
+
+class FrontEndServicer(pb2_grpc.AnonymizerServicer):
+    """The four RPCs over the Engine deployment's handle."""
+
+    def __init__(
+        self,
+        handle: Any = None,
+        *,
+        running_replicas: Callable[[], int],
+        max_receive_message_bytes: int,
+        max_send_message_bytes: int,
+        batch_window: int = 32,
+    ):
+        self._handle = None
+        self._stream = None
+        self._running_replicas = running_replicas
+        self.max_receive_message_bytes = max_receive_message_bytes
+        self.max_send_message_bytes = max_send_message_bytes
+        self.batch_window = batch_window
+        self.draining = False
+        if handle is not None:
+            self.attach(handle)
+
+    def attach(self, handle: Any) -> None:
+        """The Engine deployment's handle, once its replicas are up; until then requests get UNAVAILABLE."""
+        self._stream = handle.options(stream=True)
+        self._handle = handle
+
+    # ------------------------------------------------------------ shared pieces
+
+    @staticmethod
+    def _record(rpc: str, method: str, code: grpc.StatusCode) -> None:
+        metrics.REQUESTS.labels(rpc=rpc, method=method, status=code.name).inc()
+
+    @staticmethod
+    def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+
+    def _ready_handle(self) -> Any:
+        if self._handle is None:
+            raise RemoteStatus(grpc.StatusCode.UNAVAILABLE, "the engine replicas are still starting; retry shortly")
+        if self.draining:
+            raise RemoteStatus(grpc.StatusCode.UNAVAILABLE, "the server is draining for shutdown; retry shortly")
+        return self._handle
+
+    def _call(self, message: pb2.AnonymizeRequest, progress: bool):
+        self._ready_handle()
+        return self._stream.events.remote(message.SerializeToString(), progress)
+
+    async def _result(self, message: pb2.AnonymizeRequest) -> pb2.AnonymizeResponse:
+        """Runs one request on some replica; raises its failure. Cancels the handle call if left early."""
+        responses = self._call(message, progress=False)
+        finished = False
+        try:
+            async for item in responses:
+                event = _decode(item)
+                if event.HasField("result"):
+                    finished = True
+                    return event.result
+            finished = True
+            raise RemoteStatus(grpc.StatusCode.INTERNAL, "an engine replica's stream ended without a result")
+        except RemoteStatus:
+            finished = True
+            raise
+        finally:
+            if not finished:
+                responses.cancel()
+
+    # ------------------------------------------------------------ RPCs
+
+    async def Anonymize(
+        self, request: pb2.AnonymizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.AnonymizeResponse:
+        method = convert.method_label(request)
+        try:
+            response = await self._result(request)
+        except asyncio.CancelledError:
+            self._record("Anonymize", method, self._cancel_code(context))
+            raise
+        except Exception as exc:
+            code, details = ray_status(exc, request_id=request.request_id)
+            self._record("Anonymize", method, code)
+            await context.abort(code, details)
+        self._record("Anonymize", method, grpc.StatusCode.OK)
+        return response
+
+    async def AnonymizeStream(self, request: pb2.AnonymizeRequest, context: grpc.aio.ServicerContext) -> None:
+        method = convert.method_label(request)
+        failure: BaseException | None = None
+        responses = None
+        finished = False
+        try:
+            responses = self._call(request, progress=True)
+            async for item in responses:
+                event = _decode(item)
+                await context.write(event)
+                if event.HasField("result"):
+                    finished = True
+                    break
+            else:
+                raise RemoteStatus(grpc.StatusCode.INTERNAL, "an engine replica's stream ended without a result")
+        except asyncio.CancelledError:
+            self._record("AnonymizeStream", method, self._cancel_code(context))
+            raise
+        except Exception as exc:
+            finished = isinstance(exc, RemoteStatus)
+            failure = exc
+        finally:
+            if responses is not None and not finished:
+                responses.cancel()
+        if failure is not None:
+            code, details = ray_status(failure, request_id=request.request_id)
+            self._record("AnonymizeStream", method, code)
+            await context.abort(code, details)
+        self._record("AnonymizeStream", method, grpc.StatusCode.OK)
+
+    async def AnonymizeBatch(
+        self, request_iterator: AsyncIterator[pb2.AnonymizeRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Each request of the stream is routed on its own, so one stream spreads over every replica."""
+        responses: asyncio.Queue[pb2.AnonymizeBatchResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self.batch_window)
+        in_flight_ids: set[str] = set()
+        tasks: set[asyncio.Task] = set()
+
+        def error_response(request_id: str, code: grpc.StatusCode, details: str) -> pb2.AnonymizeBatchResponse:
+            return pb2.AnonymizeBatchResponse(
+                request_id=request_id, error=pb2.Error(code=code_number(code), message=details)
+            )
+
+        async def run_one(message: pb2.AnonymizeRequest) -> None:
+            method = convert.method_label(message)
+            try:
+                result = await self._result(message)
+            except asyncio.CancelledError:
+                self._record("AnonymizeBatch", method, self._cancel_code(context))
+                raise
+            except Exception as exc:
+                code, details = ray_status(exc, request_id=message.request_id)
+                self._record("AnonymizeBatch", method, code)
+                responses.put_nowait(error_response(message.request_id, code, details))
+            else:
+                self._record("AnonymizeBatch", method, grpc.StatusCode.OK)
+                responses.put_nowait(pb2.AnonymizeBatchResponse(request_id=message.request_id, result=result))
+            finally:
+                in_flight_ids.discard(message.request_id)
+                window.release()
+
+        async def read_requests() -> None:
+            try:
+                async for message in request_iterator:
+                    await window.acquire()  # backpressure: gRPC flow control then slows the client
+                    request_id = message.request_id
+                    if not request_id or request_id in in_flight_ids:
+                        window.release()
+                        why = (
+                            "is required in AnonymizeBatch"
+                            if not request_id
+                            else "duplicates a request still in flight on this stream"
+                        )
+                        code = grpc.StatusCode.INVALID_ARGUMENT
+                        self._record("AnonymizeBatch", convert.method_label(message), code)
+                        responses.put_nowait(
+                            error_response(request_id, code, f"request_id: {why}; responses are matched by it")
+                        )
+                        continue
+                    in_flight_ids.add(request_id)
+                    task = asyncio.create_task(run_one(message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                responses.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await responses.get()) is not None:
+                await context.write(response)
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def GetServerInfo(
+        self, request: pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ServerInfo:
+        try:
+            info = await self._ready_handle().info.remote()
+            replicas = await asyncio.to_thread(self._running_replicas)
+        except Exception as exc:
+            code, details = ray_status(exc)
+            self._record("GetServerInfo", "none", code)
+            await context.abort(code, details)
+        self._record("GetServerInfo", "none", grpc.StatusCode.OK)
+        return convert.server_info_to_proto(
+            info,
+            max_receive_message_bytes=self.max_receive_message_bytes,
+            max_send_message_bytes=self.max_send_message_bytes,
+            replicas=replicas,
+        )

@@ -1,0 +1,298 @@
+"""``masquerade serve --ray-replicas N``: the gRPC front end plus a Ray Serve application of engines.
+
+Start-up: the gRPC port opens first (health NOT_SERVING, so probes see "not yet"
+rather than "connection refused"), then Ray is started (or joined with
+``--ray-address``), the Engine deployment is deployed and ``serve.run`` waits
+until its replicas have loaded their models. Health follows the replica count:
+SERVING while at least one engine replica runs.
+
+SIGTERM/SIGINT: health NOT_SERVING, new requests refused, in-flight ones get
+the grace period, then the application is deleted (replicas drain and stop)
+and a Ray cluster this process started is shut down with it: no Ray process
+outlives the server. A joined cluster keeps running; only our application goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from masquerade.api.protos import SERVICE_NAME, pb2_grpc
+from masquerade.scale.config import APP_NAME, ScaleConfig
+from masquerade.scale.frontend import FrontEndServicer
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+async def _mirror_replica_health(
+    running_replicas: Callable[[], int], health_servicer, stopping: asyncio.Event, period_s: float = 1.0
+) -> None:
+    """SERVING while at least one engine replica runs; NOT_SERVING otherwise and once shutdown starts."""
+    serving = None
+    while not stopping.is_set():
+        try:
+            now_serving = await asyncio.to_thread(running_replicas) > 0
+        except Exception as exc:  # the controller is unreachable: not serving, say why once
+            if serving is not False:
+                log.warning("cannot read the replica count from Ray Serve: %s", exc)
+            now_serving = False
+        if now_serving != serving:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if now_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in HEALTH_SERVICES:
+                await health_servicer.set(name, status)
+            serving = now_serving
+        try:
+            await asyncio.wait_for(stopping.wait(), timeout=period_s)
+        except TimeoutError:
+            pass
+
+
+def _start_metrics_http(config) -> tuple[Any, int]:
+    """Prometheus /metrics of the front end (request counts by rpc, method and status)."""
+    if not config.metrics_port:
+        return None, 0
+    from prometheus_client import start_http_server
+
+    from masquerade.metrics import REGISTRY
+
+    host = str(getattr(config, "metrics_host", config.host)).strip("[]")
+    httpd, _thread = start_http_server(config.metrics_port, addr=host or "0.0.0.0", registry=REGISTRY)
+    return httpd, httpd.server_port
+
+
+async def serve_front_end(
+    config,
+    connect: Callable[[], Any],
+    running_replicas: Callable[[], int],
+    *,
+    disconnect: Callable[[], None] | None = None,
+    stop_event: asyncio.Event | None = None,
+    on_started: Callable[[str], None] | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Serves masquerade.v1.Anonymizer over ``connect()``'s Engine deployment handle until stopped.
+
+    ``config`` is the api ServerConfig (host, port, message limits, grace, metrics port);
+    ``connect`` runs on a dedicated thread once the port is open (it may start Ray, deploy
+    the engines and block until they are up) and returns the handle; ``disconnect`` runs
+    on that same thread after serving has stopped.
+    """
+    stop_event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_event.set)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+            ("grpc.max_send_message_length", config.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    health_servicer = health.aio.HealthServicer()
+    for name in HEALTH_SERVICES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    servicer = FrontEndServicer(
+        running_replicas=running_replicas,
+        max_receive_message_bytes=config.max_receive_message_bytes,
+        max_send_message_bytes=config.max_send_message_bytes,
+        batch_window=config.batch_window,
+    )
+    pb2_grpc.add_AnonymizerServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind gRPC port {config.host}:{config.port}; is another server running there?")
+    host = config.host if config.host not in ("[::]", "0.0.0.0", "") else "0.0.0.0"
+    stopping = asyncio.Event()
+    health_task = None
+    httpd = None
+    await server.start()
+    log.info("front end listening on %s:%d; starting the engine replicas", host, port)
+    # One thread owns the Ray connection from ray.init to ray.shutdown: Ray ties the processes of a
+    # cluster it starts to the life of the *thread* that started them (PR_SET_PDEATHSIG), so that
+    # thread must outlive serving. It is not the loop's executor: a stop during deployment must not wait.
+    connecting: concurrent.futures.Future = concurrent.futures.Future()
+    release = threading.Event()
+
+    def own_ray_connection() -> None:
+        try:
+            connecting.set_result(connect())
+        except BaseException as exc:
+            connecting.set_exception(exc)
+        release.wait()
+        if disconnect is not None:
+            disconnect()
+
+    owner = threading.Thread(target=own_ray_connection, name="masquerade-ray", daemon=True)
+    try:
+        owner.start()
+        stop_waiter = asyncio.ensure_future(stop_event.wait())
+        connected = asyncio.wrap_future(connecting)
+        await asyncio.wait({connected, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if stop_event.is_set():
+            log.info("stopped while the engine replicas were starting")
+            return
+        stop_waiter.cancel()
+        servicer.attach(connected.result())
+        health_task = asyncio.create_task(_mirror_replica_health(running_replicas, health_servicer, stopping))
+        httpd, metrics_port = _start_metrics_http(config)
+        address = f"{host}:{port}"
+        log.info(
+            "masquerade serving on %s through Ray Serve (%d engine replicas running); metrics %s",
+            address,
+            await asyncio.to_thread(running_replicas),
+            f"on :{metrics_port}" if metrics_port else "off",
+        )
+        if on_started is not None:
+            on_started(address)
+        await stop_event.wait()
+    finally:
+        log.info("shutting down: health NOT_SERVING, draining in-flight requests for up to %.0fs", config.grace_seconds)
+        stopping.set()
+        if health_task is not None:
+            await asyncio.gather(health_task, return_exceptions=True)
+        await health_servicer.enter_graceful_shutdown()
+        if servicer is not None:
+            servicer.draining = True
+        await server.stop(config.grace_seconds)
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        release.set()
+        if owner.is_alive():
+            await asyncio.to_thread(owner.join, config.grace_seconds + 120)
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+
+class RayDeployment:
+    """Starts or joins Ray, deploys the Engine application, and takes both down again."""
+
+    def __init__(self, engine, scale: ScaleConfig, *, grace_seconds: float):
+        self.engine = engine
+        self.scale = scale
+        self.grace_seconds = grace_seconds
+        self.started_cluster = False
+        self._connected = False
+
+    def _gpus_per_replica(self) -> float:
+        import ray
+
+        if self.scale.gpus_per_replica is not None:
+            return self.scale.gpus_per_replica
+        device = self.engine.device
+        if device.startswith("cuda"):
+            return 1.0
+        if device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1:
+            return 1.0
+        return 0.0
+
+    def connect(self):
+        """Blocking: Ray up, application deployed and RUNNING; returns the Engine handle."""
+        import ray
+        from ray import serve
+
+        from masquerade.scale.app import engine_application
+
+        if self.scale.address is None:
+            wanted = (self.scale.max_replicas or self.scale.replicas) * self.scale.cpus_per_replica
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
+                include_dashboard=False,
+                namespace="masquerade",
+                configure_logging=False,
+            )
+            self.started_cluster = True
+            log.info("started a local Ray cluster: %s", ray.cluster_resources())
+        else:
+            ray.init(address=self.scale.address, namespace="masquerade", configure_logging=False)
+            log.info("joined the Ray cluster at %s: %s", self.scale.address, ray.cluster_resources())
+        self._connected = True
+        # No HTTP or gRPC proxy actors: the front end in this process is the only ingress.
+        serve.start(http_options={"location": "NoServer"})
+        gpus = self._gpus_per_replica()
+        app = engine_application(self.engine, self.scale, gpus_per_replica=gpus, grace_seconds=self.grace_seconds)
+        log.info("deploying %s (%s GPU per replica)", self._describe(), gpus)
+        return serve.run(app, name=APP_NAME, route_prefix=None)
+
+    def _describe(self) -> str:
+        if self.scale.autoscaling:
+            return (
+                f"{self.scale.replicas} engine replicas, autoscaling within "
+                f"[{self.scale.min_replicas}, {self.scale.max_replicas}]"
+            )
+        return f"{self.scale.replicas} engine replicas"
+
+    def stop(self) -> None:
+        """Delete the application (replicas drain and stop); stop the cluster if this process started it."""
+        if not self._connected:
+            return
+        import ray
+        from ray import serve
+
+        try:
+            if self.started_cluster:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        except Exception:
+            log.exception("error while stopping the Ray Serve application")
+        finally:
+            ray.shutdown()
+            self._connected = False
+            log.info("Ray %s", "cluster stopped" if self.started_cluster else "application deleted; disconnected")
+
+
+def run_ray_serve(config, scale: ScaleConfig) -> int:
+    """The CLI entry: serve until SIGTERM/SIGINT, then take everything down. Returns the exit code."""
+    from masquerade.scale.app import running_replicas
+
+    security = [
+        flag
+        for flag, name in (
+            ("--tls-cert", "tls_cert"),
+            ("--tls-key", "tls_key"),
+            ("--tls-client-ca", "tls_client_ca"),
+            ("--auth-token-file", "auth_token_file"),
+        )
+        if getattr(config, name, None)
+    ]
+    if security:
+        log.error(
+            "%s: not supported with --ray-replicas yet; terminate TLS and authenticate in front of it "
+            "(an ingress or mesh), or serve single-process",
+            ", ".join(security),
+        )
+        return 2
+    deployment = RayDeployment(config.engine, scale, grace_seconds=config.grace_seconds)
+    try:
+        asyncio.run(serve_front_end(config, deployment.connect, running_replicas, disconnect=deployment.stop))
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    except RuntimeError as exc:  # serve.run: a deployment failed (its replicas' log says why)
+        log.error("the engine replicas could not be deployed: %s", exc)
+        return 1
+    log.info("stopped")
+    return 0
