@@ -72,7 +72,7 @@ def test_check_names_the_missing_part(tmp_path, tiny_model_dir):
 def test_check_reports_a_good_set(tmp_path, tiny_model_dir):
     result = run("models", "check", str(tiny_model_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "TINY RANDOM" in result.stdout and "onnxruntime cosine" in result.stdout
+    assert "TINY RANDOM" in result.stdout and "onnxruntime CPUExecutionProvider, 512-d unit embeddings ok" in result.stdout
 
 
 def test_fetch_offline_fails_at_once_and_says_what_is_missing(tmp_path):

@@ -112,9 +112,8 @@ class DiffusionCore:
     @torch.inference_mode()
     def embed_identity(self, arcface_crops: np.ndarray) -> torch.Tensor:
         """[F, 112, 112, 3] uint8 RGB -> [F, 512] unit ArcFace embeddings (float32, on CPU)."""
-        batch = torch.from_numpy(np.ascontiguousarray(arcface_crops)).permute(0, 3, 1, 2).float()
-        embeddings = self.models.arcface(batch.to(self.device, self.dtype))
-        return embeddings.float().cpu()
+        # onnxruntime (masquerade.models.arcface) takes the crops as they are, on the CPU.
+        return self.models.arcface(np.ascontiguousarray(arcface_crops.transpose(0, 3, 1, 2)))
 
     # ---- synchronous loop --------------------------------------------------------
 

@@ -37,7 +37,7 @@ class ModelBundle:
     """Everything the engine needs, on one device and dtype."""
 
     pipe: object = field(repr=False)  # diffusers StableDiffusionXLPipeline with IP-Adapter-FaceID loaded
-    arcface: torch.nn.Module = field(repr=False)  # masquerade.models.arcface.ArcFaceEncoder
+    arcface: object = field(repr=False)  # masquerade.models.arcface.ArcFaceEncoder (onnxruntime)
     device: torch.device
     dtype: torch.dtype
     face_size: int  # S: side of the aligned face crop (1024 for SDXL)
