@@ -180,6 +180,48 @@ def _display_host(host: str) -> str:
     return "0.0.0.0" if host in ("[::]", "0.0.0.0", "") else host
 
 
+@dataclass
+class SecuredServer:
+    """A gRPC server with the security gate installed and its port bound (not yet started)."""
+
+    server: grpc.aio.Server
+    port: int
+    address: str  # host:port as logged ("0.0.0.0:PORT" for a wildcard bind)
+    tokens: TokenStore | None
+    security: str  # "plaintext" / "TLS" / "mutual TLS", and the token count: for the start-up log
+
+    def reload_tokens(self) -> bool:
+        """What SIGHUP does; False when there is no token file or the reload failed."""
+        return self.tokens.reload() if self.tokens is not None else False
+
+
+def secured_grpc_server(config: ServerConfig, draining: Callable[[], bool]) -> SecuredServer:
+    """A grpc.aio server on ``config``'s host and port with its TLS, tokens and the drain gate.
+
+    Any front end (this module's ``serve``, a scale-out front end) adds its services and starts it.
+    Raises SecurityConfigError naming the flag for an unusable TLS or token file, OSError when the port is taken.
+    """
+    tokens = TokenStore(config.auth_token_file) if config.auth_token_file else None
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    server = grpc.aio.server(
+        interceptors=[GateInterceptor(tokens, draining)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+            ("grpc.max_send_message_length", config.max_send_message_bytes),
+            # Two servers silently sharing one port would split traffic between them.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    bind = f"{config.host}:{config.port}"
+    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    if port == 0:
+        raise OSError(f"could not bind gRPC port {bind}; is another server running there?")
+    _warn_about_exposure(config, tokens)
+    transport = ("mutual TLS" if config.tls_client_ca else "TLS") if credentials else "plaintext"
+    auth = f"{len(tokens)} bearer token(s)" if tokens is not None else "no token auth"
+    return SecuredServer(server, port, f"{_display_host(config.host)}:{port}", tokens, f"{transport}, {auth}")
+
+
 async def serve(
     config: ServerConfig,
     engine: Engine | None = None,
@@ -199,26 +241,14 @@ async def serve(
     hurry = asyncio.Event()  # a second stop request: skip what is left of the drain
     loop = asyncio.get_running_loop()
     lifecycle = _Lifecycle()
-    tokens = TokenStore(config.auth_token_file) if config.auth_token_file else None
-    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    listener = secured_grpc_server(config, lambda: lifecycle.draining)
+    server, port, address = listener.server, listener.port, listener.address
 
     def request_stop() -> None:
         if stop_event.is_set():
             hurry.set()
         stop_event.set()
 
-    def reload_tokens() -> bool:
-        return tokens.reload() if tokens is not None else False
-
-    server = grpc.aio.server(
-        interceptors=[GateInterceptor(tokens, lambda: lifecycle.draining)],
-        options=[
-            ("grpc.max_receive_message_length", config.max_receive_message_bytes),
-            ("grpc.max_send_message_length", config.max_send_message_bytes),
-            # Two servers silently sharing one port would split traffic between them.
-            ("grpc.so_reuseport", 0),
-        ],
-    )
     servicer = AnonymizerServicer(
         max_receive_message_bytes=config.max_receive_message_bytes,
         max_send_message_bytes=config.max_send_message_bytes,
@@ -231,19 +261,13 @@ async def serve(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    bind = f"{config.host}:{config.port}"
-    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
-    if port == 0:
-        raise OSError(f"could not bind gRPC port {bind}; is another server running there?")
-    address = f"{_display_host(config.host)}:{port}"
-    _warn_about_exposure(config, tokens)
     await server.start()
 
     signals = handle_signals and threading.current_thread() is threading.main_thread()
     if signals:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, request_stop)
-        loop.add_signal_handler(signal.SIGHUP, reload_tokens)
+        loop.add_signal_handler(signal.SIGHUP, listener.reload_tokens)
 
     probes = None
     stopping = asyncio.Event()
@@ -251,9 +275,7 @@ async def serve(
     try:
         if config.metrics_port:
             probes = ProbeServer(config.metrics_host, config.metrics_port, lifecycle.readiness)
-        security = (("mutual TLS" if config.tls_client_ca else "TLS") if credentials else "plaintext") + (
-            f", {len(tokens)} bearer token(s)" if tokens is not None else ", no token auth"
-        )
+        security = listener.security
         log.info("masquerade listening on %s (%s); loading models", address, security)
         health_task = asyncio.create_task(_mirror_engine_health(lifecycle, health_servicer, stopping))
         if engine is None:
@@ -278,8 +300,8 @@ async def serve(
                     metrics_port=probes.port if probes else 0,
                     engine=engine,
                     stop=lambda: loop.call_soon_threadsafe(request_stop),
-                    reload_tokens=reload_tokens,
-                    tls=credentials is not None,
+                    reload_tokens=listener.reload_tokens,
+                    tls=config.tls,
                 )
             )
         await stop_event.wait()
