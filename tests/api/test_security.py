@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from masquerade.api.protos import pb2, pb2_grpc
-from masquerade.api.security import SecurityConfigError
+from masquerade.api.security import SecurityConfigError, is_loopback
 from masquerade.api.server import serve
 from masquerade.engine.engine import EngineConfig
 from masquerade_client import build_request
@@ -182,3 +182,21 @@ def test_unreadable_tls_or_token_file_names_the_flag(tiny_engine_config, certifi
     for message, config in cases:
         with pytest.raises(SecurityConfigError, match=message):
             asyncio.run(serve(config, handle_signals=False))
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("[::]", False),
+        ("10.0.0.5", False),
+        ("gpu-host", False),  # a name may resolve to anything: warn
+    ],
+)
+def test_only_loopback_addresses_count_as_private(host, loopback):
+    assert is_loopback(host) is loopback

@@ -117,8 +117,10 @@ class _Lifecycle:
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        if self.engine is None or not self.engine.ready:
+        if self.engine is None:
             return False, "loading"
+        if not self.engine.ready:
+            return False, "not ready"  # warming up, or its loop has stopped
         return True, "ready"
 
 
