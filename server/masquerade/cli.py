@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 # Enough images in flight to fill the UNet calls; a whole folder at once would hold every
 # face's N noisy latents in memory together.
 IMAGES_IN_FLIGHT = 16
-METHOD_NAMES = ("reverse_personalization", "blur", "pixelate", "solid")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,31 +32,10 @@ def _model_source(args) -> str:
 # ---- anonymize ------------------------------------------------------------------------
 
 
-def _collect_inputs(paths: list[str]) -> list[Path]:
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise SystemExit(f"error: input {raw} does not exist")
-    if not found:
-        raise SystemExit("error: no JPEG, PNG or WebP images in the inputs")
-    return found
-
-
-def _output_paths(inputs: list[Path], output: Path) -> list[Path]:
-    if len(inputs) == 1 and output.suffix.lower() in IMAGE_SUFFIXES:
-        return [output]
-    output.mkdir(parents=True, exist_ok=True)
-    return [output / path.name for path in inputs]
-
-
 def _run_anonymize(args) -> int:
     from tqdm import tqdm
 
+    from masquerade import cli_anonymize as files
     from masquerade.engine.engine import Engine, EngineConfig
     from masquerade.engine.request import (
         DetectionOptions,
@@ -72,9 +48,8 @@ def _run_anonymize(args) -> int:
         ReversePersonalizationParams,
     )
 
-    inputs = _collect_inputs(args.inputs)
-    outputs = _output_paths(inputs, Path(args.output))
-    method = Method(args.method)
+    plan = files.plan_files(args.inputs, args.output, overwrite=args.overwrite, skip_existing=args.skip_existing)
+    method = Method(files.choose_method(args.method, _model_source(args), quiet=args.quiet))
     params = ReversePersonalizationParams(
         skip=args.skip,
         steps=args.steps,
@@ -92,13 +67,13 @@ def _run_anonymize(args) -> int:
         detector=args.detector,
     )
     engine = Engine.build(config) if method is Method.REVERSE_PERSONALIZATION else _classical_engine(config)
-    report: list[dict] = []
+    records: list[dict] = [files.skipped_record(job) for job in plan.skipped]
     failures = 0
 
     async def run_all() -> None:
         nonlocal failures
         await engine.start()
-        total_steps = len(inputs) * (2 * params.steps if method is Method.REVERSE_PERSONALIZATION else 1)
+        total_steps = len(plan.jobs) * (2 * params.steps if method is Method.REVERSE_PERSONALIZATION else 1)
         with tqdm(total=total_steps, desc="anonymizing", unit="step", disable=args.quiet) as bar:
             progress: dict[str, int] = {}
 
@@ -127,33 +102,26 @@ def _run_anonymize(args) -> int:
                         bar.update(max(scaled - progress.get(handle.request_id, 0), 0))
                         progress[handle.request_id] = max(scaled, progress.get(handle.request_id, 0))
                     elif isinstance(event, ResultEvent):
-                        target.write_bytes(event.result.image)
-                        report.append(
-                            {
-                                "input": str(source),
-                                "output": str(target),
-                                "complete": event.result.complete,
-                                "no_faces": event.result.no_faces,
-                                "faces": [face.to_json() for face in event.result.faces],
-                            }
-                        )
+                        files.write_atomically(target, event.result.image)
+                        records.append(files.result_record(files.FileJob(source, target), event.result))
                         per_image = 2 * params.steps if method is Method.REVERSE_PERSONALIZATION else 1
                         bar.update(max(per_image - progress.get(handle.request_id, 0), 0))
                     elif isinstance(event, FailedEvent):
                         failures += 1
+                        records.append(files.failed_record(files.FileJob(source, target), str(event.error)))
                         tqdm.write(f"error: {source}: {event.error}", file=sys.stderr)
 
-            await asyncio.gather(*(one(source, target) for source, target in zip(inputs, outputs)))
+            await asyncio.gather(*(one(job.source, job.target) for job in plan.jobs))
         await engine.shutdown(grace_seconds=1)
 
-    asyncio.run(run_all())
-    for entry in report:
-        faces = entry["faces"]
-        summary = "no faces" if entry["no_faces"] else f"{len(faces)} face(s), complete={entry['complete']}"
-        print(f"{entry['input']} -> {entry['output']}: {summary}")
+    if plan.jobs:
+        asyncio.run(run_all())
+    order = {str(job.source): i for i, job in enumerate([*plan.skipped, *plan.jobs])}
+    records.sort(key=lambda record: order[record["input"]])
+    files.summarize(records)
     if args.report:
-        Path(args.report).write_text(json.dumps(report if len(report) != 1 else report[0], indent=2))
-    return 1 if failures else 0
+        files.write_report(args.report, records)
+    return files.EXIT_SOME_FAILED if failures else files.EXIT_OK
 
 
 def _classical_engine(config):
@@ -241,25 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    anonymize = sub.add_parser("anonymize", help="anonymize image files or folders")
-    anonymize.add_argument("inputs", nargs="+", help="images or folders of images")
-    anonymize.add_argument("-o", "--output", required=True, help="output image (one input) or folder")
+    from masquerade.cli_anonymize import __doc__ as anonymize_doc
+    from masquerade.cli_anonymize import add_anonymize_arguments
+
+    anonymize = sub.add_parser(
+        "anonymize",
+        help="anonymize image files or folders",
+        description="Anonymize every face in image files or folders. " + anonymize_doc.split("\n\n", 2)[2],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_anonymize_arguments(anonymize)
     _add_model_arguments(anonymize)
-    anonymize.add_argument("--method", choices=METHOD_NAMES, default="reverse_personalization")
-    anonymize.add_argument("--aligned", action="store_true", help="inputs are already-aligned face crops")
     anonymize.add_argument("--attribute-prompt", default="", help='e.g. "an elderly woman"')
-    anonymize.add_argument("--guidance-scale", type=float, default=-10.0)
-    anonymize.add_argument("--skip", type=float, default=0.7)
-    anonymize.add_argument("--steps", type=int, default=100)
-    anonymize.add_argument("--id-scale", type=float, default=1.0, help="id_emb_scale; 0 reconstructs the input")
-    anonymize.add_argument("--ip-adapter-scale", type=float, default=1.0)
-    anonymize.add_argument("--seed", type=int, default=0)
-    anonymize.add_argument("--strength", type=float, default=1.0, help="classical methods' strength")
     anonymize.add_argument("--detector", choices=("hog", "cnn", "sfd"), default="hog")
-    anonymize.add_argument("--max-batch", type=int, default=16)
-    anonymize.add_argument("--quality", type=int, default=95)
-    anonymize.add_argument("--report", help="write one JSON record per face here")
-    anonymize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     anonymize.set_defaults(handler=_run_anonymize)
 
     models = sub.add_parser("models", help="fetch, build or check model sets")
@@ -297,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # the user gets one line; -v gives the traceback
+        from masquerade.cli_anonymize import PlanError
         from masquerade.engine.request import InvalidRequestError, MethodUnavailableError
         from masquerade.models.loader import ModelLoadError
 
         if args.verbose or not isinstance(
-            error, (InvalidRequestError, MethodUnavailableError, ModelLoadError, ValueError)
+            error, (InvalidRequestError, MethodUnavailableError, ModelLoadError, PlanError, ValueError)
         ):
             raise
         print(f"error: {error}", file=sys.stderr)

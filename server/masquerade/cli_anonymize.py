@@ -1,0 +1,234 @@
+"""`masquerade anonymize`: which files to read and write, the default method, the report.
+
+Everything here runs before the engine starts, so a run that would replace an existing file
+(without --overwrite), write two inputs to one output, or read a missing input stops having
+written nothing, and says which files.
+
+Exit codes of `masquerade anonymize`: 0 every image written (or skipped with --skip-existing);
+1 some image failed (the others were written; the report says which); 2 nothing was done
+(bad command line, missing input, output conflicts, method unavailable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+METHOD_NAMES = ("reverse_personalization", "blur", "pixelate", "solid")
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_NOTHING_DONE = 2
+
+
+class PlanError(Exception):
+    """The run cannot start; the message names the files. Exit code 2, nothing written."""
+
+
+@dataclass(frozen=True)
+class FileJob:
+    source: Path
+    target: Path
+
+
+@dataclass
+class Plan:
+    jobs: list[FileJob]
+    skipped: list[FileJob]  # targets that exist, left alone under --skip-existing
+
+
+def add_anonymize_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `anonymize` flags this module owns; defaults show in --help (ArgumentDefaultsHelpFormatter)."""
+    parser.add_argument("inputs", nargs="+", help="image files (JPEG, PNG, WebP) or folders, searched recursively")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="the output image for one input file; otherwise a folder, where each output keeps its "
+        "path relative to the input folder it came from",
+    )
+    conflicts = parser.add_mutually_exclusive_group()
+    conflicts.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    conflicts.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="leave inputs whose output already exists alone (without either flag, existing outputs stop the "
+        "run before anything is written)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("auto", *METHOD_NAMES),
+        default="auto",
+        help="auto: reverse_personalization when its model weights are present, otherwise blur (a line says why)",
+    )
+    parser.add_argument(
+        "--aligned", action="store_true", help="each input is one already-aligned face crop: detection is skipped"
+    )
+    algorithm = parser.add_argument_group("reverse personalization")
+    algorithm.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=-10.0,
+        help="classifier-free guidance on the identity; negative pushes away from the person",
+    )
+    algorithm.add_argument(
+        "--skip",
+        type=float,
+        default=0.7,
+        help="fraction of the trajectory skipped: higher keeps more of the original (pose, light), lower changes more",
+    )
+    algorithm.add_argument("--steps", type=int, default=100, help="diffusion steps (inversion and generation each)")
+    algorithm.add_argument(
+        "--id-scale", type=float, default=1.0, help="id_emb_scale, weight of the identity embedding; 0 reconstructs"
+    )
+    algorithm.add_argument(
+        "--ip-adapter-scale", type=float, default=1.0, help="strength of the IP-Adapter-FaceID branch"
+    )
+    algorithm.add_argument("--seed", type=int, default=0, help="seed of the inversion noise")
+    parser.add_argument(
+        "--strength", type=float, default=1.0, help="strength of the classical methods (blur radius, pixel size), 0-1"
+    )
+    parser.add_argument("--max-batch", type=int, default=16, help="samples per UNet call (a CFG pair is 2)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP output quality, 1-100")
+    parser.add_argument(
+        "--report",
+        metavar="FILE.json",
+        help="write a JSON list, one record per image: input, output, status (anonymized, skipped, failed), "
+        "error, complete, no_faces, and one record per face",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no method line")
+
+
+def _images_under(folder: Path, exclude: Path | None) -> list[Path]:
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if exclude is not None and path.resolve().is_relative_to(exclude):
+            continue  # earlier outputs inside the input folder are not inputs
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
+    return found
+
+
+def plan_files(inputs: list[str], output: str, *, overwrite: bool = False, skip_existing: bool = False) -> Plan:
+    """Pairs every input image with its output path; raises PlanError naming every problem at once."""
+    output_path = Path(output)
+    single_file = (
+        len(inputs) == 1
+        and Path(inputs[0]).is_file()
+        and output_path.suffix.lower() in IMAGE_SUFFIXES
+        and not output_path.is_dir()
+    )
+    problems: list[str] = []
+    pairs: list[FileJob] = []
+    out_root = output_path.resolve()
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            images = _images_under(path, exclude=out_root)
+            if not images:
+                problems.append(f"{raw}: no JPEG, PNG or WebP images in this folder")
+            pairs.extend(FileJob(image, output_path / image.relative_to(path)) for image in images)
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                problems.append(f"{raw}: not a .jpg, .jpeg, .png or .webp file")
+            pairs.append(FileJob(path, output_path if single_file else output_path / path.name))
+        else:
+            problems.append(f"{raw}: no such file or folder")
+    if not single_file and output_path.suffix.lower() in IMAGE_SUFFIXES and not output_path.is_dir():
+        problems.append(f"-o {output}: several images (or a folder) need an output folder, not an image file name")
+    if output_path.exists() and not output_path.is_dir() and not single_file:
+        problems.append(f"-o {output}: exists and is not a folder")
+
+    by_target: dict[Path, list[FileJob]] = {}
+    for job in pairs:
+        by_target.setdefault(job.target.resolve(), []).append(job)
+    for target, jobs in by_target.items():
+        if len(jobs) > 1:
+            problems.append(f"{target}: the output of {len(jobs)} inputs ({', '.join(str(j.source) for j in jobs)})")
+        if any(job.source.resolve() == target for job in jobs):
+            problems.append(f"{target}: would replace its own input")
+    if problems:
+        raise PlanError("nothing was written:\n  " + "\n  ".join(problems))
+
+    existing = [job for job in pairs if job.target.exists()]
+    if existing and not overwrite and not skip_existing:
+        names = "\n  ".join(str(job.target) for job in existing)
+        raise PlanError(
+            f"{len(existing)} output(s) already exist; nothing was written (use --overwrite to replace them "
+            f"or --skip-existing to leave them):\n  {names}"
+        )
+    if skip_existing:
+        return Plan([job for job in pairs if not job.target.exists()], existing)
+    return Plan(pairs, [])
+
+
+def choose_method(requested: str | None, model_source: str, *, quiet: bool = False) -> str:
+    """``requested``, or for "auto" the best method the weights allow, with one line on stderr saying why."""
+    if requested not in (None, "auto"):
+        return requested
+    from masquerade.models.layout import ModelLayout, default_model_dir
+
+    if model_source == "tiny":
+        method, why = "reverse_personalization", "tiny random weights (--models tiny): the output is noise"
+    else:
+        root = default_model_dir() if model_source == "default" else Path(model_source).expanduser()
+        missing = ModelLayout(root).missing_parts()
+        if missing:
+            method = "blur"
+            why = (
+                f"no reverse-personalization weights in {root} (missing {len(missing)} of 3 parts); "
+                f"`masquerade models fetch --to {root}` gets them"
+            )
+        else:
+            method, why = "reverse_personalization", f"weights in {root}"
+    if not quiet:
+        print(f"method: {method} ({why})", file=sys.stderr)
+    return method
+
+
+def skipped_record(job: FileJob) -> dict:
+    return {"input": str(job.source), "output": str(job.target), "status": "skipped", "reason": "output exists"}
+
+
+def failed_record(job: FileJob, error: str) -> dict:
+    return {"input": str(job.source), "output": str(job.target), "status": "failed", "error": error}
+
+
+def result_record(job: FileJob, result) -> dict:
+    return {
+        "input": str(job.source),
+        "output": str(job.target),
+        "status": "anonymized",
+        "complete": result.complete,
+        "no_faces": result.no_faces,
+        "faces": [face.to_json() for face in result.faces],
+    }
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """The output appears whole or not at all (a stopped run leaves no half-written image)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, target)
+
+
+def summarize(records: list[dict]) -> None:
+    for record in records:
+        if record["status"] == "anonymized":
+            faces = record["faces"]
+            what = "no faces" if record["no_faces"] else f"{len(faces)} face(s), complete={record['complete']}"
+        elif record["status"] == "skipped":
+            what = "skipped (output exists)"
+        else:
+            what = f"FAILED: {record['error']}"
+        print(f"{record['input']} -> {record['output']}: {what}")
+
+
+def write_report(path: str, records: list[dict]) -> None:
+    Path(path).write_text(json.dumps(records, indent=2) + "\n")
