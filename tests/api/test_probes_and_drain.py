@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from dataclasses import replace
 
@@ -83,3 +84,24 @@ def test_exposed_bind_without_tls_warns_naming_the_risk(start_server_sharing_mod
         configure=lambda config: secured(replace(config, host="0.0.0.0"), certificates, token_file=token_file),
     )
     assert not [r for r in caplog.records if r.name == "masquerade.api.server"]
+
+
+def test_open_batch_stream_is_refused_new_images_while_draining(start_server_sharing_models, face_png):
+    draining = start_server_sharing_models(
+        EngineConfig(models="tiny", device="cpu"),
+        grace_seconds=30,
+        configure=lambda config: replace(config, drain_seconds=2.0),
+    )
+    outgoing: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(draining.address) as channel:
+        responses = pb2_grpc.AnonymizerStub(channel).AnonymizeBatch(iter(outgoing.get, None), timeout=120)
+        outgoing.put(build_request(face_png, aligned=True, skip=0.0, steps=40, request_id="before"))
+        wait_until(lambda: draining.engine.active_jobs == 1, what="the first image to reach the scheduler")
+        draining.begin_stop()
+        wait_until(lambda: health_status(draining.address) == "NOT_SERVING", timeout=1, what="NOT_SERVING")
+        outgoing.put(build_request(face_png, aligned=True, method="blur", request_id="during"))
+        outgoing.put(None)
+        outcomes = {response.request_id: response for response in responses}
+    assert outcomes["before"].WhichOneof("outcome") == "result"
+    assert outcomes["during"].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "draining" in outcomes["during"].error.message
