@@ -24,7 +24,8 @@ Why a thin front end over deployment handles, not Ray Serve's gRPC ingress:
 - Fewer processes: no HTTP or gRPC proxy actors (``http_options.location=NoServer``).
 
 The cost is one more hop (front end -> replica) carrying the encoded image and the
-result, small next to a diffusion request, and a front end that is one process;
-on Kubernetes (deploy/kuberay) the same front end runs as a one-replica Serve
-deployment on the head node (``masquerade.scale.app.FrontEnd``).
+result, small next to a diffusion request, and a front end that is one process.
+On Kubernetes (deploy/kuberay) the same front end runs inside each engine replica
+on its GPU worker pod (``masquerade.scale.app.FrontEndThread``), still routing
+every request through the deployment handle, so there is no single front-end pod.
 """

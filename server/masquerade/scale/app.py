@@ -2,10 +2,11 @@
 
 ``engine_application`` is what ``masquerade serve --ray-replicas N`` deploys: N
 ``EngineReplica``s (autoscaled between bounds when asked), each holding one engine
-on one GPU. ``build`` is the import path for ``serveConfigV2`` (deploy/kuberay):
-the same Engine deployment plus a ``FrontEnd`` deployment that serves the gRPC
-contract from inside the cluster, pinned to the head node by a custom resource
-so the head pod's Service and gRPC probes reach it.
+on one GPU. ``build`` is the import path for ``serveConfigV2`` (deploy/kuberay): the same
+Engine deployment, whose replicas also serve the gRPC contract on their node
+(``FrontEndThread``), so each GPU worker pod answers the gRPC port and its gRPC
+readiness probe. (Not the head pod: KubeRay submits the application only once the
+head pod is ready, so a head probe that waits for the application never passes.)
 """
 
 from __future__ import annotations
@@ -19,10 +20,6 @@ from masquerade.engine.engine import EngineConfig
 from masquerade.scale.config import APP_NAME, ENGINE_DEPLOYMENT, ScaleConfig
 
 log = logging.getLogger(__name__)
-
-FRONTEND_DEPLOYMENT = "FrontEnd"
-FRONTEND_RESOURCE = "masquerade_frontend"
-"""Custom resource the head node advertises (rayStartParams.resources) so the front end runs there."""
 
 
 def target_ongoing_requests(engine: EngineConfig, scale: ScaleConfig) -> float:
@@ -63,14 +60,20 @@ def engine_deployment_options(
     return options
 
 
-def engine_application(engine: EngineConfig, scale: ScaleConfig, *, gpus_per_replica: float, grace_seconds: float):
-    """The bound Engine deployment (a Serve Application) with its options."""
+def engine_application(
+    engine: EngineConfig, scale: ScaleConfig, *, gpus_per_replica: float, grace_seconds: float, frontend=None
+):
+    """The bound Engine deployment (a Serve Application) with its options.
+
+    ``frontend`` (an api ServerConfig): each replica also serves the gRPC contract on that
+    port of its node (the KubeRay layout); None: the caller runs the front end (the CLI).
+    """
     from ray import serve
 
     from masquerade.scale.replica import EngineReplica
 
     options = engine_deployment_options(engine, scale, gpus_per_replica=gpus_per_replica, grace_seconds=grace_seconds)
-    return serve.deployment(EngineReplica).options(**options).bind(engine, grace_seconds)
+    return serve.deployment(EngineReplica).options(**options).bind(engine, grace_seconds, frontend=frontend)
 
 
 def running_replicas(app_name: str = APP_NAME) -> int:
@@ -83,20 +86,28 @@ def running_replicas(app_name: str = APP_NAME) -> int:
     return int(app.deployments[ENGINE_DEPLOYMENT].replica_states.get("RUNNING", 0))
 
 
-class FrontEnd:
-    """Serves the gRPC contract from inside the cluster (KubeRay); one replica on the head node.
+class FrontEndThread:
+    """The gRPC front end on its own thread and event loop, inside an engine replica (KubeRay).
 
-    The gRPC server runs on its own thread and event loop, exactly as under
-    ``masquerade serve --ray-replicas``, over the Engine deployment's handle.
+    Exactly the front end of ``masquerade serve --ray-replicas``, over the Engine
+    deployment's handle: whichever pod a client's connection lands on, each request
+    goes to a replica with room. Started once per node; when the port is taken (a
+    second replica on the same node) it stays off.
     """
 
-    def __init__(self, engine_handle, server_config) -> None:
+    def __init__(self, server_config, app_name: str = APP_NAME) -> None:
         from masquerade.scale.server import serve_front_end
 
-        self._stop = threading.Event()
+        self.port = server_config.port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
+        self._error: BaseException | None = None
         started = threading.Event()
+
+        def connect():
+            from ray import serve
+
+            return serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name)
 
         def run() -> None:
             async def main() -> None:
@@ -104,28 +115,34 @@ class FrontEnd:
                 self._stop_event = asyncio.Event()
                 await serve_front_end(
                     server_config,
-                    lambda: engine_handle,
-                    running_replicas,
+                    connect,
+                    lambda: running_replicas(app_name),
                     stop_event=self._stop_event,
                     on_started=lambda _address: started.set(),
                     handle_signals=False,
                 )
 
-            asyncio.run(main())
+            try:
+                asyncio.run(main())
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                started.set()
 
         self._thread = threading.Thread(target=run, name="masquerade-frontend", daemon=True)
         self._thread.start()
-        if not started.wait(120):
-            raise RuntimeError(f"the gRPC front end did not start on port {server_config.port}")
+        started.wait(120)
+        if self._error is not None:
+            raise self._error
 
-    def check_health(self) -> None:
-        if not self._thread.is_alive():
-            raise RuntimeError("the gRPC front end's thread stopped")
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
-    def __del__(self) -> None:
+    def stop(self, timeout: float) -> None:
         if self._loop is not None and self._stop_event is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop_event.set)
-            self._thread.join(60)
+            self._thread.join(timeout)
 
 
 def build(args: dict[str, Any]):
@@ -133,11 +150,10 @@ def build(args: dict[str, Any]):
 
     ``args`` keys (all optional): models, device, port, max_batch, max_queue, max_wait_ms,
     grace_seconds, max_message_mib, replicas, min_replicas, max_replicas,
-    target_ongoing_requests, gpus_per_replica, frontend_on_head (default true).
-    serveConfigV2's per-deployment settings (autoscaling_config, ray_actor_options) override these.
+    target_ongoing_requests, gpus_per_replica, serve_grpc (default true: every engine
+    replica's node serves the gRPC contract on ``port``). serveConfigV2's per-deployment
+    settings (autoscaling_config, ray_actor_options) override these.
     """
-    from ray import serve
-
     from masquerade.api.server import MIB, ServerConfig
 
     known = {
@@ -154,7 +170,7 @@ def build(args: dict[str, Any]):
         "max_replicas",
         "target_ongoing_requests",
         "gpus_per_replica",
-        "frontend_on_head",
+        "serve_grpc",
     }
     unknown = sorted(set(args) - known)
     if unknown:
@@ -174,6 +190,7 @@ def build(args: dict[str, Any]):
         gpus_per_replica=_optional_float(args.get("gpus_per_replica")),
     ).validated()
     grace = float(args.get("grace_seconds", 30.0))
+    serve_grpc = str(args.get("serve_grpc", True)).lower() not in ("false", "0", "no")
     mib = int(args.get("max_message_mib", 64))
     server_config = ServerConfig(
         host="[::]",
@@ -185,14 +202,8 @@ def build(args: dict[str, Any]):
         engine=engine,
     )
     gpus = scale.gpus_per_replica if scale.gpus_per_replica is not None else (1.0 if engine.device != "cpu" else 0.0)
-    engine_app = engine_application(engine, scale, gpus_per_replica=gpus, grace_seconds=grace)
-    actor_options: dict[str, Any] = {"num_cpus": 0}
-    if str(args.get("frontend_on_head", True)).lower() not in ("false", "0", "no"):
-        actor_options["resources"] = {FRONTEND_RESOURCE: 0.01}
-    return (
-        serve.deployment(FrontEnd)
-        .options(name=FRONTEND_DEPLOYMENT, num_replicas=1, ray_actor_options=actor_options, max_ongoing_requests=1)
-        .bind(engine_app, server_config)
+    return engine_application(
+        engine, scale, gpus_per_replica=gpus, grace_seconds=grace, frontend=server_config if serve_grpc else None
     )
 
 

@@ -48,7 +48,11 @@ class EngineReplica:
     """Ray Serve deployment class (see ``masquerade.scale.app``); one engine per replica."""
 
     async def __init__(
-        self, engine_config: EngineConfig, grace_seconds: float = 30.0, progress_interval_s: float = 0.1
+        self,
+        engine_config: EngineConfig,
+        grace_seconds: float = 30.0,
+        progress_interval_s: float = 0.1,
+        frontend=None,
     ):
         import ray
         from ray import serve
@@ -62,6 +66,9 @@ class EngineReplica:
         self.engine = await asyncio.to_thread(Engine.build, config)
         await self.engine.start()
         self._info = self.engine.info()
+        self._frontend = None
+        if frontend is not None:  # the KubeRay layout: this node's pod answers the gRPC port too
+            self._frontend = await asyncio.to_thread(_start_frontend, frontend)
         log.info("replica %s ready", self.replica_id)
 
     def info(self) -> EngineInfo:
@@ -73,6 +80,8 @@ class EngineReplica:
     def check_health(self) -> None:
         if not self.engine.ready:
             raise RuntimeError(f"replica {self.replica_id}: the engine's step loop is not running")
+        if self._frontend is not None and not self._frontend.alive:
+            raise RuntimeError(f"replica {self.replica_id}: its gRPC front end stopped")
 
     async def events(self, request: bytes, progress: bool = True) -> AsyncIterator[tuple]:
         """The request's events as ("event", bytes) items, or a final ("error", code, message).
@@ -110,6 +119,25 @@ class EngineReplica:
 
     async def __del__(self) -> None:
         """Serve calls this on a graceful stop, after routing has moved away: drain, then stop the engine."""
+        frontend = getattr(self, "_frontend", None)
+        if frontend is not None:
+            await asyncio.to_thread(frontend.stop, self.grace_seconds + 10)
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.shutdown(self.grace_seconds)
+
+
+def _start_frontend(server_config):
+    """This node's gRPC front end, or None when another replica on the node already serves the port."""
+    from masquerade.scale.app import FrontEndThread
+
+    host = server_config.host.strip("[]") or "0.0.0.0"
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        probe.bind((host, server_config.port))
+    except OSError:
+        log.info("port %d is served by another replica on this node", server_config.port)
+        return None
+    finally:
+        probe.close()
+    return FrontEndThread(server_config)

@@ -94,8 +94,15 @@ async def serve_front_end(
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     if handle_signals and threading.current_thread() is threading.main_thread():
+
+        def on_signal() -> None:
+            # Ray's core worker installs absl's failure-signal handler, which on SIGTERM arms a
+            # 3-second alarm that aborts the process: a graceful shutdown takes longer than that.
+            signal.alarm(0)
+            stop_event.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop_event.set)
+            loop.add_signal_handler(signum, on_signal)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),
@@ -214,6 +221,8 @@ class RayDeployment:
         from masquerade.scale.app import engine_application
 
         if self.scale.address is None:
+            # Ray gives its GCS 30 s to come up; a busy machine (or a cold disk) can take longer.
+            os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
             wanted = (self.scale.max_replicas or self.scale.replicas) * self.scale.cpus_per_replica
             ray.init(
                 num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
