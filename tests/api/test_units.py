@@ -86,7 +86,6 @@ def test_unset_params_take_server_defaults_and_set_ones_override():
         ({"method": 42}, "method"),
         ({"output_format": 9}, "output.format"),
         ({"quality": 0}, "output.quality"),
-        ({"max_faces": 9}, "detection.max_faces"),
         ({"strength": float("inf")}, "classical.strength"),
         ({"skip": 1.0}, "params.skip"),
     ],
