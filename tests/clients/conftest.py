@@ -5,6 +5,8 @@ Certificates and token files are made per session by tests/server_support.py, ne
 
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,22 @@ import pytest
 from PIL import Image
 
 TOKEN = "s3cret-token-for-client-tests"
+CLIENTS = Path(__file__).resolve().parents[2] / "clients"
+BUILD_TIMEOUT_S = 1800  # a fresh machine installs the Go and C++ toolchains and compiles gRPC stubs
+
+
+@pytest.fixture(scope="session")
+def built_clients() -> None:
+    if os.environ.get("MASQUERADE_SKIP_CLIENTS") == "1":
+        pytest.skip("MASQUERADE_SKIP_CLIENTS=1: the TypeScript, Go and C++ clients are not built or tested")
+    build = subprocess.run(
+        ["bash", str(CLIENTS / "build_all.sh")],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    if build.returncode != 0:
+        pytest.fail(f"clients/build_all.sh exited {build.returncode}:\n{build.stdout[-4000:]}\n{build.stderr[-8000:]}")
 
 
 @dataclass(frozen=True)

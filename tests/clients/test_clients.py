@@ -11,7 +11,6 @@ set MASQUERADE_SKIP_CLIENTS=1 to skip them all.
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import threading
@@ -39,20 +38,6 @@ EVENT_LINE = re.compile(r"^(queued position=\d+|faces_found n=\d+|progress phase
 RESULT_LINE = re.compile(r"^result faces=(\d+) complete=(true|false) bytes=(\d+)$")
 BATCH_RESULT_LINE = re.compile(r"^batch id=(\S+) faces=(\d+) complete=(true|false) bytes=(\d+)$")
 BATCH_ERROR_LINE = re.compile(r"^batch id=(\S+) error=([A-Z_]+): (.+)$")
-
-
-@pytest.fixture(scope="session")
-def built_clients() -> None:
-    if os.environ.get("MASQUERADE_SKIP_CLIENTS") == "1":
-        pytest.skip("MASQUERADE_SKIP_CLIENTS=1: the TypeScript, Go and C++ clients are not built or tested")
-    build = subprocess.run(
-        ["bash", str(CLIENTS / "build_all.sh")],
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT_S,
-    )
-    if build.returncode != 0:
-        pytest.fail(f"clients/build_all.sh exited {build.returncode}:\n{build.stdout[-4000:]}\n{build.stderr[-8000:]}")
 
 
 @pytest.fixture(scope="module")
