@@ -1,15 +1,20 @@
-"""The optimized UNet call: buckets and padding, fused LoRA and attention, and (on CUDA) torch.compile.
+"""The optimized UNet call: buckets and padding, fused LoRA and attention, torch.compile, VAE chunks.
 
 CPU cases run the same one-time surgery as the GPU path (FaceID LoRA folded in,
 fused Q/K/V and IP-Adapter processors) on the tiny models and check that a
-bucketed, padded call equals the plain eager diffusers call made before it.
+bucketed, padded call equals the plain eager diffusers call made before it. The
+compiled path runs on CPU too (inductor's C++ backend): one bucket, served with
+mixed batch sizes, must not recompile after its warm-up.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from masquerade.engine.diffusion import DiffusionCore
+from masquerade.engine.request import ReversePersonalizationParams
 from masquerade.models.loader import load_models
 from masquerade.models.optimize import (
     AttentionBackendError,
@@ -42,15 +47,19 @@ def cpu_reference(tiny_model_dir):
         models.pipe.set_ip_adapter_scale(0.5)
         expected_half_scale = stock_unet_fn(models.unet)(*inputs[6])
         models.pipe.set_ip_adapter_scale(1.0)
-    # compile is CUDA-only (eager here); pad=True exercises the buckets the compiled path uses.
-    unet_fn = optimized_unet_fn(models, max_batch=8, compile=True, pad=True)
+    # Eager with pad=True: the buckets and input copies of the compiled path, without compiling.
+    unet_fn = optimized_unet_fn(models, max_batch=8, compile=False, pad=True, buckets=(2, 4, 8))
     return models, unet_fn, inputs, expected, expected_half_scale
 
 
-def test_buckets_are_even_powers_of_two_up_to_max_batch():
-    assert bucket_sizes(16) == (2, 4, 8, 16)
-    assert bucket_sizes(12) == (2, 4, 8, 12)
+def test_buckets_are_even_and_pad_at_most_two_samples_up_to_16():
+    assert bucket_sizes(16) == (2, 4, 6, 8, 12, 16)
+    assert bucket_sizes(12) == (2, 4, 6, 8, 12)
+    assert bucket_sizes(10) == (2, 4, 6, 8, 10)
     assert bucket_sizes(7) == (2, 4, 6)
+    assert bucket_sizes(32) == (2, 4, 6, 8, 12, 16, 24, 32)
+    for n in range(2, 17, 2):  # every even call size up to 16
+        assert bucket_for(n, bucket_sizes(16)) - n <= 2
     assert bucket_sizes(2) == (2,)
     with pytest.raises(ValueError, match="max_batch"):
         bucket_sizes(1)
@@ -73,7 +82,7 @@ def test_padding_repeats_the_last_row_and_keeps_the_length():
 
 def test_bucketed_call_equals_eager_call_between_buckets(cpu_reference):
     models, unet_fn, inputs, expected, _ = cpu_reference
-    assert unet_fn.buckets == (2, 4, 8) and not unet_fn.compiled
+    assert unet_fn.buckets == (2, 4, 8) and not unet_fn.compiled and unet_fn.pad
     assert unet_fn.prepared["lora_fused"] and not getattr(models.unet, "peft_config", None)
     assert unet_fn.prepared["processors"]["cross_ip"] > 0 and unet_fn.prepared["processors"]["kept"] == 0
     with torch.inference_mode():
@@ -122,6 +131,71 @@ def test_fused_unet_traces_without_graph_breaks(cpu_reference):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def _mixed_jobs(core, models):
+    """Two faces of different lengths: with inversion_chunk=1 their calls hold 2 and then 1 CFG pair."""
+    latent = models.face_size // models.vae_scale_factor
+    generator = torch.Generator().manual_seed(7)
+    jobs = []
+    for index, params in enumerate(
+        (
+            ReversePersonalizationParams(steps=3, seed=1),
+            ReversePersonalizationParams(steps=5, seed=2, ip_adapter_scale=0.5, attribute_prompt="an old man"),
+        )
+    ):
+        clean = torch.randn(models.latent_channels, latent, latent, generator=generator)
+        identity = torch.nn.functional.normalize(torch.randn(512, generator=generator), dim=0)
+        jobs.append(core.make_job("mixed", index, clean, identity, params))
+    return jobs
+
+
+def test_compiled_core_serves_mixed_batch_sizes_without_recompiling(tiny_model_dir):
+    """--compile on CPU: one bucket of 4 samples serves calls of 4 (exact) and 2 (padded), no recompile."""
+    eager = DiffusionCore(load_models(tiny_model_dir, device="cpu"), max_batch=4, compile=False)
+    models = load_models(tiny_model_dir, device="cpu")
+    torch._dynamo.reset()
+    # One bucket keeps CI's CPU compile to one inductor graph (tens of seconds); the warm-up runs
+    # it full and padded. The default compile cache makes a second run of this test quick.
+    core = DiffusionCore(models, max_batch=4, compile=True, buckets=(4,))
+    unet_fn = core.runner.unet_fn
+    assert unet_fn.compiled and unet_fn.pad and unet_fn.compile_mode == "default"
+    assert set(unet_fn.warm_seconds) == {4} and unet_fn.recompiles() == 0
+
+    sizes = []
+    observed = core.runner.unet_fn
+
+    def observe(*inputs):
+        sizes.append(inputs[0].shape[0])
+        return observed(*inputs)
+
+    core.runner.unet_fn = observe
+    jobs = _mixed_jobs(core, models)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        core.run_to_completion(jobs, inversion_chunk=1)
+    assert set(sizes) == {2, 4}, sizes  # both exact-fit and padded calls were served
+    assert unet_fn.recompiles() == 0
+
+    expected = _mixed_jobs(eager, eager.models)
+    eager.run_to_completion(expected, inversion_chunk=1)
+    for job, want in zip(jobs, expected):
+        assert job.generation_done == job.steps
+        torch.testing.assert_close(job.latent, want.latent, atol=1e-4, rtol=1e-4)
+
+
+def test_vae_in_chunks_equals_one_batch(tiny_models):
+    whole = DiffusionCore(tiny_models, vae_chunk=8)
+    chunked = DiffusionCore(tiny_models, vae_chunk=2)
+    size = tiny_models.face_size
+    crops = np.random.default_rng(3).integers(0, 256, (5, size, size, 3), dtype=np.uint8)
+    latents = whole.encode(crops)
+    assert latents.shape[0] == 5
+    torch.testing.assert_close(chunked.encode(crops), latents, atol=1e-5, rtol=1e-5)
+    one, parts = whole.decode(latents), chunked.decode(latents)
+    assert one.shape == parts.shape == (5, size, size, 3)
+    assert np.abs(one.astype(int) - parts.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="vae_chunk"):
+        DiffusionCore(tiny_models, vae_chunk=0)
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_compiled_buckets_match_eager_in_fp16_without_breaks_or_recompiles(tiny_model_dir):
@@ -132,16 +206,18 @@ def test_compiled_buckets_match_eager_in_fp16_without_breaks_or_recompiles(tiny_
         expected = {n: stock_unet_fn(models.unet)(*x) for n, x in inputs.items()}
     torch._dynamo.reset()
     # Two buckets keep the lent GPU's minutes for the benchmark; 6 samples pad into 8.
-    unet_fn = optimized_unet_fn(models, max_batch=8, compile=True, compile_mode="default", buckets=(2, 8))
-    assert unet_fn.compiled and set(unet_fn.warm_seconds) == {2, 8}
-    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+    unet_fn = optimized_unet_fn(models, max_batch=8, compile=True, buckets=(2, 8))
+    assert unet_fn.compiled and unet_fn.compile_mode == "default" and set(unet_fn.warm_seconds) == {2, 8}
+    with torch._dynamo.config.patch(error_on_recompile=True):
         for n, x in inputs.items():
             torch.testing.assert_close(unet_fn(*x), expected[n], atol=FP16_ATOL, rtol=FP16_ATOL)
-        # New per-sample scales must not recompile (they are a tensor input), nor an adapter-wide one.
-        unet_fn(*inputs[6][:-1], torch.full((6,), 0.5, device="cuda", dtype=models.dtype))
-        models.pipe.set_ip_adapter_scale(0.5)
+        # Inputs made outside inference mode, with a stride-0 time_ids: copied into the bucket's own.
+        x = inputs[6]
+        unet_fn(*x[:4], x[4][:1].expand(6, -1), x[5], torch.full((6,), 0.5, device="cuda", dtype=models.dtype))
+        models.pipe.set_ip_adapter_scale(0.5)  # an adapter-wide scale is a buffer: no recompile either
         unet_fn(*inputs[6])
         models.pipe.set_ip_adapter_scale(1.0)
+    assert unet_fn.recompiles() == 0
     with torch.inference_mode():
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(unet_fn.eager_forward)(*inputs[2])

@@ -47,12 +47,25 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa", help="attention backend on GPU")
     parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the UNet per batch bucket at start-up (CUDA)"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the UNet per batch bucket before SERVING (default: on with CUDA, off on CPU)",
     )
     parser.add_argument(
         "--compile-mode",
-        default="max-autotune-no-cudagraphs",
-        help='torch.compile mode; "default" starts in seconds rather than minutes',
+        choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"),
+        default="default",
+        help="torch.compile mode; the max-autotune ones search kernels for many minutes per bucket",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="inductor's on-disk cache, reused by the next start (default: ~/.cache/masquerade/torch-compile)",
+    )
+    parser.add_argument(
+        "--vae-chunk", type=int, default=4, help="faces per VAE encode/decode call (bounds the VAE's GPU memory)"
     )
     parser.add_argument("--inversion-chunk", type=int, default=8, help="inversion steps of one face per UNet call")
     parser.add_argument(
@@ -109,6 +122,8 @@ def config_from_args(args: argparse.Namespace):
         attention=args.attention,
         compile=args.compile,
         compile_mode=args.compile_mode,
+        compile_cache=args.compile_cache,
+        vae_chunk=args.vae_chunk,
         inversion_chunk=args.inversion_chunk,
     )
     return ServerConfig(

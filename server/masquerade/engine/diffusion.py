@@ -9,6 +9,7 @@ tests and offline tools.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from masquerade.engine.runner import TextConditioning, UNetRunner, apply_results
 from masquerade.engine.scheduler import StepScheduler
 from masquerade.engine.trajectory import Trajectory, build_trajectory
 from masquerade.models.optimize import DEFAULT_COMPILE_MODE, optimized_unet_fn
+
+DEFAULT_VAE_CHUNK = 4  # faces per VAE encode/decode call (--vae-chunk)
 
 
 def face_noise_seed(seed: int, face_index: int) -> int:
@@ -32,21 +35,34 @@ class DiffusionCore:
         models,
         *,
         max_batch: int = 16,
-        compile: bool = False,
+        compile: bool | None = False,
         compile_mode: str = DEFAULT_COMPILE_MODE,
         attention: str = "sdpa",
         unet_fn=None,
+        buckets: Sequence[int] | None = None,
+        compile_cache: str | None = None,
+        vae_chunk: int = DEFAULT_VAE_CHUNK,
     ):
+        if vae_chunk < 1:
+            raise ValueError(f"vae_chunk must be at least 1, got {vae_chunk}")
         self.models = models
         self.max_batch = max_batch
+        self.vae_chunk = vae_chunk
         self.device = models.device
         self.dtype = models.dtype
         self.conditioning = TextConditioning(models.pipe, models.device, models.dtype)
         # The same prepared UNet on every device (fused LoRA and attention, per-sample IP-Adapter
-        # scale); compiled per batch bucket only on CUDA. Benchmarks may pass their own.
+        # scale); compiled per batch bucket when asked (compile=None: on CUDA only). Benchmarks may
+        # pass their own.
         if unet_fn is None:
             unet_fn = optimized_unet_fn(
-                models, max_batch=max_batch, compile=compile, compile_mode=compile_mode, attention=attention
+                models,
+                max_batch=max_batch,
+                compile=compile,
+                compile_mode=compile_mode,
+                attention=attention,
+                buckets=buckets,
+                compile_cache=compile_cache,
             )
         self.runner = UNetRunner(models, self.conditioning, unet_fn)
         self._alphas_cumprod = models.alphas_cumprod.double().cpu().numpy()
@@ -91,23 +107,35 @@ class DiffusionCore:
 
     # ---- VAE and identity ------------------------------------------------------
 
+    # The VAE runs in fp32 at 1024^2 (SDXL's overflows in fp16): its activations are ~1 GiB per
+    # face, so a request's faces go through in chunks of ``vae_chunk`` (--vae-chunk), never all at
+    # once next to a UNet call that needs the memory too. Each chunk's result is the same as the
+    # whole batch's: the VAE treats samples independently.
+
     @torch.inference_mode()
     def encode(self, crops: np.ndarray) -> torch.Tensor:
         """[F, S, S, 3] uint8 RGB -> clean latents x_0 [F, C, S/8, S/8] float32 (the posterior mean)."""
         vae = self.models.vae
-        images = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        with self._vae_lock:
-            latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mean
-        return latents.float() * vae.config.scaling_factor
+        parts = []
+        for start in range(0, max(len(crops), 1), self.vae_chunk):
+            chunk = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.vae_chunk])).to(self.device)
+            images = (chunk.permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(vae.dtype)
+            with self._vae_lock:
+                parts.append(vae.encode(images).latent_dist.mean.float())
+        return torch.cat(parts) * vae.config.scaling_factor
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """[F, C, h, w] latents -> [F, S, S, 3] uint8 RGB."""
         vae = self.models.vae
-        with self._vae_lock:
-            images = vae.decode(latents.to(self.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        images = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+        parts = []
+        for start in range(0, max(len(latents), 1), self.vae_chunk):
+            chunk = latents[start : start + self.vae_chunk].to(self.device, vae.dtype) / vae.config.scaling_factor
+            with self._vae_lock:
+                images = vae.decode(chunk, return_dict=False)[0]
+            images = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+            parts.append(images.permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(parts)
 
     @torch.inference_mode()
     def embed_identity(self, arcface_crops: np.ndarray) -> torch.Tensor:

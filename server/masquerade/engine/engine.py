@@ -75,10 +75,14 @@ class EngineConfig:
     """Face detector: "hog" or "cnn" (dlib), or "sfd" when face-alignment is installed."""
     attention: str = "sdpa"
     """Attention backend on GPU: "sdpa" or "xformers"."""
-    compile: bool = False
-    """torch.compile the UNet per batch-size bucket at start-up (CUDA only)."""
-    compile_mode: str = "max-autotune-no-cudagraphs"
-    """torch.compile mode; "default" compiles in seconds instead of minutes, a little slower per call."""
+    compile: bool | None = None
+    """torch.compile the UNet per batch-size bucket at start-up; None: on CUDA only (--compile/--no-compile)."""
+    compile_mode: str = "default"
+    """torch.compile mode (models/optimize.py COMPILE_MODES); "max-autotune*" take many minutes per bucket."""
+    compile_cache: str | None = None
+    """Inductor's on-disk cache, kept across restarts; None: ~/.cache/masquerade/torch-compile."""
+    vae_chunk: int = 4
+    """Faces per VAE encode/decode call: bounds the fp32 VAE's memory next to the UNet's."""
     preprocess_threads: int = 2
     defaults: ReversePersonalizationParams = field(default_factory=ReversePersonalizationParams)
 
@@ -89,6 +93,7 @@ class EngineConfig:
             (self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}"),
             (self.inversion_chunk >= 1, f"inversion_chunk must be at least 1, got {self.inversion_chunk}"),
             (self.max_faces >= 1, f"max_faces must be at least 1, got {self.max_faces}"),
+            (self.vae_chunk >= 1, f"vae_chunk must be at least 1, got {self.vae_chunk}"),
             (self.attention in ("sdpa", "xformers"), f"attention must be sdpa or xformers, got {self.attention!r}"),
         ]
         for ok, message in checks:
@@ -180,6 +185,8 @@ class Engine:
                 max_batch=config.max_batch,
                 compile=config.compile,
                 compile_mode=config.compile_mode,
+                compile_cache=config.compile_cache,
+                vae_chunk=config.vae_chunk,
                 attention=config.attention,
             )
             if models is not None

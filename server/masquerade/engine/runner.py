@@ -18,6 +18,7 @@ import torch
 from masquerade.engine import solver
 from masquerade.engine.job_state import StepPhase
 from masquerade.engine.scheduler import StepPlan, StepSlice
+from masquerade.models.optimize import sdxl_time_ids
 from masquerade_kernels.reference import MEAN_FROM_M1, NOISE_SCALE
 
 ID_EMBED_DIM = 512
@@ -79,8 +80,11 @@ class UNetRunner:
         self.device = models.device
         self.dtype = models.dtype
         self.unet_fn = unet_fn
-        size = models.face_size
-        self._time_ids = torch.tensor([size, size, 0, 0, size, size], device=self.device, dtype=self.dtype)
+        # Made once, inside inference mode like every call's inputs (a tensor made outside it
+        # carries other dispatch keys, and torch.compile's guards would see a new input).
+        with torch.inference_mode():
+            self._time_ids = sdxl_time_ids(models.face_size, 1, self.device, self.dtype)[0]
+            self._null_id = torch.zeros(ID_EMBED_DIM, device=self.device, dtype=self.dtype)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> list[SliceResult]:
@@ -90,44 +94,59 @@ class UNetRunner:
         return self._solve(plan, rows, eps_uncond, eps_cond)
 
     def _gather_rows(self, plan: StepPlan) -> _Rows:
-        latents, timesteps, coeffs, ip_scales = [], [], [], []
+        """The packed call's inputs, built without a host-device sync.
+
+        Per-row numbers (timesteps, IP-Adapter scales) travel in one small pinned host buffer
+        copied with ``non_blocking=True``; everything else (latents, coefficients, text and
+        identity embeddings) is already on the device and is sliced, expanded and concatenated
+        there. Every input comes out contiguous.
+        """
+        latents, coeffs, host_timesteps, host_scales = [], [], [], []
         uncond_text, cond_text, uncond_pooled, cond_pooled, cond_ids = [], [], [], [], []
         empty_embeds, empty_pooled = self.conditioning.get("")
         for piece in plan.slices:
-            job, steps = piece.job, range(piece.start, piece.start + piece.count)
+            job, count = piece.job, piece.count
+            steps = slice(piece.start, piece.start + count)
             if piece.phase is StepPhase.INVERSION:
-                latents.append(job.noisy_latents[piece.start : piece.start + piece.count])
+                latents.append(job.noisy_latents[steps])
                 # Inversion: both halves under the null identity; uncond c_zero, cond c_empty.
                 uncond_embeds, uncond_pool = self.conditioning.get(None)
-                identity = torch.zeros(ID_EMBED_DIM, device=self.device, dtype=self.dtype)
+                identity = self._null_id
             else:
                 latents.append(job.latent[None])
                 # Generation: uncond (attribute prompt or c_zero, null id), cond (c_empty, s_id e).
                 uncond_embeds, uncond_pool = self.conditioning.get(job.attribute_prompt or None)
                 identity = job.identity.to(self.dtype)
-            for step in steps:
-                timesteps.append(int(job.trajectory.timesteps[step]))
-                coeffs.append(job.coeffs[step])
-                ip_scales.append(job.ip_adapter_scale)
-                uncond_text.append(uncond_embeds)
-                uncond_pooled.append(uncond_pool)
-                cond_text.append(empty_embeds)
-                cond_pooled.append(empty_pooled)
-                cond_ids.append(identity)
-        count = len(timesteps)
+            host_timesteps += [int(t) for t in job.trajectory.timesteps[steps]]
+            host_scales += [float(job.ip_adapter_scale)] * count
+            coeffs.append(job.coeffs[steps])
+            uncond_text.append(uncond_embeds.expand(count, -1, -1))
+            uncond_pooled.append(uncond_pool.expand(count, -1))
+            cond_text.append(empty_embeds.expand(count, -1, -1))
+            cond_pooled.append(empty_pooled.expand(count, -1))
+            cond_ids.append(identity.expand(count, -1))
+        count = len(host_timesteps)
+        # Timesteps (< 1000) are exact in float32: one transfer carries both per-row tables.
+        table = self._to_device(torch.tensor(host_timesteps + host_scales, dtype=torch.float32))
+        t = table[:count].long()
         x = torch.cat(latents).to(self.device)  # [R, C, h, w], float32 job state
-        t = torch.tensor(timesteps, device=self.device, dtype=torch.long)
-        null_ids = torch.zeros(count, ID_EMBED_DIM, device=self.device, dtype=self.dtype)
         unet_inputs = (
             torch.cat([x, x]).to(self.dtype),
             torch.cat([t, t]),
-            torch.stack(uncond_text + cond_text),
-            torch.stack(uncond_pooled + cond_pooled),
-            self._time_ids.expand(2 * count, -1),
-            torch.cat([null_ids, torch.stack(cond_ids)])[:, None, :],  # [2R, 1, 512]
-            torch.tensor(ip_scales * 2, device=self.device, dtype=self.dtype),  # [2R]
+            torch.cat(uncond_text + cond_text),
+            torch.cat(uncond_pooled + cond_pooled),
+            self._time_ids.expand(2 * count, -1).contiguous(),
+            torch.cat([self._null_id.expand(count, -1)] + cond_ids)[:, None, :],  # [2R, 1, 512]
+            table[count:].to(self.dtype).repeat(2),  # [2R] IP-Adapter scales
         )
-        return _Rows(count=count, x=x, coeffs=torch.stack(coeffs), unet_inputs=unet_inputs)
+        return _Rows(count=count, x=x, coeffs=torch.cat(coeffs), unet_inputs=unet_inputs)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A small CPU table on the engine's device; on CUDA through pinned memory, without blocking the host."""
+        if self.device.type != "cuda":
+            return host
+        # The caching host allocator keeps the pinned block until the copy has run.
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _solve(self, plan: StepPlan, rows: _Rows, eps_uncond, eps_cond) -> list[SliceResult]:
         results: list[SliceResult] = []
