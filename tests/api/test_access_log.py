@@ -34,7 +34,7 @@ def test_one_line_per_request_with_its_outcome_and_no_content(client, face_png, 
     fields = record.access
     assert fields["rpc"] == "Anonymize" and fields["method"] == "reverse_personalization"
     assert fields["server_request_id"].startswith("log-1~")
-    assert fields["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:"))
+    assert fields["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:")) and fields["client"] == ""  # no mTLS
     assert fields["faces"] == 1 and fields["statuses"] == ["ANONYMIZED"] and fields["complete"] is True
     assert fields["code"] == "OK"
     durations = fields["durations_ms"]

@@ -6,6 +6,7 @@ Raw gRPC channels here, so the server's behaviour is checked independently of th
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 
 import grpc
@@ -13,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from masquerade.api.access_log import ACCESS_LOGGER
 from masquerade.api.protos import pb2, pb2_grpc
 from masquerade.api.security import SecurityConfigError, is_loopback
 from masquerade.api.server import serve
@@ -157,12 +159,15 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(mutual_tls_server, ce
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_mutual_tls_serves_a_client_with_a_certificate(mutual_tls_server, certificates):
+def test_mutual_tls_serves_a_client_with_a_certificate_and_logs_its_name(mutual_tls_server, certificates, caplog):
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
     with _tls_channel(
         mutual_tls_server.address, certificates.ca_cert, certificates.client_cert, certificates.client_key
     ) as channel:
         assert _health(channel) == "SERVING"
         assert _info_code(channel) == grpc.StatusCode.OK  # no token file: the certificate is the identity
+    lines = [r.access for r in caplog.records if r.name == ACCESS_LOGGER and r.access["rpc"] == "GetServerInfo"]
+    assert lines and lines[-1]["client"] == "masquerade-test-client" and lines[-1]["code"] == "OK"
 
 
 def test_unreadable_tls_or_token_file_names_the_flag(tiny_engine_config, certificates, tmp_path):

@@ -31,6 +31,8 @@ class AccessRecord:
 
     rpc: str
     peer: str
+    client: str = ""
+    """The common name of the client's certificate under mutual TLS; "" otherwise."""
     request_id: str = ""
     """The client's id (free text: quoted in text lines, escaped in JSON)."""
     server_request_id: str = ""
@@ -42,6 +44,13 @@ class AccessRecord:
     durations_ms: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     _done: bool = False
+
+    @classmethod
+    def from_context(cls, rpc: str, context: grpc.aio.ServicerContext, **fields) -> AccessRecord:
+        """A record with the peer address and, under mutual TLS, the client certificate's common name."""
+        names = (context.auth_context() or {}).get("x509_common_name") or [b""]
+        client = names[0].decode("utf-8", "replace") if isinstance(names[0], bytes) else str(names[0])
+        return cls(rpc=rpc, peer=context.peer() or "", client=client[:128], **fields)
 
     def set_result(self, response) -> None:
         """Takes what the log may hold from an AnonymizeResponse: counts, statuses, timings."""
@@ -68,6 +77,7 @@ class AccessRecord:
             "request_id": self.request_id,
             "server_request_id": self.server_request_id,
             "peer": self.peer,
+            "client": self.client,
             "rpc": self.rpc,
             "method": self.method,
             "faces": self.faces,
@@ -89,7 +99,7 @@ def _as_text(fields: dict) -> str:
             parts.append(f"{key}=-")
         elif isinstance(value, bool):
             parts.append(f"{key}={str(value).lower()}")
-        elif key in ("request_id", "server_request_id"):
+        elif key in ("request_id", "server_request_id", "client"):
             parts.append(f"{key}={json.dumps(value)}")  # hold client text: quoted, so it cannot forge fields or lines
         else:
             parts.append(f"{key}={value}")

@@ -147,7 +147,7 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, rpc: str, code: grpc.Stat
     """A handler of the same shape as ``handler`` that answers ``code`` (and logs one access line)."""
 
     async def reject(_request_or_iterator, context: grpc.aio.ServicerContext) -> None:
-        record = AccessRecord(rpc=rpc, peer=context.peer() or "")
+        record = AccessRecord.from_context(rpc, context)
         record.finish(code)
         await context.abort(code, details)
 

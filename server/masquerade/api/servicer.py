@@ -118,12 +118,9 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
     def _access(rpc: str, message: pb2.AnonymizeRequest | None, context: grpc.aio.ServicerContext) -> AccessRecord:
         """The access-log record of one request (counted in the metrics and logged by ``finish``)."""
         if message is None:
-            return AccessRecord(rpc=rpc, peer=context.peer() or "")
-        return AccessRecord(
-            rpc=rpc,
-            peer=context.peer() or "",
-            request_id=message.request_id[:128],
-            method=convert.method_label(message),
+            return AccessRecord.from_context(rpc, context)
+        return AccessRecord.from_context(
+            rpc, context, request_id=message.request_id[:128], method=convert.method_label(message)
         )
 
     @staticmethod
