@@ -233,3 +233,15 @@ def test_help_gives_every_anonymize_parameter_a_meaning_and_a_default():
         assert flag in text
         start = text.index(f"\n  {flag} {flag[2:].upper().replace('-', '_')}")
         assert f"(default: {default})" in " ".join(text[start : start + 400].split())
+
+
+def test_a_failed_image_is_reported_and_the_others_are_written(tmp_path, cli):
+    write_face(tmp_path / "in" / "good.png")
+    (tmp_path / "in" / "bad.png").write_text("not an image")
+    code, out, err = cli("anonymize", "--method", "blur", "--aligned", "in", "-o", "out", "--report", "r.json", "-q")
+    assert code == 1
+    assert "in/bad.png -> out/bad.png: FAILED: image:" in out
+    records = {Path(r["input"]).name: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert records["bad.png"]["status"] == "failed" and records["bad.png"]["error"].startswith("image:")
+    assert records["good.png"]["status"] == "anonymized"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
