@@ -245,3 +245,11 @@ def test_a_failed_image_is_reported_and_the_others_are_written(tmp_path, cli):
     assert records["bad.png"]["status"] == "failed" and records["bad.png"]["error"].startswith("image:")
     assert records["good.png"]["status"] == "anonymized"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
+
+
+def test_writing_over_the_inputs_is_refused_even_with_overwrite(tmp_path, cli):
+    source = write_face(tmp_path / "photos" / "a.png")
+    before = source.read_bytes()
+    code, _, err = cli("anonymize", "--method", "blur", "--aligned", "photos", "-o", "photos", "--overwrite")
+    assert code == 2 and "would replace its own input" in err
+    assert source.read_bytes() == before

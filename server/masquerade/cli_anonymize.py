@@ -129,7 +129,7 @@ def plan_files(inputs: list[str], output: str, *, overwrite: bool = False, skip_
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            images = _images_under(path, exclude=out_root)
+            images = _images_under(path, exclude=out_root if out_root != path.resolve() else None)
             if not images:
                 problems.append(f"{raw}: no JPEG, PNG or WebP images in this folder")
             pairs.extend(FileJob(image, output_path / image.relative_to(path)) for image in images)
