@@ -1,24 +1,31 @@
-"""End-to-end engine benchmark on full-size SDXL-architecture models with random weights.
+"""End-to-end engine benchmark: the figures of issue 16, one JSON summary as the last line.
 
-On one GPU, in one run: UNet call latency per batch-size bucket (diffusers eager,
-our prepared eager, torch.compile), samples/s per bucket, the fraction of the
-GPU's dense fp16 peak the UNet reaches (FLOPs from FlopCounterMode), the fused
-guidance/solver kernels against eager PyTorch (``kernel_bench.run``), and
-per-face latency at the paper's defaults (100 steps, skip 0.7, 1024x1024) for
-(a) the research code's loop -- one CFG pair per UNet call, inversion then
-generation, eager fp16 SDPA -- and (b) this engine (DiffusionCore with the step
-scheduler, continuous batching and ``optimized_unet_fn``), for 1 and 8 faces.
+In one run, on full-size SDXL-architecture models with random weights (or the
+tiny models, for a CPU check of the same code path):
 
-The models are built from SDXL base 1.0's published configs (written out
-below; nothing is downloaded), with the IP-Adapter-FaceID key structure loaded
-through ``pipe.load_ip_adapter`` and an ArcFace R50-shaped ONNX graph. Random
-weights cost the same FLOPs as real ones; outputs are noise.
+- ms per UNet call at the bucket sizes (2/4/8/16 by default): diffusers eager,
+  our prepared eager (FaceID LoRA fused, fused QKV/IP processors) and
+  torch.compile'd, with samples/s and MFU against 989 TFLOP/s (H100 SXM dense
+  fp16/bf16; FLOPs counted by FlopCounterMode);
+- the fused guidance/solver kernels against eager PyTorch (``kernel_bench.run``);
+- s/face for one face on an idle engine at the paper's defaults (skip 0.7, 100
+  steps, 1024x1024), with the research code's loop (one CFG pair per call,
+  eager) as the baseline;
+- faces/min with 8 faces at once (continuous batching), the peak GPU memory per
+  face, host-device syncs per UNet call (``torch.cuda.set_sync_debug_mode``)
+  and Dynamo recompiles after the warm-up (must be 0).
 
-    python benchmarks/engine_bench.py            # full: buckets 2..16, 100 steps measured
-    python benchmarks/engine_bench.py --quick    # ~5 min on an H100: buckets 2 and 8, 20 steps x5
-    python benchmarks/engine_bench.py --smoke    # CPU, tiny models, 3 steps: a run, not a timing
+The SDXL modules are built from SDXL base 1.0's published configs (nothing is
+downloaded) and IP-Adapter-FaceID's random state dict is loaded from memory
+through ``pipe.load_ip_adapter``. Random weights cost the same FLOPs as real
+ones; outputs are noise.
 
-Writes ``<out>/engine_bench_<gpu>.json`` and ``.md`` (machine and git commit inside).
+    python benchmarks/engine_bench.py                          # H100: SDXL, buckets 2/4/8/16, ~5 min
+    python benchmarks/engine_bench.py --device cpu --models tiny --buckets 2,4   # CPU check of the logic
+    python benchmarks/engine_bench.py --smoke                  # CPU, tiny, no compile: CI's smoke run
+
+Writes ``<out>/engine_bench_<device>.json`` and ``.md``, rewritten after every
+section (a timeout keeps what was measured), and prints the summary JSON last.
 """
 
 from __future__ import annotations
@@ -42,16 +49,12 @@ PAPER_STEPS = 100
 PAPER_SKIP = 0.7
 CONCURRENT_FACES = 8
 
-# Dense (no 2:4 sparsity) fp16/bf16 tensor-core peak in TFLOP/s, matched by GPU name in order.
-PEAK_DENSE_FP16_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-)
+# The issue's yardstick: H100 SXM dense fp16/bf16 tensor-core peak (H200: the same chip's rate).
+MFU_PEAK_TFLOPS = 989.0
+DEFAULT_BUCKETS = (2, 4, 8, 16)
+RESEARCH_LOOP = "research loop (eager, 1 CFG pair per call)"
+ENGINE_LOOP_1 = "engine, 1 face (idle server)"
+ENGINE_LOOP_N = "engine, faces at once"
 
 # SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0), unet/, vae/, text_encoder*/ config.json.
 SDXL_UNET_CONFIG = dict(
@@ -179,8 +182,6 @@ def build_sdxl_bundle(workdir: Path, device: str):
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    from masquerade.models.arcface import load_arcface, write_tiny_arcface_onnx
-    from masquerade.models.layout import IP_ADAPTER_FILE
     from masquerade.models.loader import ModelBundle, _load_ip_adapter
     from masquerade.models.tiny import _write_tiny_clip_tokenizer, ip_adapter_faceid_state_dict
 
@@ -193,19 +194,14 @@ def build_sdxl_bundle(workdir: Path, device: str):
         _write_tiny_clip_tokenizer(workdir / name)
         tokenizers[name] = CLIPTokenizer.from_pretrained(str(workdir / name))
     pipe = StableDiffusionXLPipeline(**modules, **tokenizers, force_zeros_for_empty_prompt=True)
-    ip_dir = workdir / "ip_adapter"
-    ip_dir.mkdir()
-    torch.save(ip_adapter_faceid_state_dict(pipe.unet, lora_rank=FACEID_LORA_RANK), ip_dir / IP_ADAPTER_FILE)
-    _load_ip_adapter(pipe, ip_dir / IP_ADAPTER_FILE)  # pipe.load_ip_adapter(folder, ...) + FaceID check
+    # Kept in memory: pipe.load_ip_adapter takes the state dict itself (no 2 GB save and reload).
+    _load_ip_adapter(pipe, ip_adapter_faceid_state_dict(pipe.unet, lora_rank=FACEID_LORA_RANK))
     pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (force_upcast)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.eval().requires_grad_(False)
-    arcface_path = write_tiny_arcface_onnx(
-        workdir / "w600k_r50.onnx", width=64, blocks=(3, 4, 14, 3), stage_widths=(64, 128, 256, 512)
-    )
     return ModelBundle(
         pipe=pipe,
-        arcface=load_arcface(arcface_path, device=device, dtype=dtype),
+        arcface=None,  # identities are random unit vectors here; ArcFace is not timed
         device=torch.device(device),
         dtype=dtype,
         face_size=SDXL_UNET_CONFIG["sample_size"] * 8,
@@ -213,12 +209,12 @@ def build_sdxl_bundle(workdir: Path, device: str):
     )
 
 
-def build_tiny_bundle(workdir: Path):
+def build_tiny_bundle(workdir: Path, device: str):
     from masquerade.models.loader import load_models
     from masquerade.models.tiny import make_tiny
 
     make_tiny(workdir / "tiny")
-    return load_models(workdir / "tiny", device="cpu")
+    return load_models(workdir / "tiny", device=device)
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -258,15 +254,6 @@ def unet_flops_per_sample(models) -> float:
     return counter.get_total_flops() / 2
 
 
-def peak_tflops(gpu_name: str | None) -> float | None:
-    if not gpu_name:
-        return None
-    for key, peak in PEAK_DENSE_FP16_TFLOPS:
-        if key.lower() in gpu_name.lower():
-            return peak
-    return None
-
-
 def time_unet(fn, models, buckets, reps: int, warmup: int) -> dict[int, float]:
     import torch
 
@@ -277,50 +264,119 @@ def time_unet(fn, models, buckets, reps: int, warmup: int) -> dict[int, float]:
         for size in buckets:
             inputs = example_inputs(models, size)
             latencies[size] = median_ms(lambda: fn(*inputs), models.device, reps, warmup)
-            log.info("  bucket %3d: %.2f ms", size, latencies[size])
+            log.info("  batch %3d: %.2f ms", size, latencies[size])
     return latencies
 
 
-def run_faces(core, models, faces: int, steps: int, max_batch: int, inversion_chunk: int) -> dict[str, float]:
-    """Encode, invert + generate (continuous batching), decode ``faces`` random crops; seconds per phase."""
+class CallCounter:
+    """Wraps a runner's ``unet_fn`` and counts its calls and samples (an observer: it calls the real one)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.samples = fn, 0, 0
+
+    def __call__(self, *inputs):
+        self.calls += 1
+        self.samples += inputs[0].shape[0]
+        return self.fn(*inputs)
+
+
+class SyncCounter:
+    """Counts host-device synchronisations on CUDA (``torch.cuda.set_sync_debug_mode("warn")``) inside ``with``."""
+
+    def __init__(self, device):
+        self.device, self.count = device, None
+
+    def __enter__(self):
+        import warnings
+
+        import torch
+
+        if self.device.type != "cuda":
+            return self
+        self._catch = warnings.catch_warnings(record=True)
+        self._records = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type != "cuda":
+            return False
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(*exc)
+        syncs = [r for r in self._records if "synchroniz" in str(r.message)]
+        self.count = len(syncs)
+        self.where = sorted({f"{r.filename.rsplit('/', 1)[-1]}:{r.lineno}" for r in syncs})[:10]
+        return False
+
+
+def run_faces(core, models, faces: int, steps: int, max_batch: int, inversion_chunk: int) -> dict[str, object]:
+    """Encode, invert + generate (continuous batching), decode ``faces`` random crops; seconds per phase.
+
+    Also counts the UNet calls and samples, and the host-device syncs of job creation and of the
+    diffusion loop (CUDA only).
+    """
     import numpy as np
     import torch
 
     from masquerade.engine.request import ReversePersonalizationParams
 
-    params = ReversePersonalizationParams(steps=steps, skip=PAPER_SKIP).validated()
+    params = ReversePersonalizationParams(steps=steps, skip=PAPER_SKIP)
     rng = np.random.default_rng(faces)
     size = models.face_size
     crops = rng.integers(0, 256, (faces, size, size, 3), dtype=np.uint8)
     identity = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((faces, 512))).float(), dim=1)
-    started = time.perf_counter()
-    latents = [core.encode(crops[i : i + 1])[0] for i in range(faces)]  # one at a time: 1024^2 fp32 VAE is big
-    synchronize(models.device)
-    encoded = time.perf_counter()
-    jobs = [core.make_job("bench", i, latents[i], identity[i], params) for i in range(faces)]
-    core.run_to_completion(jobs, max_batch=max_batch, inversion_chunk=inversion_chunk)
-    synchronize(models.device)
-    diffused = time.perf_counter()
-    for job in jobs:
-        core.decode(job.latent[None])
-    synchronize(models.device)
-    decoded = time.perf_counter()
-    return {"encode_s": encoded - started, "diffusion_s": diffused - encoded, "decode_s": decoded - diffused}
+    counter = CallCounter(core.runner.unet_fn)
+    core.runner.unet_fn = counter
+    try:
+        synchronize(models.device)
+        started = time.perf_counter()
+        latents = core.encode(crops)  # in chunks of --vae-chunk faces
+        synchronize(models.device)
+        encoded = time.perf_counter()
+        with SyncCounter(models.device) as job_syncs:
+            jobs = [core.make_job("bench", i, latents[i], identity[i], params) for i in range(faces)]
+        with SyncCounter(models.device) as loop_syncs:
+            core.run_to_completion(jobs, max_batch=max_batch, inversion_chunk=inversion_chunk)
+            synchronize(models.device)
+        diffused = time.perf_counter()
+        core.decode(torch.stack([job.latent for job in jobs]))
+        synchronize(models.device)
+        decoded = time.perf_counter()
+    finally:
+        core.runner.unet_fn = counter.fn
+    return {
+        "encode_s": encoded - started,
+        "diffusion_s": diffused - encoded,
+        "decode_s": decoded - diffused,
+        "unet_calls": counter.calls,
+        "unet_samples": counter.samples,
+        "syncs_job_creation": job_syncs.count,
+        "syncs_diffusion_loop": loop_syncs.count,
+        "sync_sites": getattr(loop_syncs, "where", None),
+    }
 
 
-def per_face_summary(name: str, faces: int, steps: int, timing: dict[str, float]) -> dict[str, object]:
+def per_face_summary(name: str, faces: int, steps: int, timing: dict[str, object]) -> dict[str, object]:
     """Measured times plus the time at the paper's 100 steps (diffusion scales linearly with steps)."""
     vae = timing["encode_s"] + timing["decode_s"]
     diffusion_at_paper = timing["diffusion_s"] * PAPER_STEPS / steps
     total = vae + diffusion_at_paper
+    calls = timing["unet_calls"]
     return {
         "loop": name,
         "faces": faces,
         "steps_measured": steps,
-        **{k: round(v, 4) for k, v in timing.items()},
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in timing.items()},
         "extrapolated_to_paper_steps": steps != PAPER_STEPS,
         "batch_latency_s_at_100_steps": round(total, 3),
         "seconds_per_face_at_100_steps": round(total / faces, 3),
+        "faces_per_min_at_100_steps": round(60 * faces / total, 2),
+        "host_syncs_per_unet_call": (
+            round(timing["syncs_diffusion_loop"] / calls, 3) if timing["syncs_diffusion_loop"] is not None else None
+        ),
     }
 
 
@@ -337,7 +393,9 @@ class Report:
 
     def section(self, name: str, value) -> None:
         self.data[name] = value
-        self.data["sections_done"].append(name)
+        if name not in self.data["sections_done"]:
+            self.data["sections_done"].append(name)
+        self.data["summary"] = summary(self.data)
         self.save()
 
     def save(self) -> None:
@@ -346,37 +404,96 @@ class Report:
         self.path_md.write_text(markdown(self.data))
 
 
+def summary(data: dict) -> dict:
+    """The issue's figures in one flat object (None where a section did not run or does not apply)."""
+    per_face = {row["loop"]: row for row in data.get("per_face", [])}
+    idle = per_face.get(ENGINE_LOOP_1)
+    busy = per_face.get(ENGINE_LOOP_N)
+    research = per_face.get(RESEARCH_LOOP)
+    unet = {row["bucket"]: row for row in (data.get("unet") or {}).get("buckets", [])}
+    kernels = data.get("kernels") or []
+    largest_kernel_batch = max((row["batch"] for row in kernels), default=None)
+    fused = {
+        row["step"]: round(row.get("graph_speedup", row["speedup"]), 2)
+        for row in kernels
+        if row["batch"] == largest_kernel_batch
+    }
+    memory = data.get("memory") or {}
+    mfu = [row["mfu_percent"] for row in unet.values() if row.get("mfu_percent") is not None]
+    out = {
+        "benchmark": "engine_bench",
+        "device": data.get("machine", {}).get("gpu") or "cpu",
+        "models": data.get("models"),
+        "measured_on_gpu": data.get("device") == "cuda",
+        "s_per_face_idle_default_params": idle and idle["seconds_per_face_at_100_steps"],
+        "idle_extrapolated_from_steps": idle
+        and (idle["steps_measured"] if idle["extrapolated_to_paper_steps"] else None),
+        "research_loop_s_per_face": research and research["seconds_per_face_at_100_steps"],
+        "faces_per_min_8_concurrent": busy and busy["faces_per_min_at_100_steps"],
+        "concurrent_faces": busy and busy["faces"],
+        "concurrent_extrapolated_from_steps": busy
+        and (busy["steps_measured"] if busy["extrapolated_to_paper_steps"] else None),
+        "unet_ms_per_call": {
+            str(size): {
+                "eager": row["prepared_eager_ms"],
+                "diffusers_eager": row["diffusers_eager_ms"],
+                "compiled": row["compiled_ms"],
+            }
+            for size, row in sorted(unet.items())
+        },
+        "mfu_percent_vs_989_tflops": max(mfu) if mfu else None,
+        "mfu_serving_percent": busy and busy.get("mfu_percent"),
+        "recompiles_after_warmup": data.get("recompiles_after_warmup"),
+        "host_syncs_per_unet_call": idle and idle["host_syncs_per_unet_call"],
+        "peak_gpu_memory_gib": memory.get("peak_gib"),
+        "peak_gpu_memory_per_face_gib": memory.get("per_face_gib"),
+        "fused_kernel_speedup_vs_eager": fused or None,
+        "compile_mode": data.get("compile_mode"),
+        "compile_s": {str(k): v for k, v in (data.get("compile_s") or {}).items()} or None,
+    }
+    if out["measured_on_gpu"]:
+        out["targets"] = {
+            "s_per_face_idle_le_5_4": out["s_per_face_idle_default_params"] is not None
+            and out["s_per_face_idle_default_params"] <= 5.4,
+            "batch2_call_le_40_ms": (unet.get(2) or {}).get("compiled_ms") is not None and unet[2]["compiled_ms"] <= 40,
+            "faces_per_min_8_ge_10": out["faces_per_min_8_concurrent"] is not None
+            and out["faces_per_min_8_concurrent"] >= 10,
+            "zero_recompiles": out["recompiles_after_warmup"] == 0,
+        }
+    return out
+
+
 def markdown(data: dict) -> str:
     machine = data.get("machine", {})
     lines = [
-        f"# engine_bench on {machine.get('gpu', 'CPU')} ({data.get('mode')})",
+        f"# engine_bench on {machine.get('gpu') or 'CPU'} ({data.get('models')} models, {data.get('mode')})",
         "",
         f"commit {data.get('git', {}).get('commit')}, torch {machine.get('torch')}, {data.get('date')}, "
-        f"compile mode {data.get('compile_mode')}, peak {data.get('peak_dense_fp16_tflops')} TFLOP/s dense fp16",
+        f"compile mode {data.get('compile_mode')}, MFU against {MFU_PEAK_TFLOPS} TFLOP/s dense fp16",
         "",
     ]
     unet = data.get("unet")
     if unet:
         lines += [
-            "| bucket | diffusers eager ms | prepared eager ms | compiled ms | compile s | samples/s | TFLOP/s | % peak |",
+            "| batch | diffusers eager ms | prepared eager ms | compiled ms | compile s | samples/s | TFLOP/s | MFU % |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for row in unet["buckets"]:
             lines.append(
                 "| {bucket} | {diffusers_eager_ms} | {prepared_eager_ms} | {compiled_ms} | {compile_s} | "
-                "{samples_per_s} | {tflops} | {percent_of_peak} |".format(**row)
+                "{samples_per_s} | {tflops} | {mfu_percent} |".format(**row)
             )
         lines.append("")
     faces = data.get("per_face")
     if faces:
         lines += [
-            "| loop | faces | steps measured | batch latency s @100 | s/face @100 | extrapolated |",
-            "| --- | ---: | ---: | ---: | ---: | --- |",
+            "| loop | faces | steps measured | UNet calls | s/face @100 | faces/min @100 | syncs/call |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for row in faces:
             lines.append(
-                "| {loop} | {faces} | {steps_measured} | {batch_latency_s_at_100_steps} | "
-                "{seconds_per_face_at_100_steps} | {extrapolated_to_paper_steps} |".format(**row)
+                "| {loop} | {faces} | {steps_measured} | {unet_calls} | {seconds_per_face_at_100_steps} | "
+                "{faces_per_min_at_100_steps} | {host_syncs_per_unet_call} |".format(**row)
             )
         lines.append("")
     kernels = data.get("kernels")
@@ -388,7 +505,8 @@ def markdown(data: dict) -> str:
                 f"{row['speedup']:.2f} |"
             )
         lines.append("")
-    return "\n".join(lines) + "\n"
+    lines += ["```json", json.dumps(data.get("summary", {}), indent=1), "```", ""]
+    return "\n".join(lines)
 
 
 # ---- main ------------------------------------------------------------------------------------------
@@ -396,161 +514,187 @@ def markdown(data: dict) -> str:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="GPU run in ~5 minutes: buckets 2 and 8, 20 steps x5")
-    mode.add_argument("--smoke", action="store_true", help="CPU, tiny models, 3 steps: exercises the code path")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--models", choices=("sdxl", "tiny"), default="sdxl", help="SDXL-size random, or tiny")
+    parser.add_argument("--smoke", action="store_true", help="CI's run: --device cpu --models tiny, no compile")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON and markdown results")
-    parser.add_argument("--steps", type=int, help="steps actually run per face (default: 100, --quick 20)")
-    parser.add_argument("--max-batch", type=int, help="samples per UNet call (default 16, --quick 8)")
-    parser.add_argument("--compile-mode", help="torch.compile mode (default: the server's; --quick: default)")
-    parser.add_argument("--reps", type=int, help="timed repetitions per UNet bucket")
+    parser.add_argument("--label", help="file name suffix (default: the GPU's name, or cpu_<models>)")
+    parser.add_argument("--buckets", help="comma-separated UNet batch sizes to time and compile (default 2,4,8,16)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the engine's UNet")
+    parser.add_argument("--idle-steps", type=int, default=PAPER_STEPS, help="steps run for the 1-face latency")
+    parser.add_argument("--concurrent-steps", type=int, default=20, help="steps run for the 8 faces (x5 = 100)")
+    parser.add_argument("--baseline-steps", type=int, default=20, help="steps run for the research loop baseline")
+    parser.add_argument("--concurrent-faces", type=int, default=CONCURRENT_FACES)
+    parser.add_argument("--vae-chunk", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per UNet batch size")
+    parser.add_argument("--budget-s", type=float, default=330, help="skip the remaining buckets' compiles past this")
     args = parser.parse_args(argv)
-    from masquerade.models.optimize import DEFAULT_COMPILE_MODE, bucket_sizes
-
     if args.smoke:
-        defaults = dict(steps=3, max_batch=4, compile_mode="default", reps=1)
-    elif args.quick:
-        defaults = dict(steps=20, max_batch=8, compile_mode="default", reps=3)
-    else:
-        defaults = dict(steps=PAPER_STEPS, max_batch=16, compile_mode=DEFAULT_COMPILE_MODE, reps=10)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    # --quick compiles two buckets (each is a full inductor compile of the SDXL UNet).
-    args.buckets = (2, args.max_batch) if args.quick else bucket_sizes(args.max_batch)
-    args.warmup = 0 if args.smoke else 1
-    args.concurrent_faces = 2 if args.smoke else CONCURRENT_FACES
+        args.device, args.models, args.compile = "cpu", "tiny", False
+        args.idle_steps, args.concurrent_steps, args.baseline_steps = 3, 3, 3
+        args.concurrent_faces, args.reps, args.buckets = 2, 1, args.buckets or "2,4"
+    args.buckets = tuple(sorted({int(b) for b in args.buckets.split(",")})) if args.buckets else DEFAULT_BUCKETS
+    if any(b < 2 or b % 2 for b in args.buckets):
+        parser.error(f"--buckets must be even sizes >= 2, got {args.buckets}")
+    args.max_batch = max(args.buckets)
+    args.compile = True if args.compile is None else args.compile
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    if argv is None:
-        argv = sys.argv[1:]
-    if "--smoke" in argv:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first decorated, i.e. on import
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # the fused kernels through Triton's interpreter (read on import)
     import torch
 
-    args = parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print("engine_bench needs a CUDA GPU; pass --smoke for a CPU run of the same code path on tiny models.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("engine_bench: no CUDA device here; run with --device cpu --models tiny for a CPU check.")
         return 0
-
     from masquerade.engine.diffusion import DiffusionCore
     from masquerade.models.optimize import optimized_unet_fn, stock_unet_fn
 
+    started_all = time.perf_counter()
     kernel_bench = load_kernel_bench()
     machine = kernel_bench.machine()
-    gpu = machine.get("gpu")
-    slug = "cpu_smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "_", str(gpu).lower()).strip("_")
-    peak = None if args.smoke else peak_tflops(gpu)
+    gpu = machine.get("gpu") if args.device == "cuda" else None
+    if args.device == "cpu":
+        machine.pop("gpu", None)
+    label = args.label or (re.sub(r"[^a-z0-9]+", "_", str(gpu).lower()).strip("_") if gpu else f"cpu_{args.models}")
     report = Report(
-        args.out / f"engine_bench_{slug}.json",
-        args.out / f"engine_bench_{slug}.md",
+        args.out / f"engine_bench_{label}.json",
+        args.out / f"engine_bench_{label}.md",
         {
             "benchmark": "engine_bench",
-            "mode": "smoke" if args.smoke else ("quick" if args.quick else "full"),
+            "mode": "smoke" if args.smoke else "full",
+            "device": args.device,
+            "models": args.models,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": machine,
             "git": kernel_bench.git_commit(),
-            "compile_mode": args.compile_mode,
+            "compile_mode": args.compile_mode if args.compile else None,
             "buckets": list(args.buckets),
-            "max_batch": args.max_batch,
-            "peak_dense_fp16_tflops": peak,
             "paper_defaults": {"steps": PAPER_STEPS, "skip": PAPER_SKIP, "face_size": 1024},
+            "args": {k: v for k, v in vars(args).items() if k not in ("out",)},
             "timing": "median wall ms per UNet call (device synchronised); per-face times are one run each",
         },
     )
-    print(f"GPU: {gpu or 'none (smoke run on CPU)'}; dense fp16 peak {peak} TFLOP/s")
-    bench_started = time.perf_counter()
+    print(f"device: {gpu or 'CPU'}; models {args.models}; buckets {args.buckets}")
+
+    def left() -> float:
+        return args.budget_s - (time.perf_counter() - started_all)
 
     with tempfile.TemporaryDirectory(prefix="engine_bench_") as tmp:
         started = time.perf_counter()
-        if args.smoke:
+        if args.models == "tiny":
             report.section("sdxl_config_params_m", check_sdxl_configs())
-            models = build_tiny_bundle(Path(tmp))
+            models = build_tiny_bundle(Path(tmp), args.device)
         else:
-            models = build_sdxl_bundle(Path(tmp), "cuda")
+            models = build_sdxl_bundle(Path(tmp), args.device)
         report.section("build_s", round(time.perf_counter() - started, 1))
         log.info("models built in %.1fs (face size %d)", report.data["build_s"], models.face_size)
-
         flops = unet_flops_per_sample(models)
-        report.section("unet_gflop_per_sample", round(flops / 1e9, 1))
+        report.section("unet_gflop_per_sample", round(flops / 1e9, 2))
 
         log.info("diffusers eager UNet (peft LoRA live, stock processors):")
         stock = stock_unet_fn(models.unet)
-        diffusers_eager = time_unet(stock, models, args.buckets, args.reps, args.warmup)
-
-        # (a) the research code's loop: one CFG pair per call, inversion sequential, then generation.
-        naive = DiffusionCore(models, unet_fn=stock)
-        per_face = [
-            per_face_summary(
-                "research loop (eager fp16 SDPA, 1 CFG pair per call)",
-                1,
-                args.steps,
-                run_faces(naive, models, 1, args.steps, max_batch=2, inversion_chunk=1),
-            )
-        ]
-        sequential = dict(
-            per_face[0], loop="research loop, faces one after another (derived)", faces=args.concurrent_faces
-        )
-        sequential["batch_latency_s_at_100_steps"] = round(
-            args.concurrent_faces * per_face[0]["batch_latency_s_at_100_steps"], 3
-        )
-        per_face.append(sequential)
+        diffusers_eager = time_unet(stock, models, args.buckets, args.reps, warmup=1)
+        # The research code's loop: one CFG pair per call, inversion sequential, then generation.
+        naive = DiffusionCore(models, unet_fn=stock, vae_chunk=args.vae_chunk)
+        timing = run_faces(naive, models, 1, args.baseline_steps, max_batch=2, inversion_chunk=1)
+        per_face = [per_face_summary(RESEARCH_LOOP, 1, args.baseline_steps, timing)]
         report.section("per_face", per_face)
         del naive
 
         kernel_args = argparse.Namespace(
-            dtype="float32" if args.smoke else "float16",
-            batches=[1, 2] if args.smoke else sorted({b // 2 for b in args.buckets}),
+            dtype="float32" if args.device == "cpu" else "float16",
+            batches=[1, 2] if args.device == "cpu" else sorted({b // 2 for b in args.buckets}),
             order="2",
-            interpret=args.smoke,
-            shape=(4, 8, 8) if args.smoke else (4, models.face_size // 8, models.face_size // 8),
+            interpret=args.device == "cpu",
+            shape=(4, 8, 8) if args.device == "cpu" else (4, models.face_size // 8, models.face_size // 8),
         )
         report.section("kernels", kernel_bench.run(kernel_args))
 
-        log.info("prepared eager UNet (FaceID LoRA fused, fused QKV/IP processors, channels_last):")
-        prepared = optimized_unet_fn(models, max_batch=args.max_batch, compile=False, buckets=args.buckets, pad=True)
-        prepared_eager = time_unet(prepared, models, args.buckets, args.reps, args.warmup)
+        log.info("prepared eager UNet (FaceID LoRA fused, fused QKV/IP processors):")
+        prepared = optimized_unet_fn(models, max_batch=args.max_batch, compile=False, buckets=args.buckets)
+        prepared_eager = time_unet(prepared, models, args.buckets, args.reps, warmup=1)
         report.section("optimizations", prepared.prepared)
 
-        log.info("compiling %s buckets (%s):", list(args.buckets), args.compile_mode)
-        compiled = optimized_unet_fn(
-            models, max_batch=args.max_batch, compile=True, buckets=args.buckets, compile_mode=args.compile_mode
-        )
-        compiled_ms = (
-            time_unet(compiled, models, args.buckets, args.reps, args.warmup) if compiled.compiled else prepared_eager
-        )
+        compiled_ms, compile_s, engine_fn, warm = {}, {}, prepared, ()
+        if args.compile:
+            # Largest bucket first (the engine's cap), then the rest while the budget lasts; each
+            # new OptimizedUNet re-warms the buckets already compiled from Dynamo's cache.
+            order = [args.max_batch] + [b for b in args.buckets if b != args.max_batch]
+            for size in order:
+                if warm and left() < 1.3 * max(compile_s.values()) + 60:
+                    log.warning("budget: bucket %d not compiled (%.0fs left)", size, left())
+                    continue
+                log.info("compiling bucket %d (%s); already warm: %s", size, args.compile_mode, warm)
+                warm = tuple(sorted((*warm, size)))
+                engine_fn = optimized_unet_fn(
+                    models, max_batch=args.max_batch, compile=True, buckets=warm, compile_mode=args.compile_mode
+                )
+                compile_s[size] = round(engine_fn.warm_seconds[size], 1)
+                report.section("compile_s", compile_s)
+            compiled_ms = time_unet(engine_fn, models, warm, args.reps, warmup=1)
         rows = []
         for size in args.buckets:
-            best_ms = compiled_ms[size]
+            best_ms = compiled_ms.get(size, prepared_eager[size])
             tflops = flops * size / (best_ms * 1e-3) / 1e12
             rows.append(
                 {
                     "bucket": size,
                     "diffusers_eager_ms": round(diffusers_eager[size], 2),
                     "prepared_eager_ms": round(prepared_eager[size], 2),
-                    "compiled_ms": round(best_ms, 2) if compiled.compiled else None,
-                    "compile_s": round(compiled.warm_seconds[size], 1) if compiled.compiled else None,
+                    "compiled_ms": round(compiled_ms[size], 2) if size in compiled_ms else None,
+                    "compile_s": compile_s.get(size),
                     "samples_per_s": round(size / (best_ms * 1e-3), 2),
-                    "tflops": round(tflops, 1),
-                    "percent_of_peak": round(100 * tflops / peak, 1) if peak else None,
+                    "tflops": round(tflops, 3),
+                    "mfu_percent": round(100 * tflops / MFU_PEAK_TFLOPS, 1) if args.device == "cuda" else None,
                 }
             )
-        report.section("unet", {"compiled": compiled.compiled, "buckets": rows})
+        report.section("unet", {"compiled": bool(compiled_ms), "buckets": rows})
 
-        # (b) this engine: inversion steps batched, generation steps of all faces packed per call.
-        engine = DiffusionCore(models, max_batch=args.max_batch, unet_fn=compiled)
-        label = f"engine (buckets, {args.compile_mode} compile)" if compiled.compiled else "engine (buckets, eager)"
-        for faces in (1, args.concurrent_faces):
-            timing = run_faces(engine, models, faces, args.steps, args.max_batch, inversion_chunk=args.max_batch // 2)
-            per_face.append(per_face_summary(label, faces, args.steps, timing))
-            report.section("per_face", per_face)
+        # This engine: inversion steps batched, generation steps of all faces packed per call.
+        engine = DiffusionCore(models, max_batch=args.max_batch, unet_fn=engine_fn, vae_chunk=args.vae_chunk)
+        chunk = args.max_batch // 2
+        timing = run_faces(engine, models, 1, args.idle_steps, args.max_batch, inversion_chunk=chunk)
+        per_face.append(per_face_summary(ENGINE_LOOP_1, 1, args.idle_steps, timing))
+        report.section("per_face", per_face)
 
-        report.section("total_s", round(time.perf_counter() - bench_started, 1))
+        faces = args.concurrent_faces
+        if args.device == "cuda":
+            synchronize(models.device)
+            baseline = torch.cuda.memory_allocated(models.device)
+            torch.cuda.reset_peak_memory_stats(models.device)
+        timing = run_faces(engine, models, faces, args.concurrent_steps, args.max_batch, inversion_chunk=chunk)
+        row = per_face_summary(ENGINE_LOOP_N, faces, args.concurrent_steps, timing)
+        row["mfu_percent"] = (
+            round(100 * flops * timing["unet_samples"] / timing["diffusion_s"] / 1e12 / MFU_PEAK_TFLOPS, 1)
+            if args.device == "cuda"
+            else None
+        )
+        per_face.append(row)
+        report.section("per_face", per_face)
+        if args.device == "cuda":
+            peak = torch.cuda.max_memory_allocated(models.device)
+            report.section(
+                "memory",
+                {
+                    "weights_and_caches_gib": round(baseline / 2**30, 2),
+                    "peak_gib": round(peak / 2**30, 2),
+                    "per_face_gib": round((peak - baseline) / faces / 2**30, 3),
+                    "faces": faces,
+                    "vae_chunk": args.vae_chunk,
+                },
+            )
+        recompiles = engine_fn.recompiles() if args.compile and compiled_ms else None
+        report.section("recompiles_after_warmup", recompiles)
+        report.section("total_s", round(time.perf_counter() - started_all, 1))
     print(report.path_md.read_text())
     print(f"wrote {report.path_json} and {report.path_md}")
+    print(json.dumps(report.data["summary"]))
     return 0
 
 

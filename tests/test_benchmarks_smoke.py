@@ -21,10 +21,15 @@ def test_engine_bench_smoke_writes_its_json(tmp_path: Path) -> None:
         env=env,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((tmp_path / "engine_bench_cpu_smoke.json").read_text())
-    assert (tmp_path / "engine_bench_cpu_smoke.md").is_file()
+    report = json.loads((tmp_path / "engine_bench_cpu_tiny.json").read_text())
+    assert (tmp_path / "engine_bench_cpu_tiny.md").is_file()
     assert report["mode"] == "smoke" and "total_s" in report
     assert [row["bucket"] for row in report["unet"]["buckets"]] == report["buckets"]
     assert {row["faces"] for row in report["per_face"]} == {1, 2}
     assert report["optimizations"]["lora_fused"]
     assert report["sdxl_config_params_m"]["unet"] == 2567.5
+    # The last line is the summary object gpu_check.sh ends with; GPU-only figures are null on CPU.
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last == report["summary"] and last["device"] == "cpu" and not last["measured_on_gpu"]
+    assert last["s_per_face_idle_default_params"] > 0 and last["peak_gpu_memory_gib"] is None
+    assert set(last["unet_ms_per_call"]) == {"2", "4"}

@@ -20,6 +20,7 @@ from masquerade.models.optimize import (
     AttentionBackendError,
     bucket_for,
     bucket_sizes,
+    configure_compile_cache,
     example_inputs,
     optimized_unet_fn,
     pad_to_bucket,
@@ -179,6 +180,19 @@ def test_compiled_core_serves_mixed_batch_sizes_without_recompiling(tiny_model_d
     for job, want in zip(jobs, expected):
         assert job.generation_done == job.steps
         torch.testing.assert_close(job.latent, want.latent, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_cache_goes_where_asked_unless_the_user_set_inductors(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what inductor writes on first use
+    assert configure_compile_cache(tmp_path / "ours") == tmp_path / "ours"
+    assert (tmp_path / "ours").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "user"))
+    assert configure_compile_cache(tmp_path / "ours") == tmp_path / "user"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("MASQUERADE_COMPILE_CACHE", str(tmp_path / "env"))
+    assert configure_compile_cache(None) == tmp_path / "env"
 
 
 def test_vae_in_chunks_equals_one_batch(tiny_models):

@@ -210,7 +210,13 @@ def configure_compile_cache(path: str | os.PathLike | None) -> Path:
     graphs instead of generating and compiling them again (seconds instead of minutes). A
     ``TORCHINDUCTOR_CACHE_DIR`` already set by the user wins over ``path``.
     """
-    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(Path(path or default_compile_cache()).expanduser())
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Inductor writes its own default into the variable on first use; only a user's value counts.
+    user = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if user and os.path.abspath(user) == os.path.abspath(default_cache_dir()):
+        user = None
+    chosen = user or str(Path(path or default_compile_cache()).expanduser())
     Path(chosen).mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = chosen
     import torch._inductor.config as inductor_config
