@@ -173,6 +173,19 @@ def test_retries_stop_after_the_policys_attempts(face_png):
     assert flaky.calls == {"Anonymize": 3}
 
 
+def test_one_attempt_means_no_retry_and_the_policy_is_validated(face_png):
+    flaky = FlakyServer(failures=1)
+    with (
+        flaky as address,
+        AnonymizerClient(address, timeout=20, retry=RetryPolicy(max_attempts=1)) as client,
+        pytest.raises(Unavailable),
+    ):
+        client.anonymize(face_png.read_bytes(), method="blur")
+    assert flaky.calls == {"Anonymize": 1}
+    with pytest.raises(ValueError, match="max_attempts=6"):
+        RetryPolicy(max_attempts=6)
+
+
 def test_client_over_mutual_tls_with_token(secure_server, face_png):
     c = secure_server.certificates
     tls = dict(ca_file=c.ca_cert, cert_file=c.client_cert, key_file=c.client_key)

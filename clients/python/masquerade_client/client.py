@@ -52,8 +52,16 @@ class RetryPolicy:
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_attempts <= 5:
+            raise ValueError(f"max_attempts={self.max_attempts}: gRPC retries take 1 (no retry) to 5 attempts")
+        if self.initial_backoff_s <= 0 or self.max_backoff_s <= 0 or self.multiplier <= 0:
+            raise ValueError("initial_backoff_s, max_backoff_s and multiplier must be positive")
+
     def service_config(self) -> str:
         """The channel's service config (JSON), as the ``grpc.service_config`` channel option takes it."""
+        if self.max_attempts == 1:
+            return json.dumps({"methodConfig": [{"name": [{"service": SERVICE_NAME}]}]})
         retry = {
             "maxAttempts": self.max_attempts,
             "initialBackoff": f"{self.initial_backoff_s:g}s",
