@@ -11,7 +11,6 @@ import torch
 from masquerade.engine.diffusion import DiffusionCore
 from masquerade.engine.job_state import JobStatus
 from masquerade.engine.request import ReversePersonalizationParams
-from masquerade.engine.runner import apply_results
 from masquerade.engine.scheduler import StepScheduler
 from masquerade.engine.trajectory import build_trajectory, inversion_timesteps, scaled_linear_alphas_cumprod
 from masquerade_kernels.reference import generation_step_reference, inversion_step_reference
@@ -242,11 +241,10 @@ def test_batched_inversion_equals_sequential_oracle(core, faces, chunk):
     scheduler = StepScheduler(max_batch=16, inversion_chunk=chunk)
     scheduler.add([job])
     while job.status is JobStatus.INVERTING:
-        apply_results(core.runner.run(scheduler.plan()))
+        scheduler.update(core.runner.run(scheduler.plan()))
     assert relative_error(job.noise_maps, oracle_noise) < 5e-3
     while (plan := scheduler.plan()) is not None:
-        apply_results(core.runner.run(plan))
-        scheduler.drop_finished()
+        scheduler.update(core.runner.run(plan))
     assert relative_error(job.latent, oracle_final) < 5e-3
 
 

@@ -1,9 +1,10 @@
 """Proto <-> engine types.
 
-Wire-level validation lives here (enum values the engine has no name for, a
-missing image, option ranges that only the wire can get wrong); the engine types
-check the rest (``ReversePersonalizationParams.validated``) and the engine checks
-what needs the pixels (decoding, the pixel cap, the face count).
+Conversion only maps: the engine's request types check every range in their
+constructors (``engine/request.py``), the engine checks its own limits at
+admission, and the pixel layer checks what needs the bytes (decoding, the
+pixel cap). The only errors raised here are for what has no engine name: an
+enum value this server does not know, or an over-long client request id.
 Every error names the request field it is about.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import math
 from typing import Protocol
 
 from masquerade.api.protos import pb2
@@ -24,6 +24,7 @@ MAX_REQUEST_ID_CHARS = 256
 def process_id() -> str:
     """This process's ``served_by`` ("<host>:<pid>"); a Ray Serve replica passes its own id instead."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
 
 METHOD_FROM_PROTO: dict[int, et.Method] = {
     pb2.REVERSE_PERSONALIZATION: et.Method.REVERSE_PERSONALIZATION,
@@ -86,38 +87,27 @@ def _names(enum_type) -> str:
     return ", ".join(name for name in enum_type.keys() if not name.endswith("_UNSPECIFIED"))  # noqa: SIM118 (protobuf enum wrappers are not iterable)
 
 
-def _finite(field_name: str, value: float) -> float:
-    if not math.isfinite(value):
-        raise et.InvalidRequestError(field_name, f"must be finite, got {value!r}")
-    return value
-
-
 def params_from_proto(
     message: pb2.ReversePersonalizationParams, defaults: et.ReversePersonalizationParams
 ) -> et.ReversePersonalizationParams:
-    """Set fields override the server's defaults; the engine type validates the ranges."""
+    """Set fields override the server's defaults; the engine type checks the ranges."""
     overrides = {
         name: getattr(message, name)
         for name in ("skip", "steps", "guidance_scale", "id_emb_scale", "ip_adapter_scale", "attribute_prompt", "seed")
         if message.HasField(name)
     }
-    return dataclasses.replace(defaults, **overrides).validated()
+    return dataclasses.replace(defaults, **overrides)
 
 
 def detection_from_proto(message: pb2.DetectionOptions, max_faces_limit: int) -> et.DetectionOptions:
     base = et.DetectionOptions(max_faces=max_faces_limit)
     overrides: dict = {"aligned": message.aligned}
     if message.HasField("score_threshold"):
-        overrides["score_threshold"] = _finite("detection.score_threshold", message.score_threshold)
+        overrides["score_threshold"] = message.score_threshold
     if message.HasField("min_face_size"):
         overrides["min_face_size"] = message.min_face_size
     if message.HasField("max_faces"):
-        if not 1 <= message.max_faces <= max_faces_limit:
-            raise et.InvalidRequestError(
-                "detection.max_faces",
-                f"must be in [1, {max_faces_limit}] (this server's limit), got {message.max_faces}",
-            )
-        overrides["max_faces"] = message.max_faces
+        overrides["max_faces"] = message.max_faces  # the engine checks it against its limit at admission
     return dataclasses.replace(base, **overrides)
 
 
@@ -126,29 +116,18 @@ def output_from_proto(message: pb2.OutputOptions) -> et.OutputOptions:
         raise et.InvalidRequestError(
             "output.format", f"unknown value {message.format}; use one of {_names(pb2.ImageFormat)} or leave it unset"
         )
-    quality = et.OutputOptions().quality
-    if message.HasField("quality"):
-        if not 1 <= message.quality <= 100:
-            raise et.InvalidRequestError("output.quality", f"must be in [1, 100], got {message.quality}")
-        quality = message.quality
+    quality = message.quality if message.HasField("quality") else et.OutputOptions().quality
     return et.OutputOptions(format=FORMAT_FROM_PROTO[message.format], quality=quality)
 
 
 def classical_strength_from_proto(message: pb2.ClassicalParams) -> float:
-    if not message.HasField("strength"):
-        return 1.0
-    strength = _finite("classical.strength", message.strength)
-    if not 0.0 < strength <= 10.0:
-        raise et.InvalidRequestError("classical.strength", f"must be in (0, 10], got {strength}")
-    return strength
+    return message.strength if message.HasField("strength") else 1.0
 
 
 def request_from_proto(message: pb2.AnonymizeRequest, info: RequestDefaults, *, request_id: str) -> et.EngineRequest:
-    """Validates the wire-level fields and builds the engine's request. Raises InvalidRequestError."""
+    """Builds the engine's request; its types check the ranges. Raises InvalidRequestError."""
     if len(message.request_id) > MAX_REQUEST_ID_CHARS:
         raise et.InvalidRequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
-    if not message.image:
-        raise et.InvalidRequestError("image", "is empty; send the encoded JPEG, PNG or WebP bytes")
     method = method_from_proto(message.method, info.default_method)
     params = params_from_proto(message.params, info.defaults)
     return et.EngineRequest(

@@ -8,6 +8,7 @@ tests and offline tools.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 
@@ -16,10 +17,12 @@ import torch
 
 from masquerade.engine.job import FaceJob
 from masquerade.engine.request import ReversePersonalizationParams
-from masquerade.engine.runner import TextConditioning, UNetRunner, apply_results
+from masquerade.engine.runner import TextConditioning, UNetRunner
 from masquerade.engine.scheduler import StepScheduler
 from masquerade.engine.trajectory import Trajectory, build_trajectory
 from masquerade.models.optimize import DEFAULT_COMPILE_MODE, optimized_unet_fn
+
+TRAJECTORY_CACHE_SIZE = 64
 
 DEFAULT_VAE_CHUNK = 4  # faces per VAE encode/decode call (--vae-chunk)
 
@@ -66,16 +69,14 @@ class DiffusionCore:
             )
         self.runner = UNetRunner(models, self.conditioning, unet_fn)
         self._alphas_cumprod = models.alphas_cumprod.double().cpu().numpy()
-        self._trajectories: dict[tuple[int, float], Trajectory] = {}
+        # Keyed by the client-chosen (steps, skip): bounded, so odd values cannot grow it without end.
+        self.trajectory = functools.lru_cache(maxsize=TRAJECTORY_CACHE_SIZE)(self._build_trajectory)
         self._vae_lock = threading.Lock()
 
     # ---- trajectories and jobs -------------------------------------------------
 
-    def trajectory(self, steps: int, skip: float) -> Trajectory:
-        key = (int(steps), float(skip))
-        if key not in self._trajectories:
-            self._trajectories[key] = build_trajectory(self._alphas_cumprod, *key)
-        return self._trajectories[key]
+    def _build_trajectory(self, steps: int, skip: float) -> Trajectory:
+        return build_trajectory(self._alphas_cumprod, int(steps), float(skip))
 
     def make_job(
         self,
@@ -150,5 +151,4 @@ class DiffusionCore:
         scheduler = StepScheduler(max_batch=max_batch or self.max_batch, inversion_chunk=inversion_chunk)
         scheduler.add(jobs)
         while (plan := scheduler.plan()) is not None:
-            apply_results(self.runner.run(plan))
-            scheduler.drop_finished()
+            scheduler.update(self.runner.run(plan))

@@ -1,10 +1,12 @@
 """The asyncio engine: admits requests, runs the step loop, streams events back.
 
-Request flow: preprocess (decode, detect, align, ArcFace, VAE encode) on a
-thread pool -> FaceJobs join the step scheduler -> one packed UNet call per
-iteration on a dedicated thread -> finished jobs are decoded and merged ->
-result. Jobs join and leave between UNet calls; a cancelled request's jobs
-leave at the next iteration and free their rows for everyone else.
+Request flow: preprocess (decode, detect, align, ArcFace, VAE encode, job
+creation) on a thread pool -> FaceJobs join the step scheduler -> the step
+loop repeats schedule (``StepScheduler.plan``) -> execute (one packed UNet
+call on a dedicated thread) -> update (``StepScheduler.update``) -> finished
+jobs are decoded and merged -> result. Job state changes only in the update,
+on the loop's thread, between UNet calls: a cancelled request's jobs are
+marked, leave at the next update and free their rows for everyone else.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from masquerade import __version__, metrics
 from masquerade.engine.diffusion import DiffusionCore
 from masquerade.engine.front_end import FaceFrontEnd, PreparedRequest
 from masquerade.engine.job import FaceJob
-from masquerade.engine.job_state import JobStatus
+from masquerade.engine.job_state import JobStatus, Phase
+from masquerade.engine.memory import MemoryReturner
 from masquerade.engine.request import (
     MAX_STEPS,
     AnonymizeResult,
@@ -36,7 +39,6 @@ from masquerade.engine.request import (
     InvalidRequestError,
     Method,
     MethodUnavailableError,
-    Phase,
     ProgressEvent,
     QueuedEvent,
     QueueFullError,
@@ -44,8 +46,8 @@ from masquerade.engine.request import (
     ReversePersonalizationParams,
     Timings,
 )
-from masquerade.engine.runner import apply_results
-from masquerade.engine.scheduler import StepScheduler
+from masquerade.engine.runner import SliceResult
+from masquerade.engine.scheduler import StepPlan, StepScheduler, StepUpdate
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +203,8 @@ class Engine:
         )
         self.scheduler = StepScheduler(max_batch=config.max_batch, inversion_chunk=config.inversion_chunk)
         self._states: set[_RequestState] = set()
+        self._owners: dict[int, _RequestState] = {}  # job id -> its request, while the job diffuses
+        self._memory = MemoryReturner()
         self._accepting = False
         self._loop_task: asyncio.Task | None = None
         self._work_added: asyncio.Event | None = None
@@ -282,10 +286,18 @@ class Engine:
     # ---- admission -------------------------------------------------------------------
 
     def submit(self, request: EngineRequest) -> RequestHandle:
-        """Admit a request or raise InvalidRequestError / QueueFullError / MethodUnavailableError."""
+        """Admit a request or raise InvalidRequestError / QueueFullError / MethodUnavailableError.
+
+        The request's own ranges were checked when its types were built (``engine/request.py``);
+        here only what depends on this engine: its limits, its methods, its queue.
+        """
         if not self._accepting:
             raise EngineNotAcceptingError("the engine is shutting down or not started; retry on another replica")
-        self._validate(request)
+        if request.detection.max_faces is not None and request.detection.max_faces > self.config.max_faces:
+            raise InvalidRequestError(
+                "detection.max_faces",
+                f"must be at most {self.config.max_faces} (this server's limit), got {request.detection.max_faces}",
+            )
         if request.method is Method.REVERSE_PERSONALIZATION and self.core is None:
             raise MethodUnavailableError(f"REVERSE_PERSONALIZATION is unavailable: {self.unavailable_reason}")
         if self.queue_depth >= self.config.max_queue:
@@ -298,26 +310,6 @@ class Engine:
         state.events.put_nowait(QueuedEvent(request.request_id, position=self.queue_depth - 1))
         state.task = asyncio.create_task(self._run_request(state), name=f"request-{request.request_id}")
         return RequestHandle(self, state)
-
-    def _validate(self, request: EngineRequest) -> None:
-        if not request.image:
-            raise InvalidRequestError("image", "is empty; send encoded JPEG, PNG or WebP bytes")
-        request.params.validated()
-        if not (0.0 < request.classical_strength <= 10.0):
-            raise InvalidRequestError("classical.strength", f"must be in (0, 10], got {request.classical_strength}")
-        detection = request.detection
-        if not (1 <= detection.max_faces <= self.config.max_faces):
-            raise InvalidRequestError(
-                "detection.max_faces", f"must be in [1, {self.config.max_faces}], got {detection.max_faces}"
-            )
-        if detection.min_face_size < 0 or detection.min_face_size > 100_000:
-            raise InvalidRequestError("detection.min_face_size", f"out of range: {detection.min_face_size}")
-        if not (-10.0 <= detection.score_threshold <= 10.0):
-            raise InvalidRequestError("detection.score_threshold", f"out of range: {detection.score_threshold}")
-        if not (1 <= request.output.quality <= 100):
-            raise InvalidRequestError("output.quality", f"must be in [1, 100], got {request.output.quality}")
-        if request.output.format not in (None, "jpeg", "png", "webp"):
-            raise InvalidRequestError("output.format", f"unknown format {request.output.format!r}")
 
     def _cancel(self, state: _RequestState) -> None:
         if state.task is not None and not state.task.done():
@@ -361,6 +353,8 @@ class Engine:
             )
             state.events.put_nowait(ResultEvent(request.request_id, result))
         except asyncio.CancelledError:
+            # A cancel or deadline only marks the jobs: a UNet call in flight may be reading their
+            # tensors. The scheduler's next update releases them; wake the loop in case it idles.
             for job in state.jobs:
                 job.cancel()
             self._signal_work()
@@ -371,96 +365,133 @@ class Engine:
                 log.exception("request %s failed", request.request_id)
             for job in state.jobs:
                 job.fail(str(error))
+            self._signal_work()
             state.events.put_nowait(FailedEvent(request.request_id, error))
         finally:
             state.finished = True
+            state.jobs = []
             self._states.discard(state)
             metrics.QUEUE_DEPTH.set(self.queue_depth)
+            self._memory.request_trim()
 
     async def _diffuse(self, state: _RequestState, prepared: PreparedRequest) -> tuple[dict, dict]:
         """Run the request's faces through diffusion: (generated crops, failure reasons), by face index."""
         request = state.request
         loop = asyncio.get_running_loop()
-        state.jobs = [
-            self.core.make_job(request.request_id, work.record.index, work.clean_latent, work.identity, request.params)
-            for work in prepared.works
-        ]
-        state.job_done = {job.job_id: loop.create_future() for job in state.jobs}
-        self.scheduler.add(state.jobs)
+        # Noise draws, copies and device transfers take tens of ms per face at 1024 px: off the loop.
+        jobs = await self._in_pool(self._make_jobs, request, prepared.works)
+        state.jobs = jobs
+        state.job_done = {job.job_id: loop.create_future() for job in jobs}
+        for job in jobs:
+            self._owners[job.job_id] = state
+        self.scheduler.add(jobs)
         metrics.ACTIVE_JOBS.set(len(self.scheduler))
         self._signal_work()
         await asyncio.gather(*state.job_done.values())
         self._phase_done(state, Phase.GENERATION)
-        decoded_jobs = [job for job in state.jobs if job.status is JobStatus.DECODED]
+        decoded_jobs = [job for job in jobs if job.status is JobStatus.DECODED]
         generated = {}
         if decoded_jobs:
             latents = torch.stack([job.latent for job in decoded_jobs])
+            for job in decoded_jobs:
+                job.finish()  # the stacked copy is all the decode needs
             crops = await self._in_pool(self.core.decode, latents)
-            for job, crop in zip(decoded_jobs, crops):
-                job.finish()
-                generated[job.face_index] = crop
-        failures = {job.face_index: job.failure for job in state.jobs if job.status is JobStatus.FAILED}
+            del latents
+            generated = {job.face_index: crop for job, crop in zip(decoded_jobs, crops)}
+        failures = {job.face_index: job.failure for job in jobs if job.status is JobStatus.FAILED}
         return generated, failures
 
-    # ---- the step loop -----------------------------------------------------------------
+    def _make_jobs(self, request: EngineRequest, works) -> list[FaceJob]:
+        """On a preprocess thread: one FaceJob per face (noise draws, noisy latents, coefficients)."""
+        return [
+            self.core.make_job(request.request_id, work.record.index, work.clean_latent, work.identity, request.params)
+            for work in works
+        ]
+
+    # ---- the step loop: schedule -> execute -> update ----------------------------------------
 
     def _signal_work(self) -> None:
         if self._work_added is not None:
             self._work_added.set()
 
     async def _step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        max_wait = self.config.max_wait_ms / 1000.0
         while True:
-            self._retire_jobs()
-            plan = self.scheduler.plan()
-            if plan is None:
-                self._work_added.clear()
-                await self._work_added.wait()
-                continue
-            if plan.rows < self.scheduler.max_rows and max_wait > 0 and self._preprocessing():
-                # Requests still in preprocessing will join soon: a short wait fills the call.
-                self._work_added.clear()
-                try:
-                    await asyncio.wait_for(self._work_added.wait(), max_wait)
-                except TimeoutError:
-                    pass
-                plan = self.scheduler.plan() or plan
-            started = time.perf_counter()
+            plan = await self._schedule()
+            outputs, failures = await self._execute(plan) if plan is not None else ([], {})
+            self._publish(self.scheduler.update(outputs, failures))
+
+    async def _schedule(self) -> StepPlan | None:
+        """The next UNet call; None when woken with nothing to run (a cancel to apply, say)."""
+        plan = self.scheduler.plan()
+        if plan is None:
+            self._work_added.clear()
+            await self._work_added.wait()
+            return self.scheduler.plan()
+        max_wait = self.config.max_wait_ms / 1000.0
+        if plan.rows < self.scheduler.max_rows and max_wait > 0 and self._preprocessing():
+            # Requests still in preprocessing will join soon: a short wait fills the call.
+            self._work_added.clear()
             try:
-                results = await loop.run_in_executor(self._unet_pool, self.core.runner.run, plan)
+                await asyncio.wait_for(self._work_added.wait(), max_wait)
+            except TimeoutError:
+                pass
+            plan = self.scheduler.plan()
+        return plan
+
+    async def _execute(self, plan: StepPlan) -> tuple[list[SliceResult], dict[FaceJob, str]]:
+        """One UNet call. If it fails, each of its jobs still wanted is retried once, alone; a job
+        whose lone retry fails too is returned in the failures with the reason its face record gets."""
+        try:
+            return await self._run_call(plan), {}
+        except Exception as error:
+            first = type(error).__name__
+            log.exception("UNet call over %d jobs failed; retrying each alone", len(plan.slices))
+        outputs: list[SliceResult] = []
+        failures: dict[FaceJob, str] = {}
+        for job in dict.fromkeys(piece.job for piece in plan.slices):
+            if not job.schedulable:
+                continue  # cancelled meanwhile: it just leaves at the update
+            try:
+                outputs += await self._run_call(plan.only(job))
             except Exception as error:
-                log.exception("UNet call failed; its %d jobs fall back", len(plan.slices))
-                for piece in plan.slices:
-                    piece.job.fail(f"diffusion step failed: {type(error).__name__}")
-                continue
-            metrics.UNET_BATCH_SIZE.observe(plan.samples)
-            metrics.UNET_CALL_SECONDS.observe(time.perf_counter() - started)
-            apply_results(results)
-            self._report_progress({piece.job.job_id for piece in plan.slices})
+                log.exception("UNet call failed again for %s face %d alone", job.request_id, job.face_index)
+                failures[job] = (
+                    f"diffusion step failed ({first}), and again when retried alone ({type(error).__name__})"
+                )
+        return outputs, failures
+
+    async def _run_call(self, plan: StepPlan) -> list[SliceResult]:
+        started = time.perf_counter()
+        outputs = await asyncio.get_running_loop().run_in_executor(self._unet_pool, self.core.runner.run, plan)
+        metrics.UNET_BATCH_SIZE.observe(plan.samples)
+        metrics.UNET_CALL_SECONDS.observe(time.perf_counter() - started)
+        return outputs
+
+    def _publish(self, update: StepUpdate) -> None:
+        """Progress events for requests whose jobs moved; completion for jobs that left diffusion."""
+        moved = {id(state): state for job in update.progressed if (state := self._owners.get(job.job_id))}
+        for state in moved.values():
+            self._report_progress(state)
+        for job in update.finished:
+            state = self._owners.pop(job.job_id, None)
+            future = state.job_done.get(job.job_id) if state is not None else None
+            if future is not None and not future.done():
+                future.set_result(job.status)
+        metrics.ACTIVE_JOBS.set(len(self.scheduler))
 
     def _preprocessing(self) -> bool:
         return any(not s.jobs and not s.finished for s in self._states)
 
-    def _retire_jobs(self) -> None:
-        for job in self.scheduler.drop_finished():
-            for state in self._states:
-                future = state.job_done.get(job.job_id)
-                if future is not None and not future.done():
-                    future.set_result(job.status)
-        metrics.ACTIVE_JOBS.set(len(self.scheduler))
-
-    def _report_progress(self, job_ids: set[int]) -> None:
-        for state in self._states:
-            if not any(job.job_id in job_ids for job in state.jobs):
-                continue
-            total = sum(job.steps for job in state.jobs)
-            inverted = sum(job.inversion_done for job in state.jobs)
-            generated = sum(job.generation_done for job in state.jobs)
-            if inverted < total or generated == 0:
-                event = ProgressEvent(state.request.request_id, Phase.INVERSION, inverted, total)
-            else:
-                event = ProgressEvent(state.request.request_id, Phase.GENERATION, generated, total)
-            if inverted == total and state.timings.inversion_seconds == 0.0:
-                self._phase_done(state, Phase.INVERSION)
-            state.events.put_nowait(event)
+    def _report_progress(self, state: _RequestState) -> None:
+        if state.finished:
+            return
+        total = sum(job.steps for job in state.jobs)
+        inverted = sum(job.inversion_done for job in state.jobs)
+        generated = sum(job.generation_done for job in state.jobs)
+        if inverted < total or generated == 0:
+            event = ProgressEvent(state.request.request_id, Phase.INVERSION, inverted, total)
+        else:
+            event = ProgressEvent(state.request.request_id, Phase.GENERATION, generated, total)
+        if inverted == total and state.timings.inversion_seconds == 0.0:
+            self._phase_done(state, Phase.INVERSION)
+        state.events.put_nowait(event)

@@ -1,4 +1,4 @@
-"""Job statuses, step phases and batch keys: shared by the scheduler (no torch) and the jobs."""
+"""Job statuses, request phases and batch keys: shared by the scheduler (no torch), the jobs and the events."""
 
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ class JobStatus(enum.IntEnum):
         return self in (JobStatus.INVERTING, JobStatus.GENERATING)
 
 
-class StepPhase(enum.Enum):
+class Phase(enum.Enum):
+    """Where a request is; a diffusing job is in INVERSION or GENERATION (DESIGN section 1 steps 5 and 6)."""
+
+    PREPROCESS = "preprocess"
     INVERSION = "inversion"
     GENERATION = "generation"
+    POSTPROCESS = "postprocess"
 
 
 @dataclass(frozen=True)

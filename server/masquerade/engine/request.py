@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from masquerade.engine.job_state import Phase
 from masquerade.errors import (  # noqa: F401  (re-exported: the engine's callers name them here)
     EngineNotAcceptingError,
     InvalidRequestError,
     MethodUnavailableError,
     QueueFullError,
 )
+from masquerade.face.image_io import OUTPUT_FORMATS
 
 
 class Method(enum.Enum):
@@ -33,6 +35,7 @@ class Method(enum.Enum):
 
 
 MAX_STEPS = 1000
+MAX_MIN_FACE_SIZE = 100_000
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class ReversePersonalizationParams:
     attribute_prompt: str = ""
     seed: int = 0
 
-    def validated(self) -> ReversePersonalizationParams:
+    def __post_init__(self) -> None:
+        """The one range check of the algorithm's parameters: every path (wire, CLI, config) builds this type."""
         if not (isinstance(self.skip, (int, float)) and 0.0 <= self.skip < 1.0):
             raise InvalidRequestError("params.skip", f"must be in [0, 1), got {self.skip!r}")
         if not (1 <= int(self.steps) <= MAX_STEPS):
@@ -72,7 +76,6 @@ class ReversePersonalizationParams:
             raise InvalidRequestError("params.attribute_prompt", "must be at most 1000 characters")
         if not 0 <= int(self.seed) < 2**63:
             raise InvalidRequestError("params.seed", f"must be in [0, 2^63), got {self.seed}")
-        return self
 
 
 @dataclass(frozen=True)
@@ -80,13 +83,33 @@ class DetectionOptions:
     aligned: bool = False
     score_threshold: float = 0.0
     min_face_size: int = 16
-    max_faces: int = 32
+    max_faces: int = 32  # the server's own limit (EngineConfig.max_faces) is checked at admission
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.score_threshold) and -10.0 <= self.score_threshold <= 10.0):
+            raise InvalidRequestError(
+                "detection.score_threshold", f"must be a finite number in [-10, 10], got {self.score_threshold!r}"
+            )
+        if not 0 <= self.min_face_size <= MAX_MIN_FACE_SIZE:
+            raise InvalidRequestError(
+                "detection.min_face_size", f"must be in [0, {MAX_MIN_FACE_SIZE}] pixels, got {self.min_face_size}"
+            )
+        if self.max_faces < 1:
+            raise InvalidRequestError("detection.max_faces", f"must be at least 1, got {self.max_faces}")
 
 
 @dataclass(frozen=True)
 class OutputOptions:
     format: str | None = None  # "jpeg" | "png" | "webp"; None keeps the input's format
     quality: int = 95
+
+    def __post_init__(self) -> None:
+        if self.format not in (None, *OUTPUT_FORMATS):
+            raise InvalidRequestError(
+                "output.format", f"must be one of {', '.join(OUTPUT_FORMATS)} or unset, got {self.format!r}"
+            )
+        if not 1 <= self.quality <= 100:
+            raise InvalidRequestError("output.quality", f"must be in [1, 100], got {self.quality}")
 
 
 @dataclass
@@ -98,6 +121,14 @@ class EngineRequest:
     classical_strength: float = 1.0
     detection: DetectionOptions = field(default_factory=DetectionOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+
+    def __post_init__(self) -> None:
+        if not self.image:
+            raise InvalidRequestError("image", "is empty; send the encoded JPEG, PNG or WebP bytes")
+        if not (math.isfinite(self.classical_strength) and 0.0 < self.classical_strength <= 10.0):
+            raise InvalidRequestError(
+                "classical.strength", f"must be a finite number in (0, 10], got {self.classical_strength!r}"
+            )
 
 
 class FaceStatus(enum.Enum):
@@ -164,13 +195,6 @@ class AnonymizeResult:
     def complete(self) -> bool:
         """True only when every detected face was covered."""
         return all(face.status is not FaceStatus.SKIPPED for face in self.faces)
-
-
-class Phase(enum.Enum):
-    PREPROCESS = "preprocess"
-    INVERSION = "inversion"
-    GENERATION = "generation"
-    POSTPROCESS = "postprocess"
 
 
 @dataclass(frozen=True)

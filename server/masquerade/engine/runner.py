@@ -3,8 +3,8 @@
 Row r of a plan is one job's step; the UNet sees rows [0, R) under the
 unconditional branch and rows [R, 2R) under the conditional one, each with its
 own timestep, text embedding, identity embedding and IP-Adapter scale (DESIGN
-section 1 steps 5 and 6). The runner reads job tensors and returns new ones; the engine loop
-applies them to the jobs, so job state changes only on the loop's thread.
+section 1 steps 5 and 6). The runner reads job tensors and returns new ones; the scheduler's
+update applies them to the jobs, so job state changes only on the loop's thread, between calls.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from masquerade.engine import solver
-from masquerade.engine.job_state import StepPhase
+from masquerade.engine.job_state import Phase
 from masquerade.engine.scheduler import StepPlan, StepSlice
-from masquerade.models.optimize import sdxl_time_ids
+from masquerade.models.optimize import ID_EMBED_DIM, sdxl_time_ids
 from masquerade_kernels.reference import MEAN_FROM_M1, NOISE_SCALE
-
-ID_EMBED_DIM = 512
 
 
 class TextConditioning:
@@ -107,7 +105,7 @@ class UNetRunner:
         for piece in plan.slices:
             job, count = piece.job, piece.count
             steps = slice(piece.start, piece.start + count)
-            if piece.phase is StepPhase.INVERSION:
+            if piece.phase is Phase.INVERSION:
                 latents.append(job.noisy_latents[steps])
                 # Inversion: both halves under the null identity; uncond c_zero, cond c_empty.
                 uncond_embeds, uncond_pool = self.conditioning.get(None)
@@ -156,7 +154,7 @@ class UNetRunner:
             part = slice(offset, end)
             job = piece.job
             x, coeffs = rows.x[part], rows.coeffs[part]
-            if piece.phase is StepPhase.GENERATION:
+            if piece.phase is Phase.GENERATION:
                 prev = job.previous_output if job.previous_output is not None else torch.zeros_like(job.latent)
                 noise = job.noise_maps[piece.start : piece.start + 1]
                 x_next, m = solver.generation_step(eps_uncond[part], eps_cond[part], x, prev[None], noise, coeffs)
@@ -185,15 +183,3 @@ class _Rows:
     x: torch.Tensor  # [R, C, h, w]
     coeffs: torch.Tensor  # [R, NUM_COEFFS]
     unet_inputs: tuple
-
-
-def apply_results(results: list[SliceResult]) -> None:
-    """Hand a call's outputs back to their jobs (on the engine loop's thread)."""
-    for result in results:
-        job = result.slice.job
-        if job.status.finished:
-            continue  # cancelled or failed while the call ran
-        if result.slice.phase is StepPhase.INVERSION:
-            job.record_inversion(result.slice.start, result.latents, result.last_output)
-        else:
-            job.record_generation(result.latents[0], result.last_output)

@@ -1,20 +1,24 @@
-"""Iteration-level batching of diffusion steps: decides what the next UNet call holds.
+"""Iteration-level batching of diffusion steps: what the next UNet call holds, and what its outputs change.
 
-``StepScheduler.plan()`` packs classifier-free-guidance pairs ("rows") from
-whatever jobs are ready: up to ``inversion_chunk`` inversion steps of one job
-at once (they are independent, DESIGN section 1 step 5), and one generation
-step per generating job, at whatever timestep each job is. Oldest jobs first,
-so a job admitted earlier is never starved by later ones. Imports neither
-torch nor grpc: it only reads job statuses and cursors.
+The engine loop is three steps: ``plan()`` packs the next call, the runner
+executes it, ``update()`` applies its outputs. ``plan()`` packs
+classifier-free-guidance pairs ("rows") from whatever jobs are ready: up to
+``inversion_chunk`` inversion steps of one job at once (they are independent,
+DESIGN section 1 step 5), and one generation step per generating job, at
+whatever timestep each job is. Oldest jobs first, so a job admitted earlier is
+never starved by later ones. ``update()`` is the only place job state changes
+once a job has joined: outputs are recorded, failures and the cancels marked
+since the last call are applied (releasing tensors), and jobs that left
+diffusion are handed back. Imports neither torch nor grpc.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from masquerade.engine.job_state import BatchKey, StepPhase
+from masquerade.engine.job_state import BatchKey, Phase
 
 if TYPE_CHECKING:
     from masquerade.engine.job import FaceJob
@@ -25,7 +29,7 @@ class StepSlice:
     """``count`` consecutive steps of one job, starting at step ``start``."""
 
     job: FaceJob
-    phase: StepPhase
+    phase: Phase
     start: int
     count: int
 
@@ -44,9 +48,29 @@ class StepPlan:
     def samples(self) -> int:
         return 2 * self.rows
 
+    def only(self, job: FaceJob) -> StepPlan:
+        """The same call restricted to one job's rows (to retry it alone)."""
+        return StepPlan(self.key, [piece for piece in self.slices if piece.job is job])
+
+
+class SliceOutput(Protocol):
+    """What the runner returns per slice (``runner.SliceResult``)."""
+
+    slice: StepSlice
+    latents: object  # [count, C, h, w]: noise maps for inversion, new latents for generation
+    last_output: object  # [C, h, w] model output of the slice's last step
+
+
+@dataclass
+class StepUpdate:
+    """What one update changed: jobs that left diffusion, and jobs whose cursors moved."""
+
+    finished: list[FaceJob] = field(default_factory=list)  # decoded-ready, failed or cancelled
+    progressed: list[FaceJob] = field(default_factory=list)
+
 
 class StepScheduler:
-    """Holds the diffusing jobs in admission order and plans one UNet call at a time."""
+    """Holds the diffusing jobs in admission order; plans one UNet call at a time and applies its outputs."""
 
     def __init__(self, max_batch: int, inversion_chunk: int):
         if max_batch < 2:
@@ -69,16 +93,9 @@ class StepScheduler:
             job.start()
             self._jobs.append(job)
 
-    def drop_finished(self) -> list[FaceJob]:
-        """Remove jobs that left diffusion (done, failed, cancelled, or ready to decode); return them."""
-        leaving = [job for job in self._jobs if not job.status.diffusing]
-        if leaving:
-            self._jobs = [job for job in self._jobs if job.status.diffusing]
-        return leaving
-
     def plan(self) -> StepPlan | None:
-        """The next call's rows, or None when no job is diffusing."""
-        ready = [job for job in self._jobs if job.status.diffusing]
+        """The next call's rows, or None when no job can run (none diffusing, or all marked to stop)."""
+        ready = [job for job in self._jobs if job.schedulable]
         if not ready:
             return None
         plan = StepPlan(key=ready[0].batch_key)
@@ -88,11 +105,38 @@ class StepScheduler:
                 break
             if job.batch_key != plan.key:
                 continue
-            if job.phase is StepPhase.GENERATION:
-                plan.slices.append(StepSlice(job, StepPhase.GENERATION, job.generation_done, 1))
+            if job.phase is Phase.GENERATION:
+                plan.slices.append(StepSlice(job, Phase.GENERATION, job.generation_done, 1))
                 room -= 1
             else:
                 count = min(self.inversion_chunk, job.remaining_inversion_steps, room)
-                plan.slices.append(StepSlice(job, StepPhase.INVERSION, job.inversion_done, count))
+                plan.slices.append(StepSlice(job, Phase.INVERSION, job.inversion_done, count))
                 room -= count
         return plan
+
+    def update(self, outputs: Iterable[SliceOutput] = (), failures: Mapping[FaceJob, str] | None = None) -> StepUpdate:
+        """Apply a call's outputs and failures, then every pending cancel; retire jobs that left.
+
+        Called on the engine loop's thread with no UNet call in flight, after every call and
+        whenever a cancel wakes an idle loop. ``failures`` gives, per job, why its rows could not
+        be computed. A job marked to stop while the call ran gets no outputs: it just leaves.
+        """
+        update = StepUpdate()
+        for output in outputs:
+            piece, job = output.slice, output.slice.job
+            if not job.schedulable:
+                continue
+            if piece.phase is Phase.INVERSION:
+                job.record_inversion(piece.start, output.latents, output.last_output)
+            else:
+                job.record_generation(output.latents[0], output.last_output)
+            update.progressed.append(job)
+        for job, reason in (failures or {}).items():
+            job.fail(reason)
+        for job in self._jobs:
+            job.apply_pending_stop()
+        staying = []
+        for job in self._jobs:
+            (staying if job.status.diffusing else update.finished).append(job)
+        self._jobs = staying
+        return update

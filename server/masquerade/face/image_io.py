@@ -118,11 +118,10 @@ def _to_srgb(image: Image.Image) -> np.ndarray:
 
 
 def encode_image(rgb: np.ndarray, format: str, quality: int = 95) -> bytes:
-    """Encode pixels only: no EXIF, XMP, IPTC, text chunks or ICC profile (sRGB is implied)."""
-    if format not in OUTPUT_FORMATS:
-        raise InvalidRequestError("output.format", f"must be one of {OUTPUT_FORMATS}, got {format!r}")
-    if not 1 <= int(quality) <= 100:
-        raise InvalidRequestError("output.quality", f"must be in [1, 100], got {quality!r}")
+    """Encode pixels only: no EXIF, XMP, IPTC, text chunks or ICC profile (sRGB is implied).
+
+    ``format`` and ``quality`` come from an already-checked ``engine.request.OutputOptions``.
+    """
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected a uint8 [H, W, 3] array, got {rgb.dtype} {rgb.shape}")
@@ -133,6 +132,8 @@ def encode_image(rgb: np.ndarray, format: str, quality: int = 95) -> bytes:
         image.save(buffer, "JPEG", quality=int(quality), optimize=True)
     elif format == "png":
         image.save(buffer, "PNG", optimize=False, compress_level=6)
-    else:
+    elif format == "webp":
         image.save(buffer, "WEBP", quality=int(quality), method=4)
+    else:
+        raise ValueError(f"unsupported output format {format!r}; expected one of {OUTPUT_FORMATS}")
     return buffer.getvalue()

@@ -1,0 +1,158 @@
+"""The step scheduler's batching policy and update, on real FaceJobs with small tensors and no model.
+
+A "call" here is the plan itself: outputs are made up with the right shapes, so these tests
+check which rows a call holds and what the update does with them, not the numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from masquerade.engine.job import FaceJob
+from masquerade.engine.job_state import JobStatus, Phase
+from masquerade.engine.runner import SliceResult
+from masquerade.engine.scheduler import StepPlan, StepScheduler
+from masquerade.engine.trajectory import build_trajectory, scaled_linear_alphas_cumprod
+
+ALPHAS_CUMPROD = scaled_linear_alphas_cumprod()
+SHAPE = (4, 2, 2)
+
+
+def job(steps: int = 4, shape: tuple[int, int, int] = SHAPE, request_id: str = "r") -> FaceJob:
+    trajectory = build_trajectory(ALPHAS_CUMPROD, steps, 0.7)
+    return FaceJob(
+        request_id=request_id,
+        face_index=0,
+        trajectory=trajectory,
+        coeffs=torch.from_numpy(trajectory.coefficients(-10.0)),
+        noisy_latents=torch.randn((steps + 1, *shape)),
+        identity=torch.zeros(512),
+        attribute_prompt=None,
+    )
+
+
+def outputs(plan: StepPlan, value: float = 1.0) -> list[SliceResult]:
+    """What a call over ``plan`` would return: one tensor per step, filled with ``value``."""
+    results = []
+    for piece in plan.slices:
+        shape = piece.job.batch_key.latent_shape
+        results.append(SliceResult(piece, torch.full((piece.count, *shape), value), torch.full(shape, value)))
+    return results
+
+
+def rows_by_job(plan: StepPlan) -> list[tuple[int, Phase, int, int]]:
+    return [(piece.job.job_id, piece.phase, piece.start, piece.count) for piece in plan.slices]
+
+
+def test_inversion_steps_of_one_job_share_a_call_up_to_the_chunk():
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=3)
+    a = job(steps=7)
+    scheduler.add([a])
+    starts = []
+    while a.status is JobStatus.INVERTING:
+        plan = scheduler.plan()
+        assert rows_by_job(plan) == [(a.job_id, Phase.INVERSION, a.inversion_done, min(3, 7 - a.inversion_done))]
+        starts.append(plan.slices[0].start)
+        scheduler.update(outputs(plan))
+    assert starts == [0, 3, 6]
+    assert a.status is JobStatus.GENERATING
+
+
+def test_oldest_jobs_fill_the_call_first_and_a_call_never_exceeds_max_batch():
+    scheduler = StepScheduler(max_batch=8, inversion_chunk=3)  # 4 CFG pairs per call
+    a, b, c = job(steps=5), job(steps=5), job(steps=5)
+    scheduler.add([a, b, c])
+    plan = scheduler.plan()
+    assert rows_by_job(plan) == [(a.job_id, Phase.INVERSION, 0, 3), (b.job_id, Phase.INVERSION, 0, 1)]
+    assert plan.samples == 8
+    scheduler.update(outputs(plan))
+    plan = scheduler.plan()
+    assert rows_by_job(plan) == [(a.job_id, Phase.INVERSION, 3, 2), (b.job_id, Phase.INVERSION, 1, 2)]
+
+
+def test_generating_jobs_get_one_row_each_at_their_own_step():
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
+    early, late = job(steps=3), job(steps=3)
+    scheduler.add([early])
+    scheduler.update(outputs(scheduler.plan()))  # early inverts in one call
+    scheduler.update(outputs(scheduler.plan()))  # early: generation step 0
+    scheduler.add([late])
+    plan = scheduler.plan()
+    assert rows_by_job(plan) == [(early.job_id, Phase.GENERATION, 1, 1), (late.job_id, Phase.INVERSION, 0, 3)]
+
+
+def test_jobs_with_other_latent_shapes_wait_for_their_own_call():
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
+    small, large, small_too = job(steps=2), job(steps=2, shape=(4, 3, 3)), job(steps=2)
+    scheduler.add([small, large, small_too])
+    assert [piece.job for piece in scheduler.plan().slices] == [small, small_too]
+
+
+def test_update_records_outputs_and_reports_progress_and_finished_jobs():
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
+    a = job(steps=2)
+    scheduler.add([a])
+    update = scheduler.update(outputs(scheduler.plan(), value=2.0))
+    assert update.progressed == [a] and update.finished == []
+    assert a.status is JobStatus.GENERATING and torch.equal(a.noise_maps, torch.full((2, *SHAPE), 2.0))
+    for _ in range(2):
+        update = scheduler.update(outputs(scheduler.plan(), value=3.0))
+    assert update.finished == [a] and a.status is JobStatus.DECODED and len(scheduler) == 0
+    assert torch.equal(a.latent, torch.full(SHAPE, 3.0))
+    assert a.noise_maps is None and a.previous_output is None and a.noisy_latents is None
+
+
+def test_generation_keeps_its_start_latent_not_a_view_of_all_noisy_latents():
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
+    a = job(steps=6)
+    first_noisy_latent = a.noisy_latents[0].clone()
+    scheduler.add([a])
+    scheduler.update(outputs(scheduler.plan()))
+    assert a.noisy_latents is None
+    assert torch.equal(a.latent, first_noisy_latent)
+    assert a.latent.untyped_storage().nbytes() == a.latent.nbytes  # owns one latent, not [N + 1] of them
+
+
+def test_a_cancel_marks_the_job_and_the_update_releases_it_after_the_call():
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=2)
+    cancelled, mate = job(steps=4), job(steps=4)
+    scheduler.add([cancelled, mate])
+    plan = scheduler.plan()
+    cancelled.cancel()  # as a client cancel does while the call runs
+    # The call in flight may still read every tensor of the cancelled job.
+    assert cancelled.status is JobStatus.INVERTING
+    assert cancelled.noisy_latents is not None and cancelled.noise_maps is not None
+    assert scheduler.plan().slices[0].job is mate  # no new rows for it
+    update = scheduler.update(outputs(plan))
+    assert update.finished == [cancelled] and update.progressed == [mate]
+    assert cancelled.status is JobStatus.CANCELLED
+    assert cancelled.noisy_latents is None and cancelled.noise_maps is None and cancelled.inversion_done == 0
+    assert mate.inversion_done == 2 and scheduler.jobs == (mate,)
+
+
+def test_an_update_without_a_call_applies_pending_cancels():
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
+    a = job()
+    scheduler.add([a])
+    a.cancel()
+    assert scheduler.plan() is None  # an idle loop: nothing to run...
+    update = scheduler.update()  # ...but the cancel is applied when it wakes
+    assert update.finished == [a] and a.status is JobStatus.CANCELLED and len(scheduler) == 0
+
+
+def test_failures_end_their_jobs_with_the_reason_and_spare_the_others():
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
+    failed, fine = job(steps=2), job(steps=2)
+    scheduler.add([failed, fine])
+    plan = scheduler.plan()
+    survivors = [result for result in outputs(plan) if result.slice.job is fine]
+    update = scheduler.update(survivors, {failed: "diffusion step failed (RuntimeError)"})
+    assert update.finished == [failed] and update.progressed == [fine]
+    assert failed.status is JobStatus.FAILED and failed.failure == "diffusion step failed (RuntimeError)"
+    assert failed.noise_maps is None and fine.status is JobStatus.GENERATING
+
+
+def test_a_job_not_yet_scheduled_is_released_at_once():
+    a = job()
+    a.cancel()  # no call can be reading a job that never joined
+    assert a.status is JobStatus.CANCELLED and a.noisy_latents is None
