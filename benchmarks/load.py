@@ -128,6 +128,8 @@ class SpawnedServer:
             str(self.metrics_port),
             "--grace-seconds",
             "5",
+            "--drain-seconds",  # no load balancer to tell: stop at once
+            "0",
             *self.args,
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
