@@ -17,7 +17,7 @@ import torch
 
 from masquerade.engine.job import FaceJob
 from masquerade.engine.request import ReversePersonalizationParams
-from masquerade.engine.runner import TextConditioning, UNetRunner
+from masquerade.engine.runner import TextConditioning, UNetRunner, host_to_device
 from masquerade.engine.scheduler import StepScheduler
 from masquerade.engine.trajectory import Trajectory, build_trajectory
 from masquerade.models.optimize import DEFAULT_COMPILE_MODE, optimized_unet_fn
@@ -93,15 +93,16 @@ class DiffusionCore:
         x0 = clean_latent.detach().float().cpu()
         alphas = torch.from_numpy(trajectory.alphas).float().view(-1, 1, 1, 1)
         sigmas = torch.from_numpy(trajectory.sigmas).float().view(-1, 1, 1, 1)
-        noisy = torch.cat([alphas * x0 + sigmas * noise, x0[None]]).to(self.device)
-        coeffs = torch.from_numpy(trajectory.coefficients(params.guidance_scale)).to(self.device)
+        # Host tables travel through pinned memory without blocking (no wait for the UNet's queue).
+        noisy = host_to_device(torch.cat([alphas * x0 + sigmas * noise, x0[None]]), self.device)
+        coeffs = host_to_device(torch.from_numpy(trajectory.coefficients(params.guidance_scale)), self.device)
         return FaceJob(
             request_id=request_id,
             face_index=face_index,
             trajectory=trajectory,
             coeffs=coeffs,
             noisy_latents=noisy,
-            identity=(params.id_emb_scale * identity.float()).to(self.device),
+            identity=host_to_device(params.id_emb_scale * identity.float(), self.device),
             attribute_prompt=params.attribute_prompt,
             ip_adapter_scale=params.ip_adapter_scale,
         )

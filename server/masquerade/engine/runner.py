@@ -69,6 +69,18 @@ class SliceResult:
 UNetFn = Callable[..., torch.Tensor]
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a CPU tensor goes to CUDA through pinned memory with ``non_blocking=True``.
+
+    A copy from pageable memory makes the host wait until the GPU has finished everything queued
+    before it (a UNet call, say); a pinned, non-blocking one is just queued behind it. The caching
+    host allocator keeps the pinned block until the copy has run.
+    """
+    if tensor.device == device or device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class UNetRunner:
     """Executes plans on one model bundle. Thread-confined: the engine calls it from one worker."""
 
@@ -140,11 +152,7 @@ class UNetRunner:
         return _Rows(count=count, x=x, coeffs=torch.cat(coeffs), unet_inputs=unet_inputs)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A small CPU table on the engine's device; on CUDA through pinned memory, without blocking the host."""
-        if self.device.type != "cuda":
-            return host
-        # The caching host allocator keeps the pinned block until the copy has run.
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return host_to_device(host, self.device)
 
     def _solve(self, plan: StepPlan, rows: _Rows, eps_uncond, eps_cond) -> list[SliceResult]:
         results: list[SliceResult] = []
