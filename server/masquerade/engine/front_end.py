@@ -19,17 +19,43 @@ from masquerade.engine.request import (
     EngineRequest,
     FaceRecord,
     FaceStatus,
-    InvalidRequestError,
     Method,
 )
 from masquerade.face.align import align_face, arcface_crop, arcface_five_points, paste_back, template_five_points
 from masquerade.face.classical import apply_classical, cover_region
-from masquerade.face.detect import DetectedFace, FaceDetector
+from masquerade.face.detect import DEFAULT_DETECTOR, DEFAULT_THRESHOLD, DetectedFace, FaceDetector
 from masquerade.face.image_io import decode_image, encode_image
+from masquerade.face.selfcheck import SelfCheck
 
 log = logging.getLogger(__name__)
 
 FALLBACK_METHOD = Method.BLUR
+# Stronger covers for a face the self-check still recognises: blur at full strength, then solid.
+RECOVER_STRENGTH = 1.0
+
+
+@dataclass(frozen=True)
+class DetectionDefaults:
+    """The server's detection settings (``serve``/CLI flags); a request's unset options take these."""
+
+    detector: str = DEFAULT_DETECTOR
+    threshold: float = DEFAULT_THRESHOLD
+    min_face_size: int = 16
+    max_faces: int = 16  # faces per request that take the generative path; the rest are covered classically
+    mask_scale: float = 1.0
+    self_check: bool = True
+
+    def validated(self) -> DetectionDefaults:
+        checks = [
+            (0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}"),
+            (self.min_face_size >= 0, f"min_face_size must be >= 0, got {self.min_face_size}"),
+            (self.max_faces >= 1, f"max_faces must be at least 1, got {self.max_faces}"),
+            (0.5 <= self.mask_scale <= 3.0, f"mask_scale must be in [0.5, 3], got {self.mask_scale}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
 
 
 @dataclass
@@ -51,17 +77,31 @@ class PreparedRequest:
     output_format: str
     records: list[FaceRecord]  # every face found, in order
     works: list[FaceWork]  # faces going through diffusion (a subset of records)
+    threshold: float = DEFAULT_THRESHOLD  # the detection score threshold this request used
+    mask_scale: float = 1.0
+    residual_recognisable: int = 0  # set by finish(): faces the self-check still recognised
 
 
 class FaceFrontEnd:
     """Detection, alignment, identity and merging for whole requests."""
 
-    def __init__(self, *, detector: str = "hog", face_size: int | None = None, core=None, max_image_pixels: int):
-        self.detector = FaceDetector(kind=detector)
+    def __init__(
+        self,
+        *,
+        detector: str | DetectionDefaults = DEFAULT_DETECTOR,
+        face_size: int | None = None,
+        core=None,
+        max_image_pixels: int,
+        model_dir=None,
+    ):
+        self.defaults = (
+            detector if isinstance(detector, DetectionDefaults) else DetectionDefaults(detector)
+        ).validated()
+        self.detector = FaceDetector(kind=self.defaults.detector, model_dir=model_dir)
         self.face_size = face_size
         self.core = core  # DiffusionCore, or None on a classical-only server
         self.max_image_pixels = max_image_pixels
-        self._verifier = None
+        self._self_check = None
 
     # ---- preprocess ------------------------------------------------------------
 
@@ -70,18 +110,13 @@ class FaceFrontEnd:
         rgb = decoded.rgb
         output_format = request.output.format or decoded.format
         options = request.detection
-        if options.aligned:
-            detected_faces = [None]
-        else:
-            detected_faces = self.detector.detect(rgb, score_threshold=options.score_threshold)
-            if len(detected_faces) > options.max_faces:
-                raise InvalidRequestError(
-                    "detection.max_faces",
-                    f"the image has {len(detected_faces)} faces, more than max_faces={options.max_faces}",
-                )
-        records, works = [], []
-        for index, face in enumerate(detected_faces):
-            record = FaceRecord(
+        threshold = self.defaults.threshold if options.score_threshold is None else options.score_threshold
+        min_face_size = self.defaults.min_face_size if options.min_face_size is None else options.min_face_size
+        max_faces = options.max_faces or self.defaults.max_faces
+        mask_scale = self.defaults.mask_scale if getattr(options, "mask_scale", None) is None else options.mask_scale
+        detected_faces = [None] if options.aligned else self.detector.detect(rgb, score_threshold=threshold)
+        records = [
+            FaceRecord(
                 index=index,
                 box=(0.0, 0.0, float(rgb.shape[1]), float(rgb.shape[0])) if face is None else face.box,
                 landmarks=np.zeros((0, 2), np.float32) if face is None else face.landmarks,
@@ -89,14 +124,27 @@ class FaceFrontEnd:
                 method_applied=request.method,
                 status=FaceStatus.ANONYMIZED,
             )
-            records.append(record)
-            if request.method.is_classical:
-                continue
-            side = min(record.box[2] - record.box[0], record.box[3] - record.box[1])
-            if face is not None and side < options.min_face_size:
-                self._mark_fallback(record, f"face is {side:.0f} px, below min_face_size={options.min_face_size}")
-                continue
-            works.append(self._align(rgb, face, record))
+            for index, face in enumerate(detected_faces)
+        ]
+        works = []
+        if not request.method.is_classical:
+            # Crowds are never refused: the max_faces largest faces take the generative path,
+            # every other face is covered classically and says why.
+            by_size = sorted(range(len(records)), key=lambda i: -_side(records[i].box))
+            for rank, index in enumerate(by_size):
+                record, face = records[index], detected_faces[index]
+                side = _side(record.box)
+                if face is not None and record.landmarks.shape[0] != 68:
+                    self._mark_fallback(record, "past the detection cap of faces with landmarks")
+                elif face is not None and side < min_face_size:
+                    self._mark_fallback(record, f"face is {side:.0f} px, below min_face_size={min_face_size}")
+                elif rank >= max_faces:
+                    self._mark_fallback(
+                        record, f"beyond max_faces={max_faces} faces per request on the generative path"
+                    )
+                else:
+                    works.append(self._align(rgb, face, record))
+            works.sort(key=lambda work: work.record.index)
         if works:
             self._encode_identities(rgb, works)
         return PreparedRequest(
@@ -104,6 +152,8 @@ class FaceFrontEnd:
             output_format=output_format,
             records=records,
             works=[w for w in works if w.record.status is FaceStatus.ANONYMIZED],
+            threshold=threshold,
+            mask_scale=mask_scale,
         )
 
     def _align(self, rgb: np.ndarray, face: DetectedFace | None, record: FaceRecord) -> FaceWork:
@@ -125,7 +175,7 @@ class FaceFrontEnd:
     def _aligned_five_points(self, crop: np.ndarray) -> np.ndarray:
         """ArcFace's five points on an already-aligned crop: from its landmarks when one face is
         found, else where the alignment template puts them."""
-        faces = self.detector.detect(crop)
+        faces = self.detector.detect(crop, self.defaults.threshold)
         if len(faces) == 1:
             return arcface_five_points(faces[0].landmarks)
         return template_five_points(crop.shape[0])
@@ -161,31 +211,39 @@ class FaceFrontEnd:
         for record in prepared.records:
             work = works_by_index.get(record.index)
             if request.method.is_classical:
-                output = self._cover(output, record, request.method, request.classical_strength)
+                output = self._cover(output, record, request.method, request.classical_strength, prepared.mask_scale)
             elif work is not None and record.index in generated:
-                output = self._merge(output, work, generated[record.index])
+                # The whole regenerated square goes back, except over the other faces (align.paste_back).
+                others = [r.landmarks for r in prepared.records if r.index != record.index and len(r.landmarks) == 68]
+                output = self._merge(output, work, generated[record.index], others)
             else:
                 if record.status is FaceStatus.ANONYMIZED:
                     reason = (failures or {}).get(record.index) or "generation did not complete for this face"
                     self._mark_fallback(record, reason)
-                output = self._cover(output, record, record.method_applied, request.classical_strength)
-        self._receipts(rgb, output, prepared, generated)
+                output = self._cover(
+                    output, record, record.method_applied, request.classical_strength, prepared.mask_scale
+                )
+        self._identity_receipts(output, prepared, generated)
+        if self.defaults.self_check and not request.detection.aligned:
+            output = self._check_and_recover(rgb, output, prepared, request.classical_strength)
         height, width = output.shape[:2]
         return encode_image(output, prepared.output_format, request.output.quality), width, height
 
-    def _merge(self, output: np.ndarray, work: FaceWork, generated_crop: np.ndarray) -> np.ndarray:
+    def _merge(self, output: np.ndarray, work: FaceWork, generated_crop: np.ndarray, others=()) -> np.ndarray:
         if work.detected is None:
             height, width = output.shape[:2]
             if generated_crop.shape[:2] == (height, width):
                 return generated_crop.copy()
             return cv2.resize(generated_crop, (width, height), interpolation=cv2.INTER_LANCZOS4)
-        return paste_back(output, generated_crop, work.matrix)
+        return paste_back(output, generated_crop, work.matrix, protect=others)
 
-    def _cover(self, output: np.ndarray, record: FaceRecord, method: Method, strength: float) -> np.ndarray:
+    def _cover(
+        self, output: np.ndarray, record: FaceRecord, method: Method, strength: float, mask_scale: float = 1.0
+    ) -> np.ndarray:
         if record.landmarks.shape[0] == 68:
             face = DetectedFace(box=record.box, landmarks=record.landmarks, score=record.score)
-            return apply_classical(output, face, method.value, strength)
-        return cover_region(output, record.box, method.value, strength)
+            return apply_classical(output, face, method.value, strength, mask_scale=mask_scale)
+        return cover_region(output, record.box, method.value, strength, mask_scale=mask_scale)
 
     @staticmethod
     def _mark_fallback(record: FaceRecord, reason: str) -> None:
@@ -193,48 +251,115 @@ class FaceFrontEnd:
         record.method_applied = FALLBACK_METHOD
         record.reason = reason
 
-    def _receipts(self, original: np.ndarray, output: np.ndarray, prepared: PreparedRequest, generated: dict) -> None:
-        """Identity similarity before/after (ArcFace) and the independent dlib verifier distance."""
-        if self.core is not None and prepared.works:
-            measured = [w for w in prepared.works if w.record.index in generated and w.identity is not None]
-            if measured:
-                # Baseline: the VAE round trip of each face, i.e. what reconstruction alone keeps.
-                round_trips = self.core.decode(torch.stack([w.clean_latent for w in measured]))
-                crops = [arcface_crop(crop, w.five_points) for w, crop in zip(measured, round_trips)]
-                for work in measured:
-                    if work.detected is None:
-                        out_crop = cv2.resize(
-                            output, (self.face_size, self.face_size), interpolation=cv2.INTER_LANCZOS4
-                        )
-                    else:
-                        out_crop = align_face(output, work.detected.landmarks, self.face_size).crop
-                    crops.append(arcface_crop(out_crop, work.five_points))
-                embeddings = self.core.embed_identity(np.stack(crops))
-                before, after = embeddings[: len(measured)], embeddings[len(measured) :]
-                for work, round_trip, anonymized in zip(measured, before, after):
-                    work.record.identity_similarity_before = float(torch.dot(work.identity, round_trip))
-                    work.record.identity_similarity_after = float(torch.dot(work.identity, anonymized))
-        verifier = self._get_verifier()
-        if verifier is None:
+    def _identity_receipts(self, output: np.ndarray, prepared: PreparedRequest, generated: dict) -> None:
+        """ArcFace identity similarity before/after, for the faces that went through generation."""
+        if self.core is None or not prepared.works:
             return
-        for record in prepared.records:
-            if record.landmarks.shape[0] != 68:
-                continue
-            try:
-                before = verifier.descriptor(original, record.landmarks)
-                after_desc = verifier.descriptor_in_box(output, record.box)
-                if before is not None and after_desc is not None:
-                    record.verifier_distance = float(verifier.distance(before, after_desc))
-            except Exception:  # a receipt is best effort; never fail the request over it
-                log.exception("verifier failed on face %d", record.index)
+        measured = [w for w in prepared.works if w.record.index in generated and w.identity is not None]
+        if not measured:
+            return
+        # Baseline: the VAE round trip of each face, i.e. what reconstruction alone keeps.
+        round_trips = self.core.decode(torch.stack([w.clean_latent for w in measured]))
+        crops = [arcface_crop(crop, w.five_points) for w, crop in zip(measured, round_trips)]
+        for work in measured:
+            if work.detected is None:
+                out_crop = cv2.resize(output, (self.face_size, self.face_size), interpolation=cv2.INTER_LANCZOS4)
+            else:
+                out_crop = align_face(output, work.detected.landmarks, self.face_size).crop
+            crops.append(arcface_crop(out_crop, work.five_points))
+        embeddings = self.core.embed_identity(np.stack(crops))
+        before, after = embeddings[: len(measured)], embeddings[len(measured) :]
+        for work, round_trip, anonymized in zip(measured, before, after):
+            work.record.identity_similarity_before = float(torch.dot(work.identity, round_trip))
+            work.record.identity_similarity_after = float(torch.dot(work.identity, anonymized))
 
-    def _get_verifier(self):
-        if self._verifier is None:
-            try:
-                from masquerade.face.verify import DlibVerifier
+    # ---- self-check ------------------------------------------------------------
 
-                self._verifier = DlibVerifier()
+    def _check_and_recover(
+        self, original: np.ndarray, output: np.ndarray, prepared: PreparedRequest, strength: float
+    ) -> np.ndarray:
+        """Detector + dlib descriptor on the output: re-cover what is still recognisable, cover what was missed.
+
+        Sets each record's verifier_distance (for regions the descriptor can embed as a face)
+        and ``prepared.residual_recognisable`` (what is left after the stronger covers).
+        """
+        check = self._get_self_check()
+        if check is None:
+            return output
+        records = prepared.records
+        faces = [(r.box, r.landmarks) for r in records]
+        try:
+            originals = check.describe_originals(original, faces)
+        except Exception:  # the verifier failing must not fail the request; the result says nothing was checked
+            log.exception("self-check could not describe the original faces")
+            return output
+        for _attempt in range(2):
+            verdict = check.inspect(output, faces, originals, prepared.threshold)
+            for index, distance in verdict.distances.items():
+                records[index].verifier_distance = distance
+            for found in verdict.new_faces:  # missed by the first pass (e.g. next to a cover)
+                record = FaceRecord(
+                    index=len(records),
+                    box=found.box,
+                    landmarks=found.landmarks,
+                    score=found.score,
+                    method_applied=FALLBACK_METHOD,
+                    status=FaceStatus.FALLBACK,
+                    reason="found by the self-check on the output; covered classically",
+                )
+                records.append(record)
+                faces.append((record.box, record.landmarks))
+                originals.append(None)
+                output = self._cover(output, record, FALLBACK_METHOD, RECOVER_STRENGTH, prepared.mask_scale)
+            if not verdict.recognisable:
+                prepared.residual_recognisable = 0
+                return output
+            for index in verdict.recognisable:
+                record = records[index]
+                applied = record.method_applied
+                # Stronger than what was applied: full-strength blur after generation or a weak
+                # classical cover; solid after a full-strength one.
+                weak = applied is Method.REVERSE_PERSONALIZATION or (
+                    applied is not Method.SOLID and strength < RECOVER_STRENGTH
+                )
+                stronger = (
+                    FALLBACK_METHOD if weak and not record.reason.startswith("still recognisable") else Method.SOLID
+                )
+                record.reason = (
+                    f"still recognisable after {applied.value} (dlib distance {verdict.distances[index]:.2f}); "
+                    f"covered again with {stronger.value}"
+                )
+                record.status = FaceStatus.FALLBACK
+                record.method_applied = stronger
+                output = self._cover(output, record, stronger, RECOVER_STRENGTH, prepared.mask_scale)
+        verdict = check.inspect(output, faces, originals, prepared.threshold, look_for_new=False)
+        for index, distance in verdict.distances.items():
+            records[index].verifier_distance = distance
+        prepared.residual_recognisable = len(verdict.recognisable)
+        return output
+
+    def _get_self_check(self) -> SelfCheck | None:
+        if self._self_check is None:
+            try:
+                self._self_check = SelfCheck(self.detector)
             except Exception:
-                log.warning("dlib verifier unavailable; verifier distances are not reported")
-                self._verifier = False
-        return self._verifier or None
+                log.warning("dlib verifier unavailable; the self-check and verifier distances are off")
+                self._self_check = False
+        return self._self_check or None
+
+
+def detector_model_dir(models: str):
+    """Where a detector's weights (buffalo_l/det_10g.onnx) live for an EngineConfig.models value."""
+    from pathlib import Path
+
+    from masquerade.models.layout import default_model_dir, tiny_model_dir
+
+    if models == "default":
+        return default_model_dir()
+    if models == "tiny":
+        return tiny_model_dir()
+    return Path(models).expanduser()
+
+
+def _side(box: tuple[float, float, float, float]) -> float:
+    return min(box[2] - box[0], box[3] - box[1])

@@ -27,13 +27,17 @@ SOLID_COLOUR = (128, 128, 128)  # fixed, so the cover carries nothing of the fac
 FEATHER = 0.1  # soft edge, as a fraction of the ellipse radius (or of the box's smaller side)
 
 
-def apply_classical(rgb: np.ndarray, face: DetectedFace, method: str, strength: float = 1.0) -> np.ndarray:
+def apply_classical(
+    rgb: np.ndarray, face: DetectedFace, method: str, strength: float = 1.0, *, mask_scale: float = 1.0
+) -> np.ndarray:
     """Cover ``face`` in ``rgb`` (uint8 [H,W,3]); pixels outside the feathered ellipse are unchanged.
 
     The ellipse spans forehead to chin and ear to ear: it is fitted through the
     landmarks' mean-face similarity when there are 68 landmarks, otherwise
     derived from the box. ``strength`` multiplies the blur sigma and the
     pixel block size (solid ignores it: a partial solid would leak the face).
+    ``mask_scale`` grows (or shrinks) the ellipse about its centre; the cover's strength
+    still follows the face's own size.
     """
     _check_method(method, strength)
     landmarks = np.asarray(face.landmarks)
@@ -41,15 +45,20 @@ def apply_classical(rgb: np.ndarray, face: DetectedFace, method: str, strength: 
         to_unit = face_ellipse_from_template(template_matrix(landmarks))
     else:
         to_unit = _ellipse_from_box(face.box)
-    mask = ellipse_mask(rgb.shape, to_unit, FEATHER)
     # The ellipse's width in pixels: the unit disc's x diameter mapped back.
     from_unit = invert(to_unit)
     face_width = 2.0 * math.hypot(from_unit[0, 0], from_unit[1, 0])
+    mask = ellipse_mask(rgb.shape, to_unit / _check_scale(mask_scale), FEATHER)
     return _cover(rgb, mask, method, strength, face_width)
 
 
 def cover_region(
-    rgb: np.ndarray, box: tuple[float, float, float, float], method: str, strength: float = 1.0
+    rgb: np.ndarray,
+    box: tuple[float, float, float, float],
+    method: str,
+    strength: float = 1.0,
+    *,
+    mask_scale: float = 1.0,
 ) -> np.ndarray:
     """Cover the whole ``box`` (a face known only by its box; for an aligned input, the whole image).
 
@@ -58,6 +67,13 @@ def cover_region(
     """
     _check_method(method, strength)
     height, width = rgb.shape[:2]
+    grow = (_check_scale(mask_scale) - 1.0) / 2.0
+    box = (
+        box[0] - grow * (box[2] - box[0]),
+        box[1] - grow * (box[3] - box[1]),
+        box[2] + grow * (box[2] - box[0]),
+        box[3] + grow * (box[3] - box[1]),
+    )
     x0, y0, x1, y1 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], width), min(box[3], height)
     if x1 <= x0 or y1 <= y0:
         return rgb.copy()
@@ -83,6 +99,12 @@ def _check_method(method: str, strength: float) -> None:
         raise ValueError(f"classical method must be one of {CLASSICAL_METHODS}, got {method!r}")
     if not (math.isfinite(strength) and strength > 0):
         raise ValueError(f"strength must be a positive number, got {strength!r}")
+
+
+def _check_scale(mask_scale: float) -> float:
+    if not (math.isfinite(mask_scale) and 0.5 <= mask_scale <= 3.0):
+        raise ValueError(f"mask_scale must be in [0.5, 3], got {mask_scale!r}")
+    return float(mask_scale)
 
 
 def _ellipse_from_box(box: tuple[float, float, float, float]) -> np.ndarray:

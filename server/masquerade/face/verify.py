@@ -7,7 +7,6 @@ drives generation, so a large distance here is evidence, not self-grading.
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import numpy as np
@@ -19,22 +18,26 @@ from .detect import _check_rgb, _dlib, box_to_rectangle, load_shape_predictor
 SAME_PERSON_THRESHOLD = 0.6
 
 
-@functools.cache
-def _load_recognizer():
-    import face_recognition_models
+# dlib documents no thread-safety for face_recognition_model_v1: one instance per thread.
+_thread_models = threading.local()
 
-    return _dlib().face_recognition_model_v1(face_recognition_models.face_recognition_model_location())
+
+def _load_recognizer():
+    recognizer = getattr(_thread_models, "recognizer", None)
+    if recognizer is None:
+        import face_recognition_models
+
+        recognizer = _dlib().face_recognition_model_v1(face_recognition_models.face_recognition_model_location())
+        _thread_models.recognizer = recognizer
+    return recognizer
 
 
 class DlibVerifier:
-    """128-d descriptors and their Euclidean distance. Models load on first use."""
+    """128-d descriptors and their Euclidean distance. Models load on first use, once per thread."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-
-    def _models(self):
-        with self._lock:
-            return load_shape_predictor(), _load_recognizer()
+    @staticmethod
+    def _models():
+        return load_shape_predictor(), _load_recognizer()
 
     def descriptor(self, rgb: np.ndarray, landmarks) -> np.ndarray:
         """[128] float32 for the face with ``landmarks``: a [68, 2] array or a dlib full_object_detection."""
