@@ -72,13 +72,6 @@ def face_png() -> bytes:
 
 
 @pytest.fixture(scope="session")
-def two_astronauts_png() -> bytes:
-    skimage_data = pytest.importorskip("skimage.data")
-    astronaut = np.ascontiguousarray(skimage_data.astronaut())  # [512, 512, 3], one face
-    return png_bytes(np.concatenate([astronaut, astronaut], axis=1))  # two faces side by side
-
-
-@pytest.fixture(scope="session")
 def oversized_png() -> bytes:
     return png_bytes(np.zeros((1001, 1000, 3), dtype=np.uint8))  # just over MAX_IMAGE_PIXELS
 
