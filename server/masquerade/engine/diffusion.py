@@ -1,6 +1,6 @@
 """Reverse personalization on face crops: encode, make jobs, run steps, decode.
 
-Knows tensors and the algorithm of DESIGN section 1, not requests or pixels
+Knows tensors and the algorithm of docs/design.md section 1, not requests or pixels
 beyond the aligned crops. The async engine drives the same scheduler and
 runner step by step; ``run_to_completion`` is the synchronous loop used by
 tests and offline tools.

@@ -4,7 +4,7 @@ The scheduler reads statuses and cursors and, in its update step, applies a
 UNet call's outputs through the ``record_*`` methods. A cancel or failure
 asked for from elsewhere (a client cancel, a deadline, a failed request) only
 *marks* a diffusing job; the scheduler applies the mark between UNet calls,
-so no tensor a call in flight reads is ever released under it (DESIGN
+so no tensor a call in flight reads is ever released under it (docs/design.md
 section 2: jobs join and leave between UNet calls).
 """
 
@@ -85,7 +85,7 @@ class FaceJob:
         self.previous_output = last_output.clone()
         if self.inversion_done == self.steps:
             # Generation starts from the inversion's first noisy latent with a fresh
-            # solver history (DESIGN section 1: the reset keeps reconstruction exact).
+            # solver history (docs/design.md 1.2: the reset keeps reconstruction exact).
             # Clone it: a view would keep all N + 1 noisy latents alive through generation.
             self.latent = self.noisy_latents[0].clone()
             self.previous_output = None

@@ -28,7 +28,7 @@ class JobStatus(enum.IntEnum):
 
 
 class Phase(enum.Enum):
-    """Where a request is; a diffusing job is in INVERSION or GENERATION (DESIGN section 1 steps 5 and 6)."""
+    """Where a request is; a diffusing job is in INVERSION or GENERATION (docs/design.md 1.2 steps 5 and 6)."""
 
     PREPROCESS = "preprocess"
     INVERSION = "inversion"

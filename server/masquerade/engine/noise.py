@@ -1,4 +1,4 @@
-"""The inversion's Gaussian noise for one face: x_{t_i} = alpha_i x_0 + sigma_i eps_i (DESIGN section 1 step 5).
+"""The inversion's Gaussian noise for one face: x_{t_i} = alpha_i x_0 + sigma_i eps_i (docs/design.md 1.2 step 5).
 
 Two ways to draw eps, chosen per request (``ReversePersonalizationParams.noise``):
 

@@ -40,7 +40,7 @@ MAX_MIN_FACE_SIZE = 100_000
 
 @dataclass(frozen=True)
 class ReversePersonalizationParams:
-    """DESIGN section 1's parameters, with the paper's defaults."""
+    """The algorithm's parameters (docs/design.md section 1), with the paper's defaults."""
 
     skip: float = 0.7
     steps: int = 100

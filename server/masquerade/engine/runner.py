@@ -2,9 +2,10 @@
 
 Row r of a plan is one job's step; the UNet sees rows [0, R) under the
 unconditional branch and rows [R, 2R) under the conditional one, each with its
-own timestep, text embedding, identity embedding and IP-Adapter scale (DESIGN
-section 1 steps 5 and 6). The runner reads job tensors and returns new ones; the scheduler's
-update applies them to the jobs, so job state changes only on the loop's thread, between calls.
+own timestep, text embedding, identity embedding and IP-Adapter scale
+(docs/design.md section 1.2, steps 5 and 6). The runner reads job tensors and
+returns new ones; the scheduler's update applies them to the jobs, so job state
+changes only on the loop's thread, between calls.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from masquerade_kernels.reference import MEAN_FROM_M1, NOISE_SCALE
 
 
 class TextConditioning:
-    """Cache of SDXL prompt embeddings; they depend on the prompt only (DESIGN section 1 step 3).
+    """Cache of SDXL prompt embeddings; they depend on the prompt only (docs/design.md 1.2 step 3).
 
     ``None`` is the all-zeros conditioning c_zero (SDXL's force_zeros_for_empty_prompt);
     ``""`` is c_empty, the encoders run on the empty prompt, which is not zero.

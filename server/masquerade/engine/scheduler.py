@@ -4,7 +4,7 @@ The engine loop is three steps: ``plan()`` packs the next call, the runner
 executes it, ``update()`` applies its outputs. ``plan()`` packs
 classifier-free-guidance pairs ("rows") from whatever jobs are ready: up to
 ``inversion_chunk`` inversion steps of one job at once (they are independent,
-DESIGN section 1 step 5), and one generation step per generating job, at
+docs/design.md 1.2 step 5), and one generation step per generating job, at
 whatever timestep each job is. Oldest jobs first, so a job admitted earlier is
 never starved by later ones. ``update()`` is the only place job state changes
 once a job has joined: outputs are recorded, failures and the cancels marked

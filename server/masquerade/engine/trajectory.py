@@ -1,4 +1,4 @@
-"""Timesteps and per-step solver coefficients of one trajectory (DESIGN section 1).
+"""Timesteps and per-step solver coefficients of one trajectory (docs/design.md section 1).
 
 Pure float64 arithmetic on the training schedule; the result is a table with
 one row of ``masquerade_kernels.reference`` coefficients per step, so a packed
