@@ -109,29 +109,34 @@ def _unet_batch_totals(metrics_url: str | None) -> tuple[float, float]:
     return total, count
 
 
+def serve_command(metrics_port: int, server_args: list[str]) -> list[str]:
+    """`masquerade serve` on loopback, a free gRPC port (the log says which) and ``metrics_port``."""
+    return [
+        sys.executable,
+        "-m",
+        "masquerade.api.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        str(metrics_port),
+        "--grace-seconds",
+        "5",
+        "--drain-seconds",  # no load balancer to tell: stop at once
+        "0",
+        *server_args,
+    ]
+
+
 class SpawnedServer:
     """`masquerade serve` in a subprocess on free ports; the address comes from its log line."""
 
     def __init__(self, models: str, extra_args: list[str], device: str):
         self.metrics_port = _free_port()
         self.args = ["--models", models, "--device", device, *extra_args]
-        command = [
-            sys.executable,
-            "-m",
-            "masquerade.api.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            str(self.metrics_port),
-            "--grace-seconds",
-            "5",
-            "--drain-seconds",  # no load balancer to tell: stop at once
-            "0",
-            *self.args,
-        ]
+        command = serve_command(self.metrics_port, self.args)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.address = self._wait_for_address(timeout=600)
         # Keep draining the log so the server never blocks on a full pipe.

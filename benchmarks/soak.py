@@ -32,7 +32,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,8 +39,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from load import (
+    _free_port,
+    _git_commit,
+    _machine,
+    _percentile,
+    serve_command,
+)  # benchmarks/load.py, this script's neighbour
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Scenario -> relative weight in the mix.
 MIX = {
@@ -170,39 +176,16 @@ def build_inputs() -> dict[str, list[bytes]]:
 # ---------------------------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class SpawnedServer:
     """`masquerade serve` in a subprocess on free ports; its log goes to a file."""
 
     def __init__(self, extra_args: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.metrics_port = _free_port()
         self.log_path = log_path
-        command = [
-            sys.executable,
-            "-m",
-            "masquerade.api.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            str(self.metrics_port),
-            "--drain-seconds",
-            "0",
-            "--grace-seconds",
-            "5",
-            *extra_args,
-        ]
-        self.command = command
+        self.command = serve_command(self.metrics_port, extra_args)
         env = dict(os.environ, PYTHONFAULTHANDLER="1", **(env or {}))
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env)
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env)
         self.address = self._wait_for_address(timeout=600)
 
     def _wait_for_address(self, timeout: float) -> str:
@@ -436,33 +419,6 @@ class Load:
 
 
 # ---------------------------------------------------------------------------------- running
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True)
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _machine() -> dict:
-    import platform
-
-    return {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-    }
 
 
 def soak(args) -> SoakReport:
