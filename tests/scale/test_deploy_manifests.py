@@ -113,7 +113,10 @@ def test_rayservice_matches_the_application_it_imports():
     assert grpc_port == args["port"]
     _check_grpc_probe(worker["readinessProbe"], grpc_port)
     assert worker_pod["spec"]["terminationGracePeriodSeconds"] > args["grace_seconds"]
-    assert any(m["mountPath"] == args["models"] for m in worker["volumeMounts"])
+    worker_mounts = {m["mountPath"] for m in worker["volumeMounts"]}
+    assert args["models"] in worker_mounts
+    assert any(args["auth_token_file"].startswith(m + "/") for m in worker_mounts)
+    assert deployment.init_kwargs["frontend"].auth_token_file == args["auth_token_file"]
 
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"  # no engine on the head

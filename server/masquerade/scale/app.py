@@ -151,7 +151,8 @@ def build(args: dict[str, Any]):
     ``args`` keys (all optional): models, device, port, max_batch, max_queue, max_wait_ms,
     grace_seconds, max_message_mib, replicas, min_replicas, max_replicas,
     target_ongoing_requests, gpus_per_replica, serve_grpc (default true: every engine
-    replica's node serves the gRPC contract on ``port``). serveConfigV2's per-deployment
+    replica's node serves the gRPC contract on ``port``), tls_cert, tls_key,
+    tls_client_ca, auth_token_file (files on the worker pods; as the serve flags). serveConfigV2's per-deployment
     settings (autoscaling_config, ray_actor_options) override these.
     """
     from masquerade.api.server import MIB, ServerConfig
@@ -171,6 +172,10 @@ def build(args: dict[str, Any]):
         "target_ongoing_requests",
         "gpus_per_replica",
         "serve_grpc",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "auth_token_file",
     }
     unknown = sorted(set(args) - known)
     if unknown:
@@ -200,6 +205,7 @@ def build(args: dict[str, Any]):
         max_send_message_bytes=mib * MIB,
         grace_seconds=grace,
         engine=engine,
+        **{name: args[name] for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file") if args.get(name)},
     )
     gpus = scale.gpus_per_replica if scale.gpus_per_replica is not None else (1.0 if engine.device != "cpu" else 0.0)
     return engine_application(

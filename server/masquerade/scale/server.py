@@ -37,17 +37,27 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 
 
 async def _mirror_replica_health(
-    running_replicas: Callable[[], int], health_servicer, stopping: asyncio.Event, period_s: float = 1.0
+    running_replicas: Callable[[], int],
+    health_servicer,
+    stopping: asyncio.Event,
+    readiness: dict,
+    period_s: float = 1.0,
 ) -> None:
-    """SERVING while at least one engine replica runs; NOT_SERVING otherwise and once shutdown starts."""
+    """SERVING while at least one engine replica runs; NOT_SERVING otherwise and once shutdown starts.
+
+    ``readiness`` (what /readyz answers) gets the same verdict with its reason.
+    """
     serving = None
     while not stopping.is_set():
         try:
-            now_serving = await asyncio.to_thread(running_replicas) > 0
+            running = await asyncio.to_thread(running_replicas)
+            now_serving = running > 0
+            readiness["state"] = (now_serving, f"{running} engine replicas running")
         except Exception as exc:  # the controller is unreachable: not serving, say why once
             if serving is not False:
                 log.warning("cannot read the replica count from Ray Serve: %s", exc)
             now_serving = False
+            readiness["state"] = (False, "the Ray Serve controller is unreachable")
         if now_serving != serving:
             status = (
                 health_pb2.HealthCheckResponse.SERVING if now_serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -59,19 +69,6 @@ async def _mirror_replica_health(
             await asyncio.wait_for(stopping.wait(), timeout=period_s)
         except TimeoutError:
             pass
-
-
-def _start_metrics_http(config) -> tuple[Any, int]:
-    """Prometheus /metrics of the front end (request counts by rpc, method and status)."""
-    if not config.metrics_port:
-        return None, 0
-    from prometheus_client import start_http_server
-
-    from masquerade.metrics import REGISTRY
-
-    host = str(getattr(config, "metrics_host", config.host)).strip("[]")
-    httpd, _thread = start_http_server(config.metrics_port, addr=host or "0.0.0.0", registry=REGISTRY)
-    return httpd, httpd.server_port
 
 
 async def serve_front_end(
@@ -91,8 +88,17 @@ async def serve_front_end(
     the engines and block until they are up) and returns the handle; ``disconnect`` runs
     on that same thread after serving has stopped.
     """
+    from masquerade.api.security import GateInterceptor, TokenStore, server_credentials
+
+    # The same TLS, mutual TLS and bearer tokens as the single-process server (health needs no token).
+    credentials = server_credentials(
+        getattr(config, "tls_cert", None), getattr(config, "tls_key", None), getattr(config, "tls_client_ca", None)
+    )
+    token_file = getattr(config, "auth_token_file", None)
+    tokens = TokenStore(token_file) if token_file else None
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
+    signals: tuple[int, ...] = ()
     if handle_signals and threading.current_thread() is threading.main_thread():
 
         def on_signal() -> None:
@@ -101,14 +107,18 @@ async def serve_front_end(
             signal.alarm(0)
             stop_event.set()
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for signum in signals[:2]:
             loop.add_signal_handler(signum, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, lambda: tokens.reload() if tokens is not None else False)
+    servicer: FrontEndServicer | None = None
     server = grpc.aio.server(
+        interceptors=[GateInterceptor(tokens, lambda: servicer is not None and servicer.draining)],
         options=[
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),
             ("grpc.max_send_message_length", config.max_send_message_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     health_servicer = health.aio.HealthServicer()
     for name in HEALTH_SERVICES:
@@ -124,15 +134,30 @@ async def serve_front_end(
         batch_window=config.batch_window,
     )
     pb2_grpc.add_AnonymizerServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    bind = f"{config.host}:{config.port}"
+    port = server.add_secure_port(bind, credentials) if credentials is not None else server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"could not bind gRPC port {config.host}:{config.port}; is another server running there?")
     host = config.host if config.host not in ("[::]", "0.0.0.0", "") else "0.0.0.0"
     stopping = asyncio.Event()
     health_task = None
-    httpd = None
+    # /metrics, /livez and /readyz on the HTTP port, as on the single-process server.
+    readiness = {"state": (False, "the engine replicas are starting")}
+    probes = None
+    if config.metrics_port:
+        from masquerade.api.http_probes import ProbeServer
+
+        probes = ProbeServer(
+            getattr(config, "metrics_host", config.host), config.metrics_port, lambda: readiness["state"]
+        )
     await server.start()
-    log.info("front end listening on %s:%d; starting the engine replicas", host, port)
+    log.info(
+        "front end listening on %s:%d (%s, %s); starting the engine replicas",
+        host,
+        port,
+        "TLS" if credentials is not None else "plaintext",
+        f"{len(tokens)} bearer tokens" if tokens is not None else "no tokens",
+    )
     # One thread owns the Ray connection from ray.init to ray.shutdown: Ray ties the processes of a
     # cluster it starts to the life of the *thread* that started them (PR_SET_PDEATHSIG), so that
     # thread must outlive serving. It is not the loop's executor: a stop during deployment must not wait.
@@ -159,14 +184,16 @@ async def serve_front_end(
             return
         stop_waiter.cancel()
         servicer.attach(connected.result())
-        health_task = asyncio.create_task(_mirror_replica_health(running_replicas, health_servicer, stopping))
-        httpd, metrics_port = _start_metrics_http(config)
+        health_task = asyncio.create_task(
+            _mirror_replica_health(running_replicas, health_servicer, stopping, readiness)
+        )
+        metrics_port = probes.port if probes is not None else 0
         address = f"{host}:{port}"
         log.info(
             "masquerade serving on %s through Ray Serve (%d engine replicas running); metrics %s",
             address,
             await asyncio.to_thread(running_replicas),
-            f"on :{metrics_port}" if metrics_port else "off",
+            f"/metrics, /livez, /readyz on :{metrics_port}" if metrics_port else "off",
         )
         if on_started is not None:
             on_started(address)
@@ -176,19 +203,18 @@ async def serve_front_end(
         stopping.set()
         if health_task is not None:
             await asyncio.gather(health_task, return_exceptions=True)
+        readiness["state"] = (False, "draining for shutdown")
         await health_servicer.enter_graceful_shutdown()
         if servicer is not None:
             servicer.draining = True
         await server.stop(config.grace_seconds)
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+        if probes is not None:
+            probes.close()
         release.set()
         if owner.is_alive():
             await asyncio.to_thread(owner.join, config.grace_seconds + 120)
-        if handle_signals and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
+        for signum in signals:
+            loop.remove_signal_handler(signum)
 
 
 class RayDeployment:
@@ -223,6 +249,8 @@ class RayDeployment:
         if self.scale.address is None:
             # Ray gives its GCS 30 s to come up; a busy machine (or a cold disk) can take longer.
             os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+            # A face-anonymization server phones nobody home: no Ray usage statistics from a cluster we start.
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             wanted = (self.scale.max_replicas or self.scale.replicas) * self.scale.cpus_per_replica
             ray.init(
                 num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
@@ -273,30 +301,17 @@ class RayDeployment:
 
 def run_ray_serve(config, scale: ScaleConfig) -> int:
     """The CLI entry: serve until SIGTERM/SIGINT, then take everything down. Returns the exit code."""
+    from masquerade.api.security import SecurityConfigError
     from masquerade.scale.app import running_replicas
 
-    security = [
-        flag
-        for flag, name in (
-            ("--tls-cert", "tls_cert"),
-            ("--tls-key", "tls_key"),
-            ("--tls-client-ca", "tls_client_ca"),
-            ("--auth-token-file", "auth_token_file"),
-        )
-        if getattr(config, name, None)
-    ]
-    if security:
-        log.error(
-            "%s: not supported with --ray-replicas yet; terminate TLS and authenticate in front of it "
-            "(an ingress or mesh), or serve single-process",
-            ", ".join(security),
-        )
-        return 2
     deployment = RayDeployment(config.engine, scale, grace_seconds=config.grace_seconds)
     try:
         asyncio.run(serve_front_end(config, deployment.connect, running_replicas, disconnect=deployment.stop))
     except KeyboardInterrupt:
         return 130
+    except SecurityConfigError as exc:  # an unreadable TLS or token file; the message names the flag
+        log.error("%s", exc)
+        return 2
     except OSError as exc:
         log.error("%s", exc)
         return 1
