@@ -1,7 +1,9 @@
-"""The algorithm of DESIGN section 1 on tiny random models: invariants that hold for any weights."""
+"""The algorithm of DESIGN section 1 on tiny random models: invariants that hold for any weights,
+and parity with the research code's solver (diffusers' own DPM-Solver++ scheduler as the oracle)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 
 from masquerade.engine.diffusion import DiffusionCore
 from masquerade.engine.job_state import JobStatus
+from masquerade.engine.noise import face_noise_seed, inversion_noise
 from masquerade.engine.request import ReversePersonalizationParams
 from masquerade.engine.scheduler import StepScheduler
 from masquerade.engine.trajectory import build_trajectory, inversion_timesteps, scaled_linear_alphas_cumprod
@@ -94,10 +97,28 @@ def test_solver_matches_a_two_step_example_computed_by_hand():
     assert noise.item() == pytest.approx(z, rel=1e-6)
 
 
-def test_final_step_lands_on_the_clean_latent():
-    trajectory = build_trajectory(scaled_linear_alphas_cumprod(), steps=4, skip=0.7)
+def test_final_step_goes_to_discrete_t0_second_order():
+    """t = 1 -> the training schedule's t = 0 (sigma_0 = sqrt(beta_0)), not sigma = 0, second order."""
+    alphas_cumprod = scaled_linear_alphas_cumprod()
+    trajectory = build_trajectory(alphas_cumprod, steps=100, skip=0.7)
+    assert trajectory.timesteps[-1] == 1
     final = trajectory.base_coeffs[-1]
-    assert final[3] == 0 and final[4] == 1 and final[5] == 0 and final[6] == 1
+    # The research scheduler's last step, as the audit measured it (issue 11).
+    assert final[3] == pytest.approx(0.4986, abs=1e-4)  # mean_from_x
+    assert final[4] == pytest.approx(0.6899, abs=1e-4)  # mean_from_m
+    assert final[5] == pytest.approx(-0.1885, abs=1e-4)  # mean_from_m1: second order
+    assert final[6] == pytest.approx(0.0206, abs=1e-4)  # noise scale: sigma_0 > 0
+    # sigma_0 itself, from the betas: sqrt(1 - alpha_bar_0) = sqrt(beta_0) = sqrt(0.00085).
+    sigma_0 = math.sqrt(1 - alphas_cumprod[0])
+    assert sigma_0 == pytest.approx(math.sqrt(0.00085)) and sigma_0 == pytest.approx(0.0292, abs=1e-4)
+    # A one-step run has no history: first order, still to t = 0.
+    single = build_trajectory(alphas_cumprod, steps=1, skip=0.7).base_coeffs[0]
+    assert single[5] == 0 and single[6] > 0
+
+
+def test_a_skip_that_leaves_no_timestep_above_zero_is_rejected():
+    with pytest.raises(ValueError, match="no timestep above 0"):
+        inversion_timesteps(1, 0.9995)
 
 
 # ---- the reconstruction invariant --------------------------------------------------------
@@ -164,12 +185,18 @@ def test_different_seeds_give_different_outputs(core, faces):
 
 
 def sequential_oracle(core, clean, identity, params):
-    """The research code's loop, written plainly: one CFG pair per UNet call, step after step."""
+    """DESIGN section 1 re-derived from its formulas: one CFG pair per UNet call, step after step.
+
+    This is the project's own algorithm written plainly (plain diffusers UNet calls, no packing,
+    no per-row coefficient table, no chunked history term), the oracle for the *batched* engine.
+    It is not the research code; parity with the research's solver is checked against diffusers'
+    own scheduler in the test_research_parity_* tests below.
+    """
     models = core.models
     unet = models.unet
     alphas_cumprod = models.alphas_cumprod.double()
     timesteps = inversion_timesteps(params.steps, params.skip)
-    generator = torch.Generator().manual_seed(_face_seed(params.seed, 0))
+    generator = torch.Generator().manual_seed(face_noise_seed(params.seed, 0))
     noise = torch.randn((params.steps,) + tuple(clean.shape), generator=generator)
     x0 = clean.float()
 
@@ -180,7 +207,9 @@ def sequential_oracle(core, clean, identity, params):
     xs = [coefficients(t)[0] * x0 + coefficients(t)[1] * noise[i] for i, t in enumerate(timesteps)] + [x0]
     empty, empty_pooled = core.conditioning.get("")
     zero, zero_pooled = torch.zeros_like(empty), torch.zeros_like(empty_pooled)
-    attr = core.conditioning.get(params.attribute_prompt) if params.attribute_prompt else (zero, zero_pooled)
+    attr = (
+        core.conditioning.get(params.attribute_prompt) if params.attribute_prompt is not None else (zero, zero_pooled)
+    )
     size = models.face_size
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
 
@@ -200,9 +229,8 @@ def sequential_oracle(core, clean, identity, params):
     def mean(i, x, e, m_prev):
         a_s, s_s = coefficients(timesteps[i])
         m = (x - s_s * e) / a_s
-        if i == len(timesteps) - 1:
-            return m, m, 1.0
-        a_t, s_t = coefficients(timesteps[i + 1])
+        # The last step lands on the discrete t = 0 of the training schedule.
+        a_t, s_t = coefficients(timesteps[i + 1] if i + 1 < len(timesteps) else 0)
         lam = lambda a, s: math.log(a) - math.log(s)  # noqa: E731
         h = lam(a_t, s_t) - lam(a_s, s_s)
         data = m
@@ -224,12 +252,6 @@ def sequential_oracle(core, clean, identity, params):
             mu, m_prev, scale = mean(i, x, eps(x, t, attr, identity_scaled), m_prev)
             x = mu + scale * zs[i]
     return torch.stack(zs), x
-
-
-def _face_seed(seed, index):
-    from masquerade.engine.diffusion import face_noise_seed
-
-    return face_noise_seed(seed, index)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8])
@@ -260,7 +282,7 @@ def test_a_job_in_a_mixed_batch_equals_the_job_alone(core, faces):
             clean[k % 2],
             identities[(k + 1) % 2],
             ReversePersonalizationParams(
-                steps=3 + k % 5, seed=k, guidance_scale=-5.0 - k, attribute_prompt="a child" if k % 3 else ""
+                steps=3 + k % 5, seed=k, guidance_scale=-5.0 - k, attribute_prompt="a child" if k % 3 else None
             ),
         )
         for k in range(15)
@@ -287,3 +309,207 @@ def test_jobs_with_different_ip_adapter_scales_share_calls_and_match_alone(core,
     )
     assert relative_error(mixed[0], alone_half[0]) < 5e-3
     assert relative_error(mixed[1], alone_full[0]) < 5e-3
+
+
+# ---- the explicit empty attribute prompt ----------------------------------------------------
+
+
+def test_explicit_empty_attribute_prompt_is_encoded_not_zeroed(core, faces):
+    """As in the research code: unset -> zeros (c_zero); "" -> the encoders on "" (c_empty)."""
+    from masquerade.api import convert
+    from masquerade.api.protos import pb2
+
+    defaults = ReversePersonalizationParams()
+    assert convert.params_from_proto(pb2.ReversePersonalizationParams(), defaults).attribute_prompt is None
+    explicit = convert.params_from_proto(pb2.ReversePersonalizationParams(attribute_prompt=""), defaults)
+    assert explicit.attribute_prompt == ""
+    assert not convert.params_to_proto(defaults).HasField("attribute_prompt")
+
+    _, clean, identities = faces
+    unset = ReversePersonalizationParams(steps=3, id_emb_scale=0.0)
+    empty = ReversePersonalizationParams(steps=3, id_emb_scale=0.0, attribute_prompt="")
+    a = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], unset)])
+    b = run_jobs(core, [core.make_job("r", 0, clean[0], identities[0], empty)])
+    assert relative_error(a, clean[:1]) < 3e-2  # unset: generation retraces the inversion
+    assert relative_error(b, a) > 0.01  # "": the uncond half is c_empty, not zeros
+
+
+# ---- parity with the research code (diffusers' DPM-Solver++ as an independent oracle) ---------
+
+
+def research_scheduler(core, timesteps):
+    """diffusers' own DPMSolverMultistepScheduler, configured as the research code steps it."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        core.models.pipe.scheduler.config,
+        algorithm_type="sde-dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="sigma_min",
+        lower_order_final=False,
+        euler_at_final=False,
+    )
+    scheduler.set_timesteps(timesteps=[int(t) for t in timesteps])
+    return scheduler
+
+
+class ResearchConditioning:
+    """The research pipeline's CFG pair, assembled from the diffusers pipeline itself.
+
+    Inversion: prompt "" with no negative prompt (zeros, force_zeros_for_empty_prompt), both
+    identities zero. Generation: prompt "", negative prompt = the attribute prompt (None -> zeros),
+    identity (0, s_id e). One CFG pair per call through the engine's prepared UNet function.
+    """
+
+    def __init__(self, core, params, identity):
+        self.core, self.params = core, params
+        pipe = core.models.pipe
+        with torch.inference_mode():
+            inv = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=True, negative_prompt=None)
+            gen = pipe.encode_prompt(
+                "", device="cpu", do_classifier_free_guidance=True, negative_prompt=params.attribute_prompt
+            )
+        # encode_prompt returns (cond, uncond, cond_pooled, uncond_pooled).
+        self.inversion = (torch.cat([inv[1], inv[0]]), torch.cat([inv[3], inv[2]]), torch.zeros(2, 1, 512))
+        ids = torch.stack([torch.zeros(512), params.id_emb_scale * identity.float()])[:, None]
+        self.generation = (torch.cat([gen[1], gen[0]]), torch.cat([gen[3], gen[2]]), ids)
+        size = core.models.face_size
+        self.time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def eps(self, phase, x, t):
+        text, pooled, ids = self.inversion if phase == "inversion" else self.generation
+        scales = torch.full((2,), self.params.ip_adapter_scale)
+        out = self.core.runner.unet_fn(
+            torch.stack([x, x]), torch.tensor([int(t)] * 2), text, pooled, self.time_ids, ids, scales
+        )
+        return out[:1] + self.params.guidance_scale * (out[1:] - out[:1])
+
+
+def engine_trajectory(core, clean, identity, params):
+    """Run one job one CFG pair per UNet call; return (x_{t_i} and x_0, noise maps, generation latents)."""
+    job = core.make_job("r", 0, clean, identity, params)
+    noisy = job.noisy_latents.clone()
+    scheduler = StepScheduler(max_batch=2, inversion_chunk=1)
+    scheduler.add([job])
+    noise_maps, latents = None, []
+    while (plan := scheduler.plan()) is not None:
+        generating = job.status is JobStatus.GENERATING
+        scheduler.update(core.runner.run(plan))
+        if generating:
+            latents.append(job.latent.clone())
+        elif job.status is JobStatus.GENERATING and noise_maps is None:
+            noise_maps = job.noise_maps.clone()
+    assert job.status is JobStatus.DECODED and len(latents) == params.steps
+    return noisy, noise_maps, latents
+
+
+def parity_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected||: the relative error of a whole latent."""
+    return float((got.double() - expected.double()).norm() / expected.double().norm())
+
+
+PARITY_CASES = {
+    "prompt": ReversePersonalizationParams(steps=6, skip=0.6, seed=5, attribute_prompt="an old man"),
+    "research-noise": ReversePersonalizationParams(steps=5, skip=0.7, seed=2, noise="research", guidance_scale=-7.5),
+    "empty-prompt": ReversePersonalizationParams(steps=4, skip=0.3, seed=9, attribute_prompt="", ip_adapter_scale=0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def parity_runs(core, faces):
+    """One engine run per case, shared by the generation and inversion parity tests.
+
+    The clean latent is scaled to unit variance, as SDXL's scaled latents are: the tiny VAE's are
+    ~0.03, which would make the last steps' targets (x_{t=1}, x_0) tiny next to x_{t_i} and turn
+    float32 round-off into a large relative error on both sides.
+    """
+    _, clean, identities = faces
+    x0 = clean[0] / clean[0].std()
+    cache = {}
+
+    def run(case):
+        if case not in cache:
+            cache[case] = engine_trajectory(core, x0, identities[0], PARITY_CASES[case])
+        return cache[case]
+
+    return run
+
+
+# fp32 arithmetic on both sides (diffusers computes its coefficients in float32, the engine in
+# float64 then rounds them), amplified by |g| through a random UNet: ~1e-6 typical, 1e-5 bound.
+PARITY_TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_research_parity_generation_trajectory(core, faces, parity_runs, case):
+    """diffusers' scheduler, stepped from x_{t_0} with the engine's noise maps, retraces every generation step."""
+    params = PARITY_CASES[case]
+    noisy, noise_maps, latents = parity_runs(case)
+    conditioning = ResearchConditioning(core, params, faces[2][0])
+    timesteps = inversion_timesteps(params.steps, params.skip)
+    scheduler = research_scheduler(core, timesteps)
+    x = noisy[0][None]  # the research's init_latents: the inversion's first noisy latent
+    for i, t in enumerate(timesteps):
+        eps = conditioning.eps("generation", x[0], t)
+        x = scheduler.step(eps, int(t), x, variance_noise=noise_maps[i][None]).prev_sample
+        assert parity_error(latents[i], x[0]) < PARITY_TOLERANCE, f"step {i} (t={t})"
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_research_parity_inversion_noise_maps(core, faces, parity_runs, case):
+    """Each inversion step: diffusers' step from x_{t_i} with the engine's z_i lands on x_{t_{i+1}}
+    (x_0 after t = 1), and the noise map diffusers' step implies equals the engine's."""
+    params = PARITY_CASES[case]
+    noisy, noise_maps, _ = parity_runs(case)
+    conditioning = ResearchConditioning(core, params, faces[2][0])
+    timesteps = inversion_timesteps(params.steps, params.skip)
+    scheduler = research_scheduler(core, timesteps)
+    for i, t in enumerate(timesteps):
+        x, target = noisy[i][None], noisy[i + 1][None]
+        eps = conditioning.eps("inversion", x[0], t)
+        # The step is affine in the noise: its mean from z = 0, varsigma from z = 1.
+        mean = copy.deepcopy(scheduler).step(eps, int(t), x, variance_noise=torch.zeros_like(x)).prev_sample
+        scale = copy.deepcopy(scheduler).step(eps, int(t), x, variance_noise=torch.ones_like(x)).prev_sample - mean
+        landed = scheduler.step(eps, int(t), x, variance_noise=noise_maps[i][None]).prev_sample
+        assert parity_error(landed, target) < PARITY_TOLERANCE, f"step {i} (t={t})"
+        assert parity_error(noise_maps[i][None], (target - mean) / scale) < PARITY_TOLERANCE, f"step {i} (t={t})"
+
+
+def test_research_parity_noise_draws(core, faces):
+    """--noise research draws what the research code draws: one CPU generator seeded with the seed,
+    float16 [1, C, h, w] per timestep from t = 1 upward (diffusers' randn_tensor), for every face."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    _, clean, identities = faces
+    params = ReversePersonalizationParams(steps=6, skip=0.7, seed=1234, noise="research")
+    timesteps = inversion_timesteps(params.steps, params.skip)
+    generator = torch.Generator(device="cpu").manual_seed(params.seed)
+    expected = torch.zeros((params.steps,) + tuple(clean[0].shape))
+    for k, t in enumerate(reversed(timesteps)):
+        draw = randn_tensor((1,) + tuple(clean[0].shape), generator=generator, device="cpu", dtype=torch.float16)
+        assert draw.dtype == torch.float16
+        expected[params.steps - 1 - k] = draw[0].float()
+    for face_index in (0, 3):  # re-seeded per face: every face gets the same draws
+        got = inversion_noise(params.seed, face_index, "research", params.steps, tuple(clean[0].shape))
+        assert torch.equal(got, expected)
+    # x_{t_i} = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps_i, the research scheduler's add_noise.
+    alphas_cumprod = core.models.pipe.scheduler.alphas_cumprod.double()
+    job = core.make_job("r", 0, clean[0], identities[0], params)
+    for i, t in enumerate(timesteps):
+        a, s = alphas_cumprod[t].sqrt(), (1 - alphas_cumprod[t]).sqrt()
+        torch.testing.assert_close(job.noisy_latents[i].double(), a * clean[0].double() + s * expected[i].double())
+    assert torch.equal(job.noisy_latents[-1], clean[0])
+
+
+def test_per_face_noise_differs_between_faces_and_is_reproducible():
+    shape = (4, 8, 8)
+    a = inversion_noise(7, 0, "per_face", 5, shape)
+    assert torch.equal(a, inversion_noise(7, 0, "per_face", 5, shape))
+    assert a.dtype == torch.float32 and a.shape == (5,) + shape
+    b = inversion_noise(7, 1, "per_face", 5, shape)
+    assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.1
+    with pytest.raises(ValueError, match="noise mode"):
+        inversion_noise(7, 0, "other", 5, shape)
+    with pytest.raises(Exception, match="params.noise"):
+        ReversePersonalizationParams(noise="other").validated()
