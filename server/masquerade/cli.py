@@ -58,6 +58,7 @@ def _run_anonymize(args) -> int:
         ip_adapter_scale=args.ip_adapter_scale,
         attribute_prompt=args.attribute_prompt,
         seed=args.seed,
+        noise=args.noise,
     )
     config = EngineConfig(
         models=_model_source(args),
@@ -220,7 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_anonymize_arguments(anonymize)
     _add_model_arguments(anonymize)
-    anonymize.add_argument("--attribute-prompt", default="", help='e.g. "an elderly woman"')
+    anonymize.add_argument(
+        "--attribute-prompt", default=None, help='e.g. "an elderly woman"; unset: none, "" encodes the empty prompt'
+    )
+    anonymize.add_argument(
+        "--noise",
+        choices=("per_face", "research"),
+        default="per_face",
+        help="per_face: a noise stream per face from (seed, face index); research: the research code's exact draws",
+    )
     anonymize.add_argument("--detector", choices=("hog", "cnn", "sfd"), default="hog")
     anonymize.set_defaults(handler=_run_anonymize)
 

@@ -69,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--inversion-chunk", type=int, default=8, help="inversion steps of one face per UNet call")
     parser.add_argument(
+        "--noise",
+        choices=("per_face", "research"),
+        default="per_face",
+        help="default noise mode of requests that leave params.noise unset (research: the research code's draws)",
+    )
+    parser.add_argument(
         "--metrics-port", type=int, default=9090, help="HTTP port for /metrics, /livez and /readyz; 0 turns it off"
     )
     parser.add_argument(
@@ -112,8 +118,10 @@ def config_from_args(args: argparse.Namespace):
     """The ServerConfig (with its EngineConfig) the flags describe."""
     from masquerade.api.server import MIB, ServerConfig
     from masquerade.engine.engine import EngineConfig
+    from masquerade.engine.request import ReversePersonalizationParams
 
     engine = EngineConfig(
+        defaults=ReversePersonalizationParams(noise=getattr(args, "noise", "per_face")),
         models=args.model_dir or args.models,
         device=args.device,
         max_batch=args.max_batch,

@@ -47,6 +47,8 @@ FACE_STATUS_TO_PROTO: dict[et.FaceStatus, int] = {
     et.FaceStatus.FALLBACK: pb2.FALLBACK,
     et.FaceStatus.SKIPPED: pb2.SKIPPED,
 }
+NOISE_FROM_PROTO: dict[int, str] = {pb2.NOISE_MODE_PER_FACE: "per_face", pb2.NOISE_MODE_RESEARCH: "research"}
+NOISE_TO_PROTO: dict[str, int] = {v: k for k, v in NOISE_FROM_PROTO.items()}
 PHASE_TO_PROTO: dict[et.Phase, int] = {
     et.Phase.PREPROCESS: pb2.PREPROCESS,
     et.Phase.INVERSION: pb2.INVERSION,
@@ -96,6 +98,12 @@ def params_from_proto(
         for name in ("skip", "steps", "guidance_scale", "id_emb_scale", "ip_adapter_scale", "attribute_prompt", "seed")
         if message.HasField(name)
     }
+    if message.noise != pb2.NOISE_MODE_UNSPECIFIED:
+        if message.noise not in NOISE_FROM_PROTO:
+            raise et.InvalidRequestError(
+                "params.noise", f"unknown value {message.noise}; use one of {_names(pb2.NoiseMode)} or leave it unset"
+            )
+        overrides["noise"] = NOISE_FROM_PROTO[message.noise]
     return dataclasses.replace(defaults, **overrides)
 
 
@@ -222,8 +230,9 @@ def params_to_proto(params: et.ReversePersonalizationParams) -> pb2.ReversePerso
         guidance_scale=params.guidance_scale,
         id_emb_scale=params.id_emb_scale,
         ip_adapter_scale=params.ip_adapter_scale,
-        attribute_prompt=params.attribute_prompt,
+        attribute_prompt=params.attribute_prompt,  # None leaves the field unset
         seed=params.seed,
+        noise=NOISE_TO_PROTO[params.noise],
     )
 
 

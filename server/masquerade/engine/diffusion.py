@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from masquerade.engine.job import FaceJob
+from masquerade.engine.noise import face_noise_seed, inversion_noise  # noqa: F401  (face_noise_seed re-exported)
 from masquerade.engine.request import ReversePersonalizationParams
 from masquerade.engine.runner import TextConditioning, UNetRunner, host_to_device
 from masquerade.engine.scheduler import StepScheduler
@@ -23,13 +24,7 @@ from masquerade.engine.trajectory import Trajectory, build_trajectory
 from masquerade.models.optimize import DEFAULT_COMPILE_MODE, optimized_unet_fn
 
 TRAJECTORY_CACHE_SIZE = 64
-
 DEFAULT_VAE_CHUNK = 4  # faces per VAE encode/decode call (--vae-chunk)
-
-
-def face_noise_seed(seed: int, face_index: int) -> int:
-    """Independent, reproducible noise per face of a request."""
-    return int(np.random.SeedSequence([int(seed), int(face_index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class DiffusionCore:
@@ -87,14 +82,15 @@ class DiffusionCore:
         params: ReversePersonalizationParams,
     ) -> FaceJob:
         trajectory = self.trajectory(params.steps, params.skip)
-        generator = torch.Generator().manual_seed(face_noise_seed(params.seed, face_index))
-        # Edit-friendly inversion: every x_{t_i} gets its own fresh Gaussian noise.
-        noise = torch.randn((trajectory.steps,) + tuple(clean_latent.shape), generator=generator)
-        x0 = clean_latent.detach().float().cpu()
-        alphas = torch.from_numpy(trajectory.alphas).float().view(-1, 1, 1, 1)
-        sigmas = torch.from_numpy(trajectory.sigmas).float().view(-1, 1, 1, 1)
+        # Edit-friendly inversion: every x_{t_i} gets its own fresh Gaussian noise (engine/noise.py).
+        noise = inversion_noise(
+            params.seed, face_index, params.noise, trajectory.steps, tuple(clean_latent.shape), self.device
+        )
         # Host tables travel through pinned memory without blocking (no wait for the UNet's queue).
-        noisy = host_to_device(torch.cat([alphas * x0 + sigmas * noise, x0[None]]), self.device)
+        x0 = host_to_device(clean_latent.detach().float(), self.device)
+        alphas = host_to_device(torch.from_numpy(trajectory.alphas).float().view(-1, 1, 1, 1), self.device)
+        sigmas = host_to_device(torch.from_numpy(trajectory.sigmas).float().view(-1, 1, 1, 1), self.device)
+        noisy = torch.cat([alphas * x0 + sigmas * noise, x0[None]])
         coeffs = host_to_device(torch.from_numpy(trajectory.coefficients(params.guidance_scale)), self.device)
         return FaceJob(
             request_id=request_id,

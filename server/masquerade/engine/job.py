@@ -30,7 +30,7 @@ class FaceJob:
     # [N + 1, C, h, w]: x_{t_0..t_{N-1}} then x_0; dropped once the inversion is done.
     noisy_latents: torch.Tensor | None = field(repr=False)
     identity: torch.Tensor = field(repr=False)  # [512] s_id * e, the generation's identity embedding
-    attribute_prompt: str = field(repr=False)
+    attribute_prompt: str | None = field(repr=False)  # None: c_zero; "" is c_empty (docs/design.md 1.2 step 3)
     ip_adapter_scale: float = 1.0
     job_id: int = field(default_factory=lambda: next(_job_ids))
     status: JobStatus = JobStatus.ENCODED

@@ -47,8 +47,10 @@ class ReversePersonalizationParams:
     guidance_scale: float = -10.0
     id_emb_scale: float = 1.0
     ip_adapter_scale: float = 1.0
-    attribute_prompt: str = ""
+    # None: no prompt (the all-zeros conditioning c_zero); "" is encoded like any prompt (c_empty), as in the research code.
+    attribute_prompt: str | None = None
     seed: int = 0
+    noise: str = "per_face"  # engine/noise.py: "per_face" (default) or "research" (the research code's exact draws)
 
     def __post_init__(self) -> None:
         """The one range check of the algorithm's parameters: every path (wire, CLI, config) builds this type."""
@@ -72,8 +74,12 @@ class ReversePersonalizationParams:
             raise InvalidRequestError("params.id_emb_scale", f"must be within [-100, 100], got {self.id_emb_scale}")
         if not 0 <= self.ip_adapter_scale <= 10:
             raise InvalidRequestError("params.ip_adapter_scale", f"must be within [0, 10], got {self.ip_adapter_scale}")
-        if len(self.attribute_prompt) > 1000:
+        if self.attribute_prompt is not None and len(self.attribute_prompt) > 1000:
             raise InvalidRequestError("params.attribute_prompt", "must be at most 1000 characters")
+        from masquerade.engine.noise import NOISE_MODES
+
+        if self.noise not in NOISE_MODES:
+            raise InvalidRequestError("params.noise", f"must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
         if not 0 <= int(self.seed) < 2**63:
             raise InvalidRequestError("params.seed", f"must be in [0, 2^63), got {self.seed}")
 

@@ -126,7 +126,7 @@ class UNetRunner:
             else:
                 latents.append(job.latent[None])
                 # Generation: uncond (attribute prompt or c_zero, null id), cond (c_empty, s_id e).
-                uncond_embeds, uncond_pool = self.conditioning.get(job.attribute_prompt or None)
+                uncond_embeds, uncond_pool = self.conditioning.get(job.attribute_prompt)  # None: c_zero
                 identity = job.identity.to(self.dtype)
             host_timesteps += [int(t) for t in job.trajectory.timesteps[steps]]
             host_scales += [float(job.ip_adapter_scale)] * count
