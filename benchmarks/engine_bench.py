@@ -562,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = machine.get("gpu") if args.device == "cuda" else None
     if args.device == "cpu":
         machine.pop("gpu", None)
+        machine["torch_threads"] = torch.get_num_threads()  # OMP_NUM_THREADS=1 steadies a shared machine
     label = args.label or (re.sub(r"[^a-z0-9]+", "_", str(gpu).lower()).strip("_") if gpu else f"cpu_{args.models}")
     report = Report(
         args.out / f"engine_bench_{label}.json",
