@@ -127,6 +127,8 @@ class RayServer:
             "16",
             "--grace-seconds",
             "3",
+            "--drain-seconds",
+            "3",
         ]
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -303,6 +305,18 @@ def test_sigterm_stops_the_application_and_the_cluster(ray_server):
     processes = _descendants(ray_server.process.pid)
     assert len(processes) >= 4, "expected the Ray cluster's processes under the server"  # gcs, raylet, workers
     ray_server.process.send_signal(signal.SIGTERM)
+    # The drain: the port stays open a few seconds, health says NOT_SERVING, new requests are refused.
+    deadline = time.monotonic() + 2.5
+    status = None
+    while time.monotonic() < deadline:
+        status = ray_server.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.05)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as refused:
+        ray_server.stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert ray_server.process.wait(90) == 0, ray_server.log_tail()
     deadline = time.monotonic() + 30
     while _still_running(processes) and time.monotonic() < deadline:

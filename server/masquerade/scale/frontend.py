@@ -109,6 +109,10 @@ class FrontEndServicer(pb2_grpc.AnonymizerServicer):
         if handle is not None:
             self.attach(handle)
 
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
     def attach(self, handle: Any) -> None:
         """The Engine deployment's handle, once its replicas are up; until then requests get UNAVAILABLE."""
         self._stream = handle.options(stream=True)

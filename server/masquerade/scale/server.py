@@ -97,6 +97,7 @@ async def serve_front_end(
     token_file = getattr(config, "auth_token_file", None)
     tokens = TokenStore(token_file) if token_file else None
     stop_event = stop_event or asyncio.Event()
+    hurry = asyncio.Event()  # a second SIGTERM/SIGINT cuts the drain short
     loop = asyncio.get_running_loop()
     signals: tuple[int, ...] = ()
     if handle_signals and threading.current_thread() is threading.main_thread():
@@ -105,6 +106,8 @@ async def serve_front_end(
             # Ray's core worker installs absl's failure-signal handler, which on SIGTERM arms a
             # 3-second alarm that aborts the process: a graceful shutdown takes longer than that.
             signal.alarm(0)
+            if stop_event.is_set():
+                hurry.set()
             stop_event.set()
 
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -199,14 +202,24 @@ async def serve_front_end(
             on_started(address)
         await stop_event.wait()
     finally:
-        log.info("shutting down: health NOT_SERVING, draining in-flight requests for up to %.0fs", config.grace_seconds)
+        drain = float(getattr(config, "drain_seconds", 0.0)) if servicer.attached else 0.0
+        log.info(
+            "shutting down: health NOT_SERVING and new requests refused for %.0fs, "
+            "then in-flight requests get up to %.0fs",
+            drain,
+            config.grace_seconds,
+        )
         stopping.set()
         if health_task is not None:
             await asyncio.gather(health_task, return_exceptions=True)
         readiness["state"] = (False, "draining for shutdown")
         await health_servicer.enter_graceful_shutdown()
-        if servicer is not None:
-            servicer.draining = True
+        servicer.draining = True
+        if drain > 0:  # the port stays open, answering NOT_SERVING, so load balancers see us leave
+            try:
+                await asyncio.wait_for(hurry.wait(), drain)
+            except TimeoutError:
+                pass
         await server.stop(config.grace_seconds)
         if probes is not None:
             probes.close()
