@@ -151,6 +151,11 @@ class FaceDetector:
         height, width = rgb.shape[:2]
         coarse = min(1.0, self.max_side / max(height, width))
         found = [_scaled(self.backend.find(_resize(rgb, coarse), score_threshold), coarse)]
+        # Large faces (a third of the image and up) are found more reliably at half that scale.
+        if self.backend.native_min_face < 40 and min(height, width) * coarse >= 256:
+            raw = _scaled(self.backend.find(_resize(rgb, coarse / 2), score_threshold), coarse / 2)
+            sides = np.minimum(raw.boxes[:, 2] - raw.boxes[:, 0], raw.boxes[:, 3] - raw.boxes[:, 1])
+            found.append(_select(raw, sides * coarse >= 128))
         # Small faces: a finer copy in tiles, when the backend can use it (the dlib ones are
         # too slow per pixel). Only faces the coarse copy is too small to see are kept from it.
         fine = min(self.max_upscale, math.sqrt(self.fine_pixels / (height * width)))
@@ -234,18 +239,17 @@ def _merge(parts: list[RawFaces]) -> RawFaces:
     scores = np.concatenate([p.scores for p in parts])
     five = None if any(p.five is None for p in parts) else np.concatenate([p.five for p in parts])
     raw = _select(RawFaces(boxes, scores, five), nms(boxes, scores, 0.4))
-    # A face cut by a tile edge leaves a partial box inside the whole one: drop boxes mostly
-    # inside a better-scored box.
+    # A face cut by a tile edge, or half a face seen at the finer scale, leaves a partial box
+    # mostly inside the whole one: drop boxes mostly inside a larger box (the larger covers more).
     keep = np.ones(len(raw.boxes), bool)
     x0, y0, x1, y1 = raw.boxes.T
     areas = np.maximum(x1 - x0, 1e-6) * np.maximum(y1 - y0, 1e-6)
-    for i in np.argsort(-raw.scores, kind="stable"):
+    for i in np.argsort(-areas, kind="stable"):
         if not keep[i]:
             continue
         w = np.maximum(np.minimum(x1[i], x1) - np.maximum(x0[i], x0), 0)
         h = np.maximum(np.minimum(y1[i], y1) - np.maximum(y0[i], y0), 0)
-        inside = (w * h / areas > 0.7) & (raw.scores <= raw.scores[i])
-        inside[i] = False
+        inside = (w * h / areas > 0.7) & (areas < areas[i]) & (areas > areas[i] / 4)
         keep &= ~inside
     return _select(raw, keep)
 
