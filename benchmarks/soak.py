@@ -114,6 +114,7 @@ class SoakReport:
     unexpected_examples: list = field(default_factory=list)
     server_log_tracebacks: int = 0
     server_log_fatal: list = field(default_factory=list)
+    large_request: dict = field(default_factory=dict)  # one 6300x6300 PNG on the idle server, RSS before/after
     completed_per_30s: list = field(default_factory=list)  # [{"minute": m, "ok": n, "expected": n, "unexpected": n}]
     samples: list = field(default_factory=list)
 
@@ -420,6 +421,33 @@ class Load:
 
 # ---------------------------------------------------------------------------------- running
 
+LARGE_SIDE = 6300  # 39.7 Mpx, under the server's default 40 Mpx cap; a 116 KB PNG of zeros
+
+
+def large_request_check(load: Load, before: Sample, idle_sample) -> dict:
+    """One large image on the idle server: its RSS once idle again must be within 200 MB of before."""
+    import numpy as np
+
+    image = _encode(np.zeros((LARGE_SIDE, LARGE_SIDE, 3), np.uint8), "png")
+    message = load._request(image, random.Random(0), method=load.pb2.BLUR)
+    began = time.monotonic()
+    kind, code, detail = load._unary(message, timeout=900)
+    seconds = time.monotonic() - began
+    after = idle_sample()
+    delta = after.rss_mb - before.rss_mb if after is not None else float("nan")
+    print(f"  large request: {code} in {seconds:.1f} s, RSS {before.rss_mb:.0f} -> {after.rss_mb:.0f} MB", flush=True)
+    return {
+        "pixels": LARGE_SIDE * LARGE_SIDE,
+        "png_bytes": len(image),
+        "kind": kind,
+        "code": code,
+        "detail": detail,
+        "seconds": seconds,
+        "rss_before_mb": before.rss_mb,
+        "rss_after_mb": after.rss_mb if after is not None else float("nan"),
+        "rss_delta_mb": delta,
+    }
+
 
 def soak(args) -> SoakReport:
     duration = args.minutes * 60.0
@@ -519,8 +547,11 @@ def soak(args) -> SoakReport:
     start_sample = idle_sample() if not stop.is_set() else None
     run_phase("load", warmup + args.idle_seconds + duration)
     crashed = server.process.poll() is not None
-    load.close()
     end_sample = idle_sample() if not crashed else None
+    if args.large_check and end_sample is not None:
+        report.large_request = large_request_check(load, end_sample, idle_sample)
+        crashed = server.process.poll() is not None
+    load.close()
     stop.set()
     sampling.join(timeout=5)
     exit_code = server.stop()
@@ -636,6 +667,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="the server's --device")
     parser.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue")
     parser.add_argument("--seed", type=int, default=0, help="seeds the request mix")
+    parser.add_argument(
+        "--large-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the load, one 6300x6300 image on the idle server: RSS must come back within 200 MB",
+    )
     parser.add_argument("--label", default=None, help="results file suffix (default: models and concurrency)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -661,11 +698,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  fds start/peak/end {report.fds_start} / {report.fds_peak} / {report.fds_end}")
     print(f"  threads start/peak/end {report.threads_start} / {report.threads_peak} / {report.threads_end}")
+    large = report.large_request
+    if large:
+        print(
+            f"  large request     {large['code']} in {large['seconds']:.1f} s; idle RSS "
+            f"{large['rss_before_mb']:.0f} -> {large['rss_after_mb']:.0f} MB ({large['rss_delta_mb']:+.0f} MB)"
+        )
     print(f"  server log: {report.server_log_tracebacks} tracebacks, fatal lines: {report.server_log_fatal or 'none'}")
     for example in report.unexpected_examples[:5]:
         print(f"  unexpected: {example}")
     print(f"  wrote {json_path} and {png_path}")
-    return 0 if report.unexpected_errors == 0 and report.crashes == 0 else 1
+    large_ok = not large or (large["kind"] == "ok" and large["rss_delta_mb"] < 200)
+    return 0 if report.unexpected_errors == 0 and report.crashes == 0 and large_ok else 1
 
 
 if __name__ == "__main__":
