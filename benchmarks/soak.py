@@ -114,6 +114,7 @@ class SoakReport:
     unexpected_examples: list = field(default_factory=list)
     server_log_tracebacks: int = 0
     server_log_fatal: list = field(default_factory=list)
+    idle_times_s: list = field(default_factory=list)  # when the start and end idle samples were read
     large_request: dict = field(default_factory=dict)  # one 6300x6300 PNG on the idle server, RSS before/after
     completed_per_30s: list = field(default_factory=list)  # [{"minute": m, "ok": n, "expected": n, "unexpected": n}]
     samples: list = field(default_factory=list)
@@ -583,6 +584,7 @@ def soak(args) -> SoakReport:
     if start_sample is not None and end_sample is not None:
         during = [s for s in samples if start_sample.t <= s.t <= end_sample.t]
         report.rss_start_mb, report.rss_end_mb = start_sample.rss_mb, end_sample.rss_mb
+        report.idle_times_s = [start_sample.t, end_sample.t]
         report.rss_peak_mb = max(s.rss_mb for s in during)
         report.rss_growth_pct = 100.0 * (end_sample.rss_mb - start_sample.rss_mb) / start_sample.rss_mb
         report.fds_start, report.fds_end, report.fds_peak = start_sample.fds, end_sample.fds, max(s.fds for s in during)
@@ -616,6 +618,11 @@ def _plot(report: SoakReport, path: Path) -> None:
     ax = axes[0][0]
     ax.plot(ts, [s["rss_mb"] for s in samples])
     ax.axvline(report.warmup_s / 60, color="grey", linestyle="--", label="end of warm-up")
+    if report.idle_times_s:
+        idle_t = [t / 60 for t in report.idle_times_s]
+        ax.scatter(idle_t, [report.rss_start_mb, report.rss_end_mb], color="red", zorder=3, label="idle: start, end")
+    if report.large_request and report.idle_times_s:
+        ax.axvspan(idle_t[1], ts[-1], color="orange", alpha=0.15, label="one 6300x6300 image")
     ax.set_ylabel("server RSS (MB)")
     ax.legend(fontsize=8)
     ax = axes[0][1]
@@ -630,8 +637,8 @@ def _plot(report: SoakReport, path: Path) -> None:
     ax.legend(fontsize=8)
     ax = axes[1][1]
     names = list(report.by_scenario)
-    ax.barh(names, [report.by_scenario[n]["p50_s"] for n in names], label="p50")
-    ax.barh(names, [report.by_scenario[n]["p99_s"] for n in names], alpha=0.4, label="p99")
+    ax.barh(names, [report.by_scenario[n]["p99_s"] for n in names], color="tab:orange", label="p99")
+    ax.barh(names, [report.by_scenario[n]["p50_s"] for n in names], color="tab:blue", label="p50")
     ax.set_xlabel("latency of OK requests (s)")
     ax.legend(fontsize=8)
     for ax in (axes[0][0], axes[0][1], axes[1][0]):
