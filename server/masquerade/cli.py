@@ -29,6 +29,40 @@ def _model_source(args) -> str:
     return args.model_dir or args.models
 
 
+def add_detection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Detection flags shared by `anonymize` and `serve` (EngineConfig fields; requests may override)."""
+    parser.add_argument(
+        "--detector",
+        choices=("centerface", "scrfd", "hog", "cnn"),
+        default="centerface",
+        help="centerface: offline ONNX (default); scrfd: buffalo_l's det_10g.onnx in the model dir; hog/cnn: dlib",
+    )
+    parser.add_argument("--threshold", type=float, default=0.5, help="detector score threshold, 0-1 (calibrated)")
+    parser.add_argument(
+        "--min-face-size", type=int, default=16, help="faces smaller than this (px) are covered classically"
+    )
+    parser.add_argument(
+        "--max-faces",
+        type=int,
+        default=16,
+        help="faces per image that take the generative path; the rest are covered classically (never refused)",
+    )
+    parser.add_argument(
+        "--mask-scale", type=float, default=1.0, help="size of the classical covers' ellipse relative to the face"
+    )
+
+
+def detection_config(args) -> dict:
+    """The EngineConfig fields `add_detection_arguments` sets."""
+    return {
+        "detector": args.detector,
+        "detection_threshold": args.threshold,
+        "min_face_size": args.min_face_size,
+        "max_faces": args.max_faces,
+        "mask_scale": args.mask_scale,
+    }
+
+
 # ---- anonymize ------------------------------------------------------------------------
 
 
@@ -65,7 +99,7 @@ def _run_anonymize(args) -> int:
         device=args.device,
         max_batch=args.max_batch,
         max_queue=IMAGES_IN_FLIGHT,
-        detector=args.detector,
+        **detection_config(args),
     )
     engine = Engine.build(config) if method is Method.REVERSE_PERSONALIZATION else _classical_engine(config)
     records: list[dict] = [files.skipped_record(job) for job in plan.skipped]
@@ -92,7 +126,7 @@ def _run_anonymize(args) -> int:
                     method=method,
                     params=params,
                     classical_strength=args.strength,
-                    detection=DetectionOptions(aligned=args.aligned, max_faces=config.max_faces),
+                    detection=DetectionOptions(aligned=args.aligned),
                     output=OutputOptions(format=_format_for(target), quality=args.quality),
                 )
                 handle = engine.submit(request)
@@ -230,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="per_face",
         help="per_face: a noise stream per face from (seed, face index); research: the research code's exact draws",
     )
-    anonymize.add_argument("--detector", choices=("hog", "cnn", "sfd"), default="hog")
+    add_detection_arguments(anonymize)
     anonymize.set_defaults(handler=_run_anonymize)
 
     models = sub.add_parser("models", help="fetch, build or check model sets")

@@ -68,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--vae-chunk", type=int, default=4, help="faces per VAE encode/decode call (bounds the VAE's GPU memory)"
     )
     parser.add_argument("--inversion-chunk", type=int, default=8, help="inversion steps of one face per UNet call")
+    from masquerade.cli import add_detection_arguments
+
+    add_detection_arguments(parser)
     parser.add_argument(
         "--noise",
         choices=("per_face", "research"),
@@ -117,6 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     """The ServerConfig (with its EngineConfig) the flags describe."""
     from masquerade.api.server import MIB, ServerConfig
+    from masquerade.cli import detection_config
     from masquerade.engine.engine import EngineConfig
     from masquerade.engine.request import ReversePersonalizationParams
 
@@ -133,6 +137,7 @@ def config_from_args(args: argparse.Namespace):
         compile_cache=args.compile_cache,
         vae_chunk=args.vae_chunk,
         inversion_chunk=args.inversion_chunk,
+        **detection_config(args),
     )
     return ServerConfig(
         host=args.host,

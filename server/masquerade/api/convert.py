@@ -116,6 +116,8 @@ def detection_from_proto(message: pb2.DetectionOptions, max_faces_limit: int) ->
         overrides["min_face_size"] = message.min_face_size
     if message.HasField("max_faces"):
         overrides["max_faces"] = message.max_faces  # the engine checks it against its limit at admission
+    if message.HasField("mask_scale"):
+        overrides["mask_scale"] = message.mask_scale
     return dataclasses.replace(base, **overrides)
 
 
@@ -198,6 +200,7 @@ def result_to_proto(
         model_versions=result.model_versions,
         width=result.width,
         height=result.height,
+        residual_recognisable=result.residual_recognisable,
         served_by=served_by or process_id(),
     )
 

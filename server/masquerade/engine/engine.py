@@ -24,7 +24,7 @@ import torch
 
 from masquerade import __version__, metrics
 from masquerade.engine.diffusion import DiffusionCore
-from masquerade.engine.front_end import FaceFrontEnd, PreparedRequest
+from masquerade.engine.front_end import DetectionDefaults, FaceFrontEnd, PreparedRequest, detector_model_dir
 from masquerade.engine.job import FaceJob
 from masquerade.engine.job_state import JobStatus, Phase
 from masquerade.engine.memory import MemoryReturner
@@ -71,10 +71,17 @@ class EngineConfig:
     """Inversion steps of one job per UNet call (they are independent of each other)."""
     max_image_pixels: int = 40_000_000
     """Largest decoded image accepted (decompression-bomb guard)."""
-    max_faces: int = 32
-    """Most faces processed in one image; more is a bad request."""
-    detector: str = "hog"
-    """Face detector: "hog" or "cnn" (dlib), or "sfd" when face-alignment is installed."""
+    max_faces: int = 16
+    """Faces per image that take the generative path (a request may ask for fewer); the rest are
+    covered classically and recorded FALLBACK. A crowd is never refused for its size."""
+    detector: str = "centerface"
+    """Face detector: "centerface" (offline ONNX), "scrfd" (buffalo_l's det_10g.onnx), "hog" or "cnn" (dlib)."""
+    detection_threshold: float = 0.5
+    """Default calibrated detector score, in [0, 1], for requests that do not set one."""
+    min_face_size: int = 16
+    """Default: faces smaller than this (box side, px) are covered classically."""
+    mask_scale: float = 1.0
+    """Size of the classical covers' ellipse relative to the face."""
     attention: str = "sdpa"
     """Attention backend on GPU: "sdpa" or "xformers"."""
     compile: bool | None = None
@@ -96,6 +103,9 @@ class EngineConfig:
             (self.inversion_chunk >= 1, f"inversion_chunk must be at least 1, got {self.inversion_chunk}"),
             (self.max_faces >= 1, f"max_faces must be at least 1, got {self.max_faces}"),
             (self.vae_chunk >= 1, f"vae_chunk must be at least 1, got {self.vae_chunk}"),
+            (0.0 <= self.detection_threshold <= 1.0, f"threshold must be in [0, 1], got {self.detection_threshold}"),
+            (self.min_face_size >= 0, f"min_face_size must be >= 0, got {self.min_face_size}"),
+            (0.5 <= self.mask_scale <= 3.0, f"mask_scale must be in [0.5, 3], got {self.mask_scale}"),
             (self.attention in ("sdpa", "xformers"), f"attention must be sdpa or xformers, got {self.attention!r}"),
         ]
         for ok, message in checks:
@@ -196,10 +206,17 @@ class Engine:
         )
         self.unavailable_reason = unavailable_reason
         self.front_end = FaceFrontEnd(
-            detector=config.detector,
+            detector=DetectionDefaults(
+                detector=config.detector,
+                threshold=config.detection_threshold,
+                min_face_size=config.min_face_size,
+                max_faces=config.max_faces,
+                mask_scale=config.mask_scale,
+            ),
             face_size=models.face_size if models is not None else None,
             core=self.core,
             max_image_pixels=config.max_image_pixels,
+            model_dir=detector_model_dir(config.models),
         )
         self.scheduler = StepScheduler(max_batch=config.max_batch, inversion_chunk=config.inversion_chunk)
         self._states: set[_RequestState] = set()
@@ -350,6 +367,7 @@ class Engine:
                 faces=prepared.records,
                 timings=state.timings,
                 model_versions=dict(self.models.versions) if self.models is not None else {},
+                residual_recognisable=prepared.residual_recognisable,
             )
             state.events.put_nowait(ResultEvent(request.request_id, result))
         except asyncio.CancelledError:

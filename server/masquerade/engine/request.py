@@ -86,22 +86,31 @@ class ReversePersonalizationParams:
 
 @dataclass(frozen=True)
 class DetectionOptions:
+    """Per-request detection options; None takes the server's setting (face/front_end DetectionDefaults)."""
+
     aligned: bool = False
-    score_threshold: float = 0.0
-    min_face_size: int = 16
-    max_faces: int = 32  # the server's own limit (EngineConfig.max_faces) is checked at admission
+    score_threshold: float | None = None  # calibrated detector score in [0, 1]
+    min_face_size: int | None = None  # smaller faces are covered classically
+    # Faces that take the generative path; the rest are covered classically (FALLBACK), never refused.
+    # The server's own limit (EngineConfig.max_faces) is checked at admission.
+    max_faces: int | None = None
+    mask_scale: float | None = None  # classical covers' ellipse size, relative to the face
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.score_threshold) and -10.0 <= self.score_threshold <= 10.0):
+        if self.score_threshold is not None and not (
+            math.isfinite(self.score_threshold) and 0.0 <= self.score_threshold <= 1.0
+        ):
             raise InvalidRequestError(
-                "detection.score_threshold", f"must be a finite number in [-10, 10], got {self.score_threshold!r}"
+                "detection.score_threshold", f"must be a number in [0, 1], got {self.score_threshold!r}"
             )
-        if not 0 <= self.min_face_size <= MAX_MIN_FACE_SIZE:
+        if self.min_face_size is not None and not 0 <= self.min_face_size <= MAX_MIN_FACE_SIZE:
             raise InvalidRequestError(
                 "detection.min_face_size", f"must be in [0, {MAX_MIN_FACE_SIZE}] pixels, got {self.min_face_size}"
             )
-        if self.max_faces < 1:
+        if self.max_faces is not None and self.max_faces < 1:
             raise InvalidRequestError("detection.max_faces", f"must be at least 1, got {self.max_faces}")
+        if self.mask_scale is not None and not (math.isfinite(self.mask_scale) and 0.5 <= self.mask_scale <= 3.0):
+            raise InvalidRequestError("detection.mask_scale", f"must be in [0.5, 3], got {self.mask_scale!r}")
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,7 @@ class AnonymizeResult:
     faces: list[FaceRecord]
     timings: Timings
     model_versions: dict[str, str] = field(default_factory=dict)
+    residual_recognisable: int = 0  # faces the self-check still recognised after every re-cover
 
     @property
     def no_faces(self) -> bool:
@@ -199,8 +209,8 @@ class AnonymizeResult:
 
     @property
     def complete(self) -> bool:
-        """True only when every detected face was covered."""
-        return all(face.status is not FaceStatus.SKIPPED for face in self.faces)
+        """True only when every detected face was covered and the self-check recognised none."""
+        return self.residual_recognisable == 0 and all(face.status is not FaceStatus.SKIPPED for face in self.faces)
 
 
 @dataclass(frozen=True)
