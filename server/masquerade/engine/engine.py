@@ -342,7 +342,15 @@ class Engine:
         metrics.PHASE_SECONDS.labels(phase.value).observe(elapsed)
 
     async def _in_pool(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._preprocess_pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._preprocess_pool, self._then_trim, fn, *args)
+
+    def _then_trim(self, fn, *args):
+        """Pixel and VAE work allocates hundreds of MB for a large image, and it runs to its end
+        even when its request was cancelled meanwhile: ask for a trim whenever it finishes."""
+        try:
+            return fn(*args)
+        finally:
+            self._memory.request_trim()
 
     async def _run_request(self, state: _RequestState) -> None:
         request = state.request

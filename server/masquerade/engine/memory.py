@@ -5,8 +5,9 @@ arenas by gigabytes; freeing the arrays puts the pages on malloc's free lists,
 not back to the OS, so the server's RSS would stay at its peak forever.
 ``malloc_trim(0)`` releases them. It costs well under a millisecond on a
 quiet heap, but it takes the arena locks, so trims are coalesced on one
-thread and spaced at least ``min_interval_s`` apart. On a C library without
-``malloc_trim`` (musl, macOS) this does nothing.
+thread, run ``settle_s`` after a request (the caller is still dropping its
+arrays when it asks) and at most every ``min_interval_s``. On a C library
+without ``malloc_trim`` (musl, macOS) this does nothing.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def trim_now() -> bool:
 class MemoryReturner:
     """Coalesces trim requests from any thread onto one daemon thread."""
 
-    def __init__(self, min_interval_s: float = 0.25):
+    def __init__(self, min_interval_s: float = 0.25, settle_s: float = 0.2):
         self.min_interval_s = min_interval_s
+        self.settle_s = settle_s
         self._wanted = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -57,7 +59,7 @@ class MemoryReturner:
         return _MALLOC_TRIM is not None
 
     def request_trim(self) -> None:
-        """Ask for a trim soon (after at most ``min_interval_s``); cheap, never blocks."""
+        """Ask for a trim soon (within ``settle_s + min_interval_s``); cheap, never blocks."""
         if _MALLOC_TRIM is None:
             return
         self._wanted.set()
@@ -70,9 +72,7 @@ class MemoryReturner:
         last = 0.0
         while True:
             self._wanted.wait()
-            wait = last + self.min_interval_s - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+            time.sleep(max(self.settle_s, last + self.min_interval_s - time.monotonic()))
             self._wanted.clear()  # requests from now on get another trim after this one
             trim_now()
             self.trims += 1
