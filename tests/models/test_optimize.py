@@ -195,6 +195,22 @@ def test_compile_cache_goes_where_asked_unless_the_user_set_inductors(tmp_path, 
     assert configure_compile_cache(None) == tmp_path / "env"
 
 
+def test_serve_flags_reach_the_engine_config():
+    from masquerade.api.cli import config_from_args
+    from masquerade.cli import build_parser
+
+    def engine_config(*flags):
+        return config_from_args(build_parser().parse_args(["serve", *flags])).engine
+
+    default = engine_config()
+    assert default.compile is None and default.compile_mode == "default" and default.vae_chunk == 4
+    assert engine_config("--no-compile").compile is False
+    chosen = engine_config("--compile", "--compile-cache", "/tmp/cache", "--vae-chunk", "2")
+    assert chosen.compile is True and chosen.compile_cache == "/tmp/cache" and chosen.vae_chunk == 2
+    with pytest.raises(SystemExit):
+        engine_config("--compile-mode", "fastest")
+
+
 def test_vae_in_chunks_equals_one_batch(tiny_models):
     whole = DiffusionCore(tiny_models, vae_chunk=8)
     chunked = DiffusionCore(tiny_models, vae_chunk=2)
