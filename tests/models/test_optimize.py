@@ -195,6 +195,20 @@ def test_compile_cache_goes_where_asked_unless_the_user_set_inductors(tmp_path, 
     assert configure_compile_cache(None) == tmp_path / "env"
 
 
+def test_ip_adapter_faceid_loads_from_an_in_memory_state_dict(tiny_model_dir):
+    """The engine benchmark's path: random FaceID weights go to load_ip_adapter without a file."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from masquerade.models.layout import ModelLayout
+    from masquerade.models.loader import _load_ip_adapter
+    from masquerade.models.tiny import ip_adapter_faceid_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(ModelLayout(tiny_model_dir).sdxl))
+    _load_ip_adapter(pipe, ip_adapter_faceid_state_dict(pipe.unet, lora_rank=8))
+    assert type(pipe.unet.encoder_hid_proj.image_projection_layers[0]).__name__ == "IPAdapterFaceIDImageProjection"
+    assert pipe.unet.peft_config  # the FaceID LoRA came along
+
+
 def test_serve_flags_reach_the_engine_config():
     from masquerade.api.cli import config_from_args
     from masquerade.cli import build_parser
