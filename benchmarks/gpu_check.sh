@@ -85,8 +85,9 @@ export PYTHONDONTWRITEBYTECODE=1
 
 # 1. The figures. The benchmark stops compiling further buckets when its own budget runs short.
 ENGINE_CAP=$(( $(remaining) - 110 ))
+# GPU_CHECK_COMPILE_MODE=reduce-overhead measures CUDA graphs instead of the server's default mode.
 step engine_bench "$ENGINE_CAP" "$PY" benchmarks/engine_bench.py --out "$OUT" --label gpu_check \
-  --budget-s $(( ENGINE_CAP - 45 )) "${BENCH_ARGS[@]}"
+  --compile-mode "${GPU_CHECK_COMPILE_MODE:-default}" --budget-s $(( ENGINE_CAP - 45 )) "${BENCH_ARGS[@]}"
 # 2. The fused kernels on their own (CUDA only; on CPU the engine benchmark ran them interpreted).
 if [[ "$DEVICE" == cuda ]]; then
   step kernel_bench 40 "$PY" benchmarks/kernel_bench.py --results-dir "$OUT" --batches 1,2,4,8,16

@@ -93,6 +93,28 @@ def test_bucketed_call_equals_eager_call_between_buckets(cpu_reference):
             torch.testing.assert_close(got, expected[n], atol=FP32_ATOL, rtol=1e-4)
 
 
+def test_cuda_graph_modes_run_every_call_on_one_thread_of_their_own(cpu_reference):
+    """CUDA graphs are recorded per thread; in those modes warm-up and serving share one thread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    models, _, inputs, expected, _ = cpu_reference
+    unet_fn = optimized_unet_fn(models, max_batch=8, compile=False, pad=True, buckets=(2, 4, 8))
+    assert unet_fn._graph_thread is None  # only the CUDA-graph modes on CUDA have one
+    unet_fn._graph_thread = ThreadPoolExecutor(1, thread_name_prefix="graphs")  # that path, on CPU
+    threads = []
+    forward = unet_fn._forward
+
+    def observe(*args):
+        threads.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
+        return forward(*args)
+
+    unet_fn._forward = observe
+    got = unet_fn(*inputs[6])
+    torch.testing.assert_close(got, expected[6], atol=FP32_ATOL, rtol=1e-4)
+    assert len(threads) == 1 and threads[0][0].startswith("graphs") and threads[0][1]
+
+
 def test_ip_adapter_scale_is_per_sample(cpu_reference):
     """Rows with scales 0.5 and 1.0 in one call equal diffusers' calls at each scale."""
     models, unet_fn, inputs, expected, expected_half_scale = cpu_reference
