@@ -127,7 +127,7 @@ class FaceDetector:
         model_dir=None,
         max_side: int = 2048,
         fine_pixels: int = 16_000_000,
-        max_upscale: float = 1.5,
+        max_upscale: float = 1.0,
     ):
         if kind not in DETECTOR_KINDS:
             raise ValueError(f"detector kind must be one of {DETECTOR_KINDS}, got {kind!r}")
