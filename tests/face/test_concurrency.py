@@ -135,6 +135,7 @@ def test_detection_on_a_huge_blank_image_runs_on_bounded_copies():
     assert detector.detect(np.zeros((6300, 6300, 3), np.uint8)) == []
     elapsed = time.perf_counter() - started
     assert max(max(shape) for shape in spy.shapes) <= 2048
-    assert sum(h * w for h, w in spy.shapes) <= 2048**2 + 1.35 * 16_000_000  # tiles overlap by 128 px
+    # The 2048 px copy, its half for large faces, and tiles (overlapping by 128 px) of a 16 Mpx copy.
+    assert sum(h * w for h, w in spy.shapes) <= 2048**2 + 1024**2 + 1.35 * 16_000_000
     assert all(max(shape) <= 1024 for shape in spy.shapes[1:])
-    assert elapsed < 30, f"{elapsed:.1f} s"
+    assert elapsed < 90, f"{elapsed:.1f} s"  # ~3 s on an idle 2-core VM; 48 s before, in dlib
