@@ -18,7 +18,8 @@ import grpc
 
 from masquerade.api import convert
 from masquerade.api.access_log import AccessRecord
-from masquerade.api.errors import ServerNotReadyError, code_number, engine_failure, status_for
+from masquerade.api.batch_stream import error_response, serve_batch_stream
+from masquerade.api.errors import ServerNotReadyError, engine_failure, status_for
 from masquerade.api.protos import pb2, pb2_grpc
 from masquerade.engine import request as et
 
@@ -212,17 +213,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
     async def AnonymizeBatch(
         self, request_iterator: AsyncIterator[pb2.AnonymizeRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        responses: asyncio.Queue[pb2.AnonymizeBatchResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(self.batch_window)
-        in_flight_ids: set[str] = set()
-        tasks: set[asyncio.Task] = set()
-
-        def error_response(request_id: str, code: grpc.StatusCode, details: str) -> pb2.AnonymizeBatchResponse:
-            return pb2.AnonymizeBatchResponse(
-                request_id=request_id, error=pb2.Error(code=code_number(code), message=details)
-            )
-
-        async def run_one(message: pb2.AnonymizeRequest) -> None:
+        async def answer(message: pb2.AnonymizeRequest) -> pb2.AnonymizeBatchResponse:
             record = self._access("AnonymizeBatch", message, context)
             try:
                 result = await self._run_to_result(message, record)
@@ -232,52 +223,14 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
             except Exception as exc:
                 code, details = status_for(exc, request_id=message.request_id)
                 record.finish(code)
-                responses.put_nowait(error_response(message.request_id, code, details))
-            else:
-                record.finish(grpc.StatusCode.OK)
-                responses.put_nowait(pb2.AnonymizeBatchResponse(request_id=message.request_id, result=result))
-            finally:
-                in_flight_ids.discard(message.request_id)
-                window.release()
+                return error_response(message.request_id, code, details)
+            record.finish(grpc.StatusCode.OK)
+            return pb2.AnonymizeBatchResponse(request_id=message.request_id, result=result)
 
-        async def read_requests() -> None:
-            try:
-                async for message in request_iterator:
-                    # Backpressure: stop reading (gRPC flow control then slows the client)
-                    # while this stream already has batch_window requests in flight.
-                    await window.acquire()
-                    request_id = message.request_id
-                    if not request_id or request_id in in_flight_ids:
-                        window.release()
-                        why = (
-                            "is required in AnonymizeBatch"
-                            if not request_id
-                            else "duplicates a request still in flight on this stream"
-                        )
-                        code = grpc.StatusCode.INVALID_ARGUMENT
-                        self._access("AnonymizeBatch", message, context).finish(code)
-                        responses.put_nowait(
-                            error_response(request_id, code, f"request_id: {why}; responses are matched by it")
-                        )
-                        continue
-                    in_flight_ids.add(request_id)
-                    task = asyncio.create_task(run_one(message))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            finally:
-                responses.put_nowait(None)
+        def on_rejected(message: pb2.AnonymizeRequest, code: grpc.StatusCode) -> None:
+            self._access("AnonymizeBatch", message, context).finish(code)
 
-        reader = asyncio.create_task(read_requests())
-        try:
-            while (response := await responses.get()) is not None:
-                await context.write(response)
-            await reader  # surfaces a failure to read the request stream
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()  # each one's _run_to_result cancels its engine job
+        await serve_batch_stream(request_iterator, context, self.batch_window, answer, on_rejected)
 
     async def GetServerInfo(
         self, request: pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext

@@ -27,7 +27,8 @@ import grpc
 
 from masquerade import metrics
 from masquerade.api import convert
-from masquerade.api.errors import code_number, status_for
+from masquerade.api.batch_stream import error_response, serve_batch_stream
+from masquerade.api.errors import status_for
 from masquerade.api.protos import pb2, pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -213,17 +214,8 @@ class FrontEndServicer(pb2_grpc.AnonymizerServicer):
         self, request_iterator: AsyncIterator[pb2.AnonymizeRequest], context: grpc.aio.ServicerContext
     ) -> None:
         """Each request of the stream is routed on its own, so one stream spreads over every replica."""
-        responses: asyncio.Queue[pb2.AnonymizeBatchResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(self.batch_window)
-        in_flight_ids: set[str] = set()
-        tasks: set[asyncio.Task] = set()
 
-        def error_response(request_id: str, code: grpc.StatusCode, details: str) -> pb2.AnonymizeBatchResponse:
-            return pb2.AnonymizeBatchResponse(
-                request_id=request_id, error=pb2.Error(code=code_number(code), message=details)
-            )
-
-        async def run_one(message: pb2.AnonymizeRequest) -> None:
+        async def answer(message: pb2.AnonymizeRequest) -> pb2.AnonymizeBatchResponse:
             method = convert.method_label(message)
             try:
                 result = await self._result(message)
@@ -233,50 +225,14 @@ class FrontEndServicer(pb2_grpc.AnonymizerServicer):
             except Exception as exc:
                 code, details = ray_status(exc, request_id=message.request_id)
                 self._record("AnonymizeBatch", method, code)
-                responses.put_nowait(error_response(message.request_id, code, details))
-            else:
-                self._record("AnonymizeBatch", method, grpc.StatusCode.OK)
-                responses.put_nowait(pb2.AnonymizeBatchResponse(request_id=message.request_id, result=result))
-            finally:
-                in_flight_ids.discard(message.request_id)
-                window.release()
+                return error_response(message.request_id, code, details)
+            self._record("AnonymizeBatch", method, grpc.StatusCode.OK)
+            return pb2.AnonymizeBatchResponse(request_id=message.request_id, result=result)
 
-        async def read_requests() -> None:
-            try:
-                async for message in request_iterator:
-                    await window.acquire()  # backpressure: gRPC flow control then slows the client
-                    request_id = message.request_id
-                    if not request_id or request_id in in_flight_ids:
-                        window.release()
-                        why = (
-                            "is required in AnonymizeBatch"
-                            if not request_id
-                            else "duplicates a request still in flight on this stream"
-                        )
-                        code = grpc.StatusCode.INVALID_ARGUMENT
-                        self._record("AnonymizeBatch", convert.method_label(message), code)
-                        responses.put_nowait(
-                            error_response(request_id, code, f"request_id: {why}; responses are matched by it")
-                        )
-                        continue
-                    in_flight_ids.add(request_id)
-                    task = asyncio.create_task(run_one(message))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            finally:
-                responses.put_nowait(None)
+        def on_rejected(message: pb2.AnonymizeRequest, code: grpc.StatusCode) -> None:
+            self._record("AnonymizeBatch", convert.method_label(message), code)
 
-        reader = asyncio.create_task(read_requests())
-        try:
-            while (response := await responses.get()) is not None:
-                await context.write(response)
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        await serve_batch_stream(request_iterator, context, self.batch_window, answer, on_rejected)
 
     async def GetServerInfo(
         self, request: pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
