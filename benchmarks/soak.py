@@ -191,6 +191,7 @@ class SpawnedServer:
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env)
         self.address = self._wait_for_address(timeout=600)
+        self._wait_for_serving(timeout=600)
 
     def _wait_for_address(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -202,6 +203,28 @@ class SpawnedServer:
                 return match.group(1).replace("0.0.0.0", "127.0.0.1")
             time.sleep(0.2)
         raise TimeoutError(f"server did not start serving within {timeout}s; see {self.log_path}")
+
+    def _wait_for_serving(self, timeout: float) -> None:
+        """The port opens before the models load (health NOT_SERVING until then): load starts once it is SERVING."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"server exited with {self.process.returncode} while loading; see {self.log_path}"
+                    )
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"server not SERVING within {timeout}s; see {self.log_path}")
 
     def sample(self, t: float) -> Sample | None:
         pid = self.process.pid
