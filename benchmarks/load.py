@@ -114,7 +114,7 @@ def serve_command(metrics_port: int, server_args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "masquerade.api.cli",
+        "masquerade.cli",
         "serve",
         "--host",
         "127.0.0.1",

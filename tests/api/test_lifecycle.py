@@ -116,7 +116,7 @@ def test_serve_command_loads_serves_reloads_tokens_and_drains_visibly(tmp_path):
     token file, SIGTERM turns probes NOT_SERVING while the port stays open, and every log line is JSON."""
     metrics_port, drain_seconds = free_port(), 3.0
     token_file = write_token_file(tmp_path, ["first-token"])
-    command = [sys.executable, "-m", "masquerade.api.cli", "serve", "--models", "tiny", "--device", "cpu"]
+    command = [sys.executable, "-m", "masquerade.cli", "serve", "--models", "tiny", "--device", "cpu"]
     command += ["--port", "0", "--metrics-port", str(metrics_port), "--auth-token-file", str(token_file)]
     command += ["--drain-seconds", str(drain_seconds), "--grace-seconds", "5", "--log-format", "json"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

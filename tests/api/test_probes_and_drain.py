@@ -11,7 +11,7 @@ import grpc
 import pytest
 from api_support import health_status, http_get, wait_until
 
-from masquerade.api.cli import config_from_args, register
+from masquerade.cli.serve import config_from_args, register
 from masquerade.api.protos import pb2, pb2_grpc
 from masquerade.api.server import ServerConfig
 from masquerade.engine.engine import EngineConfig

@@ -123,7 +123,7 @@ def test_a_40_face_crowd_is_covered_16_generatively_and_the_rest_classically(tin
 
 
 def test_the_folder_cli_and_the_server_default_to_centerface(tmp_path, t1_rgb):
-    from masquerade.api.cli import config_from_args
+    from masquerade.cli.serve import config_from_args
     from masquerade.cli import build_parser
 
     config = config_from_args(build_parser().parse_args(["serve", "--port", "0"]))

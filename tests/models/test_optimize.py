@@ -232,7 +232,7 @@ def test_ip_adapter_faceid_loads_from_an_in_memory_state_dict(tiny_model_dir):
 
 
 def test_serve_flags_reach_the_engine_config():
-    from masquerade.api.cli import config_from_args
+    from masquerade.cli.serve import config_from_args
     from masquerade.cli import build_parser
 
     def engine_config(*flags):

@@ -34,7 +34,7 @@ def _check_grpc_probe(probe: dict, port: int) -> None:
 
 
 def test_single_process_deployment_matches_the_cli():
-    from masquerade.api.cli import config_from_args
+    from masquerade.cli.serve import config_from_args
     from masquerade.cli import build_parser
 
     docs = _documents(DEPLOY / "kubernetes" / "masquerade.yaml")

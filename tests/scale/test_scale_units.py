@@ -71,7 +71,7 @@ def _serve_args(*extra: str):
 
 
 def test_ray_flags_select_the_scaled_server_and_validate():
-    from masquerade.scale.config import scale_config_from_args
+    from masquerade.cli.serve import scale_config_from_args
 
     assert scale_config_from_args(_serve_args()) is None
     fixed = scale_config_from_args(_serve_args("--ray-replicas", "3", "--ray-address", "auto"))

@@ -1,8 +1,7 @@
-"""The scale-out settings and their ``masquerade serve`` flags (no Ray import: the CLI stays light)."""
+"""The scale-out settings (no Ray import: the CLI stays light); their flags live in masquerade.cli.serve."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 APP_NAME = "masquerade"
@@ -52,57 +51,3 @@ class ScaleConfig:
         if self.cpus_per_replica < 0 or (self.gpus_per_replica is not None and self.gpus_per_replica < 0):
             raise ValueError("--ray-cpus-per-replica and --ray-gpus-per-replica must be >= 0")
         return self
-
-
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    """The scale-out flags of ``masquerade serve``; any of them puts the server on Ray Serve."""
-    group = parser.add_argument_group(
-        "scale out on Ray Serve", "any of these serves the same contract from engine replicas on a Ray cluster"
-    )
-    group.add_argument(
-        "--ray-replicas",
-        type=int,
-        default=None,
-        metavar="N",
-        help="engine replicas (one GPU each on CUDA); turns on Ray Serve",
-    )
-    group.add_argument(
-        "--ray-address",
-        default=None,
-        metavar="auto|HOST:PORT",
-        help="join this Ray cluster instead of starting a local one (which is stopped again on exit)",
-    )
-    group.add_argument("--ray-min-replicas", type=int, default=None, help="autoscaling lower bound")
-    group.add_argument("--ray-max-replicas", type=int, default=None, help="autoscaling upper bound")
-    group.add_argument(
-        "--ray-target-ongoing-requests",
-        type=float,
-        default=None,
-        help="autoscaling target of requests in flight per replica (default: max-batch / 2)",
-    )
-    group.add_argument(
-        "--ray-gpus-per-replica", type=float, default=None, help="default: 1 on CUDA (or auto with GPUs), else 0"
-    )
-    group.add_argument("--ray-cpus-per-replica", type=float, default=1.0, help="CPUs reserved per replica")
-
-
-def scale_config_from_args(args: argparse.Namespace) -> ScaleConfig | None:
-    """The ScaleConfig the flags ask for, or None for the single-process server."""
-    wanted = any(
-        getattr(args, name, None) is not None
-        for name in ("ray_replicas", "ray_address", "ray_min_replicas", "ray_max_replicas")
-    )
-    if not wanted:
-        return None
-    replicas = args.ray_replicas
-    if replicas is None:
-        replicas = args.ray_min_replicas if args.ray_min_replicas else 1
-    return ScaleConfig(
-        replicas=replicas,
-        address=args.ray_address,
-        min_replicas=args.ray_min_replicas,
-        max_replicas=args.ray_max_replicas,
-        target_ongoing_requests=args.ray_target_ongoing_requests,
-        gpus_per_replica=args.ray_gpus_per_replica,
-        cpus_per_replica=args.ray_cpus_per_replica,
-    ).validated()

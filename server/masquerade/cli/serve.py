@@ -1,7 +1,7 @@
-"""The ``serve`` sub-command: flags -> ServerConfig + EngineConfig -> ``serve``.
+"""`masquerade serve`: flags -> ServerConfig (with its EngineConfig, and a ScaleConfig for Ray) -> serve.
 
-``masquerade.cli`` calls ``register(subparsers)``; the parsed namespace carries
-``handler`` (and ``func``), which returns the exit code. Standalone: ``python -m masquerade.api.cli serve ...``.
+The API layer takes the configs and knows nothing of argparse; this module is the only place
+that maps flags to them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import logging
 import sys
+
+from masquerade.cli.options import add_detection_arguments, add_model_arguments, detection_config, model_source
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="interface for gRPC; loopback by default. '0.0.0.0' or '[::]' exposes it: add TLS and tokens",
     )
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one; the log says which)")
-    models = parser.add_mutually_exclusive_group()
-    models.add_argument("--model-dir", metavar="DIR", help="folder holding the real model files")
-    models.add_argument(
-        "--models",
-        choices=("default", "tiny"),
-        default="default",
-        help="'default': real weights from $MASQUERADE_MODEL_DIR or ~/.cache/masquerade/models "
-        "(classical methods only when absent); 'tiny': tiny random models for smoke tests",
-    )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_model_arguments(parser)
     parser.add_argument("--max-batch", type=int, default=16, help="max samples per UNet call (a CFG pair is 2)")
     parser.add_argument(
         "--max-queue", type=int, default=64, help="admitted, unfinished requests; beyond: RESOURCE_EXHAUSTED"
@@ -68,8 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--vae-chunk", type=int, default=4, help="faces per VAE encode/decode call (bounds the VAE's GPU memory)"
     )
     parser.add_argument("--inversion-chunk", type=int, default=8, help="inversion steps of one face per UNet call")
-    from masquerade.cli import add_detection_arguments
-
     add_detection_arguments(parser)
     parser.add_argument(
         "--noise",
@@ -110,23 +101,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="'json': every log line is one JSON object"
     )
-    from masquerade.scale.config import add_ray_arguments
-
     add_ray_arguments(parser)  # --ray-replicas etc.: the same contract from engine replicas on Ray Serve
-    parser.set_defaults(func=run_serve, handler=run_serve)  # masquerade.cli dispatches on `handler`
+    parser.set_defaults(handler=run)
     return parser
 
 
 def config_from_args(args: argparse.Namespace):
     """The ServerConfig (with its EngineConfig) the flags describe."""
     from masquerade.api.server import MIB, ServerConfig
-    from masquerade.cli import detection_config
     from masquerade.engine.engine import EngineConfig
     from masquerade.engine.request import ReversePersonalizationParams
 
     engine = EngineConfig(
         defaults=ReversePersonalizationParams(noise=getattr(args, "noise", "per_face")),
-        models=args.model_dir or args.models,
+        models=model_source(args),
         device=args.device,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
@@ -156,7 +144,7 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from masquerade.api.access_log import configure_logging
 
     configure_logging(args.log_level, args.log_format)
@@ -165,8 +153,6 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"masquerade serve: {exc}", file=sys.stderr)
         return 2
-    from masquerade.scale.config import scale_config_from_args
-
     try:
         scale = scale_config_from_args(args)
     except ValueError as exc:
@@ -192,13 +178,57 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="masquerade")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return args.func(args)
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scale-out flags of ``masquerade serve``; any of them puts the server on Ray Serve."""
+    group = parser.add_argument_group(
+        "scale out on Ray Serve", "any of these serves the same contract from engine replicas on a Ray cluster"
+    )
+    group.add_argument(
+        "--ray-replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="engine replicas (one GPU each on CUDA); turns on Ray Serve",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="join this Ray cluster instead of starting a local one (which is stopped again on exit)",
+    )
+    group.add_argument("--ray-min-replicas", type=int, default=None, help="autoscaling lower bound")
+    group.add_argument("--ray-max-replicas", type=int, default=None, help="autoscaling upper bound")
+    group.add_argument(
+        "--ray-target-ongoing-requests",
+        type=float,
+        default=None,
+        help="autoscaling target of requests in flight per replica (default: max-batch / 2)",
+    )
+    group.add_argument(
+        "--ray-gpus-per-replica", type=float, default=None, help="default: 1 on CUDA (or auto with GPUs), else 0"
+    )
+    group.add_argument("--ray-cpus-per-replica", type=float, default=1.0, help="CPUs reserved per replica")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def scale_config_from_args(args: argparse.Namespace):
+    """The ScaleConfig the flags ask for, or None for the single-process server."""
+    wanted = any(
+        getattr(args, name, None) is not None
+        for name in ("ray_replicas", "ray_address", "ray_min_replicas", "ray_max_replicas")
+    )
+    if not wanted:
+        return None
+    replicas = args.ray_replicas
+    if replicas is None:
+        replicas = args.ray_min_replicas if args.ray_min_replicas else 1
+    from masquerade.scale.config import ScaleConfig
+
+    return ScaleConfig(
+        replicas=replicas,
+        address=args.ray_address,
+        min_replicas=args.ray_min_replicas,
+        max_replicas=args.ray_max_replicas,
+        target_ongoing_requests=args.ray_target_ongoing_requests,
+        gpus_per_replica=args.ray_gpus_per_replica,
+        cpus_per_replica=args.ray_cpus_per_replica,
+    ).validated()

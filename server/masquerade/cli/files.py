@@ -1,17 +1,12 @@
-"""`masquerade anonymize`: which files to read and write, the default method, the report.
+"""Which files `masquerade anonymize` reads and writes, and the report it leaves.
 
 Everything here runs before the engine starts, so a run that would replace an existing file
 (without --overwrite), write two inputs to one output, or read a missing input stops having
 written nothing, and says which files.
-
-Exit codes of `masquerade anonymize`: 0 every image written (or skipped with --skip-existing);
-1 some image failed (the others were written; the report says which); 2 nothing was done
-(bad command line, missing input, output conflicts, method unavailable).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -40,68 +35,6 @@ class FileJob:
 class Plan:
     jobs: list[FileJob]
     skipped: list[FileJob]  # targets that exist, left alone under --skip-existing
-
-
-def add_anonymize_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `anonymize` flags this module owns; defaults show in --help (ArgumentDefaultsHelpFormatter)."""
-    parser.add_argument("inputs", nargs="+", help="image files (JPEG, PNG, WebP) or folders, searched recursively")
-    parser.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        help="the output image for one input file; otherwise a folder, where each output keeps its "
-        "path relative to the input folder it came from",
-    )
-    conflicts = parser.add_mutually_exclusive_group()
-    conflicts.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
-    conflicts.add_argument(
-        "--skip-existing",
-        action="store_true",
-        help="leave inputs whose output already exists alone (without either flag, existing outputs stop the "
-        "run before anything is written)",
-    )
-    parser.add_argument(
-        "--method",
-        choices=("auto", *METHOD_NAMES),
-        default="auto",
-        help="auto: reverse_personalization when its model weights are present, otherwise blur (a line says why)",
-    )
-    parser.add_argument(
-        "--aligned", action="store_true", help="each input is one already-aligned face crop: detection is skipped"
-    )
-    algorithm = parser.add_argument_group("reverse personalization")
-    algorithm.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=-10.0,
-        help="classifier-free guidance on the identity; negative pushes away from the person",
-    )
-    algorithm.add_argument(
-        "--skip",
-        type=float,
-        default=0.7,
-        help="fraction of the trajectory skipped: higher keeps more of the original (pose, light), lower changes more",
-    )
-    algorithm.add_argument("--steps", type=int, default=100, help="diffusion steps (inversion and generation each)")
-    algorithm.add_argument(
-        "--id-scale", type=float, default=1.0, help="id_emb_scale, weight of the identity embedding; 0 reconstructs"
-    )
-    algorithm.add_argument(
-        "--ip-adapter-scale", type=float, default=1.0, help="strength of the IP-Adapter-FaceID branch"
-    )
-    algorithm.add_argument("--seed", type=int, default=0, help="seed of the inversion noise")
-    parser.add_argument(
-        "--strength", type=float, default=1.0, help="strength of the classical methods (blur radius, pixel size), 0-1"
-    )
-    parser.add_argument("--max-batch", type=int, default=16, help="samples per UNet call (a CFG pair is 2)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP output quality, 1-100")
-    parser.add_argument(
-        "--report",
-        metavar="FILE.json",
-        help="write a JSON list, one record per image: input, output, status (anonymized, skipped, failed), "
-        "error, complete, no_faces, and one record per face",
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no method line")
 
 
 def _images_under(folder: Path, exclude: Path | None) -> list[Path]:

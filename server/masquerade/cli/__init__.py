@@ -1,0 +1,71 @@
+"""The `masquerade` command: anonymize files, manage model sets, serve over gRPC.
+
+One module per sub-command (`anonymize`, `models`, `serve`), each with ``register(subparsers)``
+adding its parser and a ``handler``; flags two of them share live in `options`. Nothing heavy is
+imported here: each handler imports what its run needs, so `masquerade anonymize --method blur`
+never loads torch (see docs/design.md, "What the classical path imports").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from masquerade.cli import anonymize, models, serve
+
+    parser = argparse.ArgumentParser(prog="masquerade", description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    anonymize.register(sub)
+    models.register(sub)
+    serve.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _quiet_third_party()
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # the user gets one line; -v gives the traceback
+        from masquerade.cli.files import PlanError
+        from masquerade.engine.request import InvalidRequestError, MethodUnavailableError
+        from masquerade.models.loader import ModelLoadError
+
+        if args.verbose or not isinstance(
+            error, (InvalidRequestError, MethodUnavailableError, ModelLoadError, PlanError, ValueError)
+        ):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _quiet_third_party() -> None:
+    """Warnings and loggers only: importing diffusers here would load torch for a classical run."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_model_libraries() -> None:
+    """Silences diffusers' and transformers' own handlers and progress bars; call before loading weights."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

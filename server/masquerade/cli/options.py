@@ -1,0 +1,57 @@
+"""Flags shared by more than one sub-command (`anonymize` and `serve`): model set and detection."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--model-dir", metavar="DIR", help="model set folder (see `masquerade models fetch`)")
+    group.add_argument(
+        "--models",
+        choices=("default", "tiny"),
+        default="default",
+        help="default: real weights in $MASQUERADE_MODEL_DIR or ~/.cache/masquerade/models (classical methods only "
+        "when absent); tiny: random smoke models",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def model_source(args: argparse.Namespace) -> str:
+    """EngineConfig.models: a folder, "default" or "tiny"."""
+    return args.model_dir or args.models
+
+
+def add_detection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Detection flags shared by `anonymize` and `serve` (EngineConfig fields; requests may override)."""
+    parser.add_argument(
+        "--detector",
+        choices=("centerface", "scrfd", "hog", "cnn"),
+        default="centerface",
+        help="centerface: offline ONNX (default); scrfd: buffalo_l's det_10g.onnx in the model dir; hog/cnn: dlib",
+    )
+    parser.add_argument("--threshold", type=float, default=0.5, help="detector score threshold, 0-1 (calibrated)")
+    parser.add_argument(
+        "--min-face-size", type=int, default=16, help="faces smaller than this (px) are covered classically"
+    )
+    parser.add_argument(
+        "--max-faces",
+        type=int,
+        default=16,
+        help="faces per image that take the generative path; the rest are covered classically (never refused)",
+    )
+    parser.add_argument(
+        "--mask-scale", type=float, default=1.0, help="size of the classical covers' ellipse relative to the face"
+    )
+
+
+def detection_config(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields `add_detection_arguments` sets."""
+    return {
+        "detector": args.detector,
+        "detection_threshold": args.threshold,
+        "min_face_size": args.min_face_size,
+        "max_faces": args.max_faces,
+        "mask_scale": args.mask_scale,
+    }
