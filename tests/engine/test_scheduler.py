@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from masquerade.engine.job import FaceJob
-from masquerade.engine.job_state import JobStatus, Phase
+from masquerade.engine.job_state import JobStatus, Phase, Priority
 from masquerade.engine.runner import SliceResult
 from masquerade.engine.scheduler import StepPlan, StepScheduler
 from masquerade.engine.trajectory import build_trajectory, scaled_linear_alphas_cumprod
@@ -156,3 +156,107 @@ def test_a_job_not_yet_scheduled_is_released_at_once():
     a = job()
     a.cancel()  # no call can be reading a job that never joined
     assert a.status is JobStatus.CANCELLED and a.noisy_latents is None
+
+
+# ---- priorities: interactive first, bulk aged, clients taking turns -------------------------------
+
+
+def run_call(scheduler: StepScheduler) -> StepPlan:
+    plan = scheduler.plan()
+    scheduler.update(outputs(plan))
+    return plan
+
+
+def test_interactive_rows_fill_a_call_before_older_bulk_ones():
+    scheduler = StepScheduler(max_batch=8, inversion_chunk=2)  # 4 rows per call
+    bulk = [job(steps=6) for _ in range(3)]
+    scheduler.add(bulk, priority=Priority.BULK)
+    interactive = job(steps=6)
+    scheduler.add([interactive], priority=Priority.INTERACTIVE)
+    plan = scheduler.plan()
+    assert rows_by_job(plan) == [
+        (interactive.job_id, Phase.INVERSION, 0, 2),
+        (bulk[0].job_id, Phase.INVERSION, 0, 2),
+    ]
+
+
+def test_an_interactive_job_finishes_in_its_idle_number_of_calls_despite_a_bulk_backlog():
+    def calls_to_finish(backlog: int) -> int:
+        scheduler = StepScheduler(max_batch=8, inversion_chunk=3)
+        scheduler.add([job(steps=6) for _ in range(backlog)], priority=Priority.BULK)
+        urgent = job(steps=6)
+        scheduler.add([urgent], priority=Priority.INTERACTIVE)
+        calls = 0
+        while urgent.status is not JobStatus.DECODED:
+            run_call(scheduler)
+            calls += 1
+        return calls
+
+    assert calls_to_finish(backlog=24) == calls_to_finish(backlog=0) == 2 + 6
+
+
+def test_a_bulk_job_starved_by_interactive_work_is_served_every_aging_calls_plus_one_and_finishes():
+    aging = 5
+    scheduler = StepScheduler(max_batch=8, inversion_chunk=1, aging_calls=aging)  # 4 rows
+    bulk = job(steps=3)
+    scheduler.add([bulk], priority=Priority.BULK)
+    scheduler.add([job(steps=200) for _ in range(4)], priority=Priority.INTERACTIVE)  # fill every call
+    served_at, progress = [], []
+    for call in range(1, 60):
+        plan = run_call(scheduler)
+        if any(piece.job is bulk for piece in plan.slices):
+            served_at.append(call)
+        progress.append((bulk.inversion_done, bulk.generation_done))
+        if bulk.status is JobStatus.DECODED:
+            break
+    assert bulk.status is JobStatus.DECODED  # not starved
+    gaps = [b - a for a, b in zip([0, *served_at], served_at)]
+    assert gaps == [aging + 1] * 6  # exactly the documented bound: `aging` calls without a row, then one
+    assert progress == sorted(progress)  # its cursors only move forward: no work restarted or lost
+
+
+def test_many_aged_bulk_jobs_wait_at_most_aging_plus_their_share_of_calls():
+    aging, rows = 4, 2
+    scheduler = StepScheduler(max_batch=2 * rows, inversion_chunk=1, aging_calls=aging)
+    bulk = [job(steps=4) for _ in range(5)]
+    scheduler.add(bulk, priority=Priority.BULK)
+    scheduler.add([job(steps=250) for _ in range(rows)], priority=Priority.INTERACTIVE)
+    bound = aging + -(-len(bulk) // rows)  # aging_calls + ceil(A / rows)
+    worst = 0
+    for _ in range(200):
+        run_call(scheduler)
+        waiting = [scheduler.waited_calls(b) for b in bulk if b.status.diffusing]
+        if not waiting:
+            break
+        worst = max(worst, *waiting)
+    assert all(b.status is JobStatus.DECODED for b in bulk)
+    assert aging <= worst <= bound
+
+
+def test_two_bulk_clients_share_the_rows_whatever_their_concurrency():
+    scheduler = StepScheduler(max_batch=8, inversion_chunk=1)  # 4 rows
+    scheduler.add([job(steps=20) for _ in range(12)], priority=Priority.BULK, client="archive")
+    scheduler.add([job(steps=20) for _ in range(2)], priority=Priority.BULK, client="nightly")
+    for _ in range(10):
+        run_call(scheduler)
+    served = scheduler.rows_served
+    assert served[(Priority.BULK, "archive")] == served[(Priority.BULK, "nightly")] == 20
+
+
+def test_an_aged_job_of_another_latent_shape_gets_its_own_call():
+    scheduler = StepScheduler(max_batch=4, inversion_chunk=1, aging_calls=3)
+    other_shape = job(steps=2, shape=(4, 3, 3))
+    scheduler.add([other_shape], priority=Priority.BULK)
+    scheduler.add([job(steps=100) for _ in range(2)], priority=Priority.INTERACTIVE)
+    keys = [run_call(scheduler).key for _ in range(4)]
+    assert keys.count(other_shape.batch_key) == 1 and keys[-1] == other_shape.batch_key
+
+
+def test_rows_left_counts_the_work_ahead_of_a_priority():
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
+    scheduler.add([job(steps=4)], priority=Priority.INTERACTIVE)
+    scheduler.add([job(steps=5), job(steps=5)], priority=Priority.BULK)
+    assert scheduler.rows_left(Priority.INTERACTIVE) == 8
+    assert scheduler.rows_left(Priority.BULK) == 28
+    run_call(scheduler)  # 4 + 4 inversion rows (the interactive job's 4, then bulk's first 4)
+    assert scheduler.rows_left(Priority.INTERACTIVE) == 4 and scheduler.rows_left(Priority.BULK) == 20

@@ -36,6 +36,17 @@ class Phase(enum.Enum):
     POSTPROCESS = "postprocess"
 
 
+class Priority(enum.IntEnum):
+    """How urgently a request's work runs; the values are the wire enum's, lower runs first."""
+
+    INTERACTIVE = 1  # someone is waiting for this one photo
+    BULK = 2  # throughput work: archives, pipelines, nightly batches
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """Jobs share a UNet call only when these match (everything else is per row)."""
