@@ -24,3 +24,23 @@ class EngineNotAcceptingError(RuntimeError):
 
 class MethodUnavailableError(RuntimeError):
     """The requested method needs models this server has not loaded."""
+
+
+class RetryLaterError(QueueFullError):
+    """Refused for now, with advice on when to come back (``retry_after_s``; google.rpc.RetryInfo on the wire)."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = max(0.0, float(retry_after_s))
+
+
+class QuotaExceededError(RetryLaterError):
+    """The caller's token (or client certificate) is over its requests-per-second or concurrent-faces quota."""
+
+
+class DeadlineUnmeetableError(RuntimeError):
+    """Admission's estimate of when the request would finish is past its deadline: refused before any work."""
+
+    def __init__(self, message: str, estimated_s: float):
+        super().__init__(message)
+        self.estimated_s = estimated_s

@@ -1,0 +1,108 @@
+"""When would a new request finish? Honest admission's estimate, from measured times and the work ahead.
+
+The engine feeds it every UNet call (its rows and seconds) and every request's preprocess and
+postprocess seconds; it answers, for a request arriving now at a priority, the seconds until its
+result if it has one face. A request's faces diffuse side by side, so more faces add rows to
+calls, not calls. The model (docs/design.md, "Honest admission"):
+
+    wait      = preprocess queue ahead / threads * preprocess_s
+    diffusion = max(own calls, (rows ahead + own rows) / rows per call) * seconds per call
+    estimate  = wait + preprocess_s + diffusion + postprocess_s
+
+*own calls* are the job's sequential calls (``ceil(N / inversion_chunk)`` inversion calls, then N
+generation calls), *rows ahead* the steps left of the jobs that run before it (same or more urgent
+priority), and *seconds per call* the measured time of a call as full as the calls it will share.
+Nothing measured yet means no estimate: admission never refuses on a guess.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+_EWMA = 0.2  # weight of the newest sample: follows a change of load within ~10 calls
+
+
+class _Average:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else (1 - _EWMA) * self.value + _EWMA * sample
+
+
+class StepTimeModel:
+    """Seconds per UNet call by rows (CFG pairs) in the call, plus per-request pre/postprocess seconds."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self._calls = [_Average() for _ in range(max_rows + 1)]
+        self.preprocess = _Average()
+        self.postprocess = _Average()
+        self._lock = threading.Lock()
+
+    def observe_call(self, rows: int, seconds: float) -> None:
+        with self._lock:
+            self._calls[max(1, min(rows, self.max_rows))].add(seconds)
+
+    def observe_preprocess(self, seconds: float) -> None:
+        with self._lock:
+            self.preprocess.add(seconds)
+
+    def observe_postprocess(self, seconds: float) -> None:
+        with self._lock:
+            self.postprocess.add(seconds)
+
+    @property
+    def measured(self) -> bool:
+        return any(average.value is not None for average in self._calls)
+
+    def call_seconds(self, rows: int) -> float | None:
+        """A call's seconds at ``rows``: measured there, else scaled from the nearest measured size
+        (a call's time grows with its rows, sublinearly; linear scaling from below overestimates, from
+        above underestimates, so the nearest size is used)."""
+        rows = max(1, min(rows, self.max_rows))
+        with self._lock:
+            known = [(size, average.value) for size, average in enumerate(self._calls) if average.value is not None]
+        if not known:
+            return None
+        size, seconds = min(known, key=lambda pair: (abs(pair[0] - rows), -pair[0]))
+        if size == rows:
+            return seconds
+        return seconds * (rows / size) ** 0.5  # between constant (launch-bound) and linear (compute-bound)
+
+
+def estimate_seconds(
+    model: StepTimeModel,
+    *,
+    steps: int,
+    inversion_chunk: int,
+    generative: bool,
+    rows_ahead: int,
+    ready_jobs: int,
+    preprocess_ahead: int,
+    preprocess_threads: int,
+) -> float | None:
+    """Seconds from now to the result of a one-face request (None: nothing measured yet)."""
+    pre = model.preprocess.value
+    post = model.postprocess.value
+    if pre is None or post is None:
+        return None
+    total = math.ceil(preprocess_ahead / max(1, preprocess_threads)) * pre + pre + post
+    if not generative:
+        return total
+    if not model.measured:
+        return None
+    rows = model.max_rows
+    chunk = min(inversion_chunk, steps, rows)
+    inversion_calls = math.ceil(steps / chunk)
+    own_calls = inversion_calls + steps
+    # The calls it shares hold it and (up to the call's size) one row of each job ready now.
+    generation_call = model.call_seconds(min(rows, 1 + ready_jobs))
+    inversion_call = model.call_seconds(min(rows, chunk + ready_jobs))
+    alone = inversion_calls * inversion_call + steps * generation_call
+    backlog_calls = math.ceil((rows_ahead + 2 * steps) / rows)
+    crowded = backlog_calls * model.call_seconds(rows) if backlog_calls > own_calls else 0.0
+    return total + max(alone, crowded)

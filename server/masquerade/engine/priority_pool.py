@@ -1,0 +1,78 @@
+"""A thread pool that runs the most urgent waiting task first (interactive before bulk).
+
+Detection, alignment, VAE work and post-processing run on a few threads; a plain
+ThreadPoolExecutor serves them first come, first served, so one interactive photo
+arriving behind a bulk archive would wait for every bulk image's detection. Here
+waiting tasks are ordered by (priority, submission order): a running task is never
+interrupted, and among equals the order is FIFO. The queue is bounded by the engine's
+admission (``max_queue`` requests, each with at most one task waiting at a time).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from masquerade.engine.job_state import Priority
+
+
+class PriorityThreadPool:
+    def __init__(self, threads: int, name: str):
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self._heap: list[tuple[int, int, Future, Callable, tuple, float]] = []
+        self._order = itertools.count()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True) for index in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+        self.on_start: Callable[[Priority, float], None] | None = None  # (priority, seconds it waited)
+
+    def submit(self, priority: Priority, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the pool is shut down")
+            heapq.heappush(self._heap, (int(priority), next(self._order), future, fn, args, time.perf_counter()))
+            self._ready.notify()
+        return future
+
+    def waiting(self, up_to: Priority) -> int:
+        """Tasks queued (not started) at priority ``up_to`` or more urgent."""
+        with self._ready:
+            return sum(1 for entry in self._heap if entry[0] <= up_to)
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._heap and not self._closed:
+                    self._ready.wait()
+                if not self._heap:
+                    return
+                priority, _order, future, fn, args, queued = heapq.heappop(self._heap)
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while it waited: its request is gone
+            if self.on_start is not None:
+                self.on_start(Priority(priority), time.perf_counter() - queued)
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # handed to the awaiting request, like ThreadPoolExecutor does
+                future.set_exception(error)
+            del future, fn, args  # drop the request's arrays before waiting for the next task
+
+    def shutdown(self, cancel_futures: bool = True) -> None:
+        """Stop taking tasks; cancel the waiting ones; running ones finish on their own (threads are daemons)."""
+        with self._ready:
+            self._closed = True
+            if cancel_futures:
+                for entry in self._heap:
+                    entry[2].cancel()
+                self._heap.clear()
+            self._ready.notify_all()

@@ -1,0 +1,45 @@
+"""The preprocess pool runs the most urgent waiting task first, FIFO among equals, and never drops one."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from masquerade.engine.job_state import Priority
+from masquerade.engine.priority_pool import PriorityThreadPool
+
+
+def test_waiting_interactive_tasks_run_before_earlier_bulk_ones_and_equals_keep_their_order():
+    pool = PriorityThreadPool(1, "test-pool")
+    gate, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+    try:
+        blocker = pool.submit(Priority.BULK, lambda: (started.set(), gate.wait()))  # occupies the only thread
+        assert started.wait(10)
+        futures = [pool.submit(Priority.BULK, ran.append, f"bulk-{i}") for i in range(3)]
+        futures += [pool.submit(Priority.INTERACTIVE, ran.append, f"interactive-{i}") for i in range(2)]
+        assert pool.waiting(Priority.INTERACTIVE) == 2 and pool.waiting(Priority.BULK) == 5
+        gate.set()
+        for future in [blocker, *futures]:
+            future.result(timeout=10)
+        assert ran == ["interactive-0", "interactive-1", "bulk-0", "bulk-1", "bulk-2"]
+    finally:
+        pool.shutdown()
+
+
+def test_errors_reach_the_caller_and_a_cancelled_task_never_runs():
+    pool = PriorityThreadPool(1, "test-pool")
+    gate = threading.Event()
+    ran: list[int] = []
+    try:
+        pool.submit(Priority.BULK, gate.wait)
+        cancelled = pool.submit(Priority.INTERACTIVE, ran.append, 1)
+        failing = pool.submit(Priority.BULK, lambda: 1 / 0)
+        assert cancelled.cancel()
+        gate.set()
+        with pytest.raises(ZeroDivisionError):
+            failing.result(timeout=10)
+        assert ran == []
+    finally:
+        pool.shutdown()
