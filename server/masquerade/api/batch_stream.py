@@ -1,7 +1,11 @@
 """The AnonymizeBatch stream's multiplexing, shared by the single-process servicer and the Ray front end.
 
-Requests are read as they arrive, run concurrently up to a window (backpressure: past it, gRPC flow
-control slows the client), and answered in completion order, matched by ``request_id``.
+Requests are read as they arrive, run concurrently up to a window, and answered in completion
+order, matched by ``request_id``. Backpressure runs end to end (docs/design.md section 7): a
+window slot is held from the moment a request is read until its response has been written to
+the transport (grpc.aio's ``write`` returning), so a client that stops reading stops the server
+reading its stream once ``window`` responses are waiting; gRPC's flow control then stalls the
+client's sends. Nothing here grows with the number of requests a stream sends.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from masquerade.api.errors import code_number
+from masquerade.api.errors import code_number, status_for
 from masquerade.api.protos import pb2
 
 
@@ -29,19 +33,23 @@ async def serve_batch_stream(
     """Runs ``answer`` for every request of the stream and writes its response.
 
     ``answer`` turns its own failures into error responses; only cancellation escapes it. A request
-    without an id, or with the id of one still in flight, is refused here and reported to ``on_rejected``.
+    without an id, or with the id of one whose response has not been written yet, is refused here
+    and reported to ``on_rejected``.
     """
-    responses: asyncio.Queue[pb2.AnonymizeBatchResponse | None] = asyncio.Queue()
+    # Every queued response holds a window slot, so the queue never holds more than the window;
+    # the bound (+1 for the end marker) only makes that invariant explicit.
+    responses: asyncio.Queue[tuple[pb2.AnonymizeBatchResponse, str | None] | None] = asyncio.Queue(window_size + 1)
     window = asyncio.Semaphore(window_size)
     in_flight_ids: set[str] = set()
     tasks: set[asyncio.Task] = set()
 
     async def run_one(message: pb2.AnonymizeRequest) -> None:
         try:
-            responses.put_nowait(await answer(message))
-        finally:
-            in_flight_ids.discard(message.request_id)
-            window.release()
+            response = await answer(message)
+        except Exception as exc:  # a bug in ``answer``: the request still gets its answer and frees its slot
+            code, details = status_for(exc, request_id=message.request_id)
+            response = error_response(message.request_id, code, details)
+        responses.put_nowait((response, message.request_id))  # never full: each entry holds a window slot
 
     async def read_requests() -> None:
         try:
@@ -49,7 +57,6 @@ async def serve_batch_stream(
                 await window.acquire()
                 request_id = message.request_id
                 if not request_id or request_id in in_flight_ids:
-                    window.release()
                     why = (
                         "is required in AnonymizeBatch"
                         if not request_id
@@ -57,9 +64,8 @@ async def serve_batch_stream(
                     )
                     code = grpc.StatusCode.INVALID_ARGUMENT
                     on_rejected(message, code)
-                    responses.put_nowait(
-                        error_response(request_id, code, f"request_id: {why}; responses are matched by it")
-                    )
+                    response = error_response(request_id, code, f"request_id: {why}; responses are matched by it")
+                    responses.put_nowait((response, None))
                     continue
                 in_flight_ids.add(request_id)
                 task = asyncio.create_task(run_one(message))
@@ -72,8 +78,14 @@ async def serve_batch_stream(
 
     reader = asyncio.create_task(read_requests())
     try:
-        while (response := await responses.get()) is not None:
-            await context.write(response)
+        while (item := await responses.get()) is not None:
+            response, request_id = item
+            try:
+                await context.write(response)  # returns once gRPC has taken the bytes (flow control permitting)
+            finally:
+                if request_id is not None:
+                    in_flight_ids.discard(request_id)
+                window.release()
         await reader  # surfaces a failure to read the request stream
     finally:
         reader.cancel()

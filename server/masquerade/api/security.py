@@ -3,16 +3,23 @@
 Health is always let through (load balancers' probes carry no token, and must see
 NOT_SERVING while the server drains); every other service, reflection included,
 needs a valid token when a token file is configured.
+
+Auth before work (docs/design.md section 7): the gate decides from the call's metadata
+alone. A refused call is answered by a handler that never asks gRPC for the request
+message, so its body is neither received past HTTP/2's flow-control window nor parsed.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
+import inspect
 import ipaddress
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -72,6 +79,24 @@ def server_credentials(
     )
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who a call's token says it is. Per-token settings (priority, quotas) are fields added here."""
+
+    token_id: str
+    """The first 12 hex digits of the token's SHA-256: names the token in logs without revealing it."""
+
+
+_current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "masquerade_principal", default=None
+)
+
+
+def current_principal() -> Principal | None:
+    """The caller of the RPC being handled (set by GateInterceptor); None when the server has no token file."""
+    return _current_principal.get()
+
+
 class TokenStore:
     """Bearer tokens from a file (one per line; blank lines and '#' comments ignored); ``reload`` on SIGHUP.
 
@@ -80,10 +105,10 @@ class TokenStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._tokens: tuple[bytes, ...] = self._read()
+        self._tokens: tuple[tuple[bytes, Principal], ...] = self._read()
         self._lock = threading.Lock()
 
-    def _read(self) -> tuple[bytes, ...]:
+    def _read(self) -> tuple[tuple[bytes, Principal], ...]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except OSError as exc:
@@ -98,7 +123,8 @@ class TokenStore:
                     f"--auth-token-file {self.path}: line {number} holds whitespace or non-ASCII characters; "
                     "a bearer token is one word of ASCII characters"
                 )
-            tokens.append(hashlib.sha256(token.encode()).digest())
+            digest = hashlib.sha256(token.encode()).digest()
+            tokens.append((digest, Principal(token_id=digest.hex()[:12])))
         if not tokens:
             raise SecurityConfigError(f"--auth-token-file {self.path}: holds no token; write one token per line")
         return tuple(tokens)
@@ -118,15 +144,20 @@ class TokenStore:
     def __len__(self) -> int:
         return len(self._tokens)
 
-    def accepts(self, presented: bytes) -> bool:
-        """Constant time: digests of equal length are compared, every stored one, with no early exit."""
+    def lookup(self, presented: bytes) -> Principal | None:
+        """The token's principal, or None. Constant time: digests of equal length are compared,
+        every stored one, with no early exit."""
         digest = hashlib.sha256(presented).digest()
         with self._lock:
             tokens = self._tokens
-        matched = False
-        for token in tokens:
-            matched |= hmac.compare_digest(token, digest)
-        return matched
+        found = None
+        for token, principal in tokens:
+            if hmac.compare_digest(token, digest):
+                found = principal
+        return found
+
+    def accepts(self, presented: bytes) -> bool:
+        return self.lookup(presented) is not None
 
 
 def bearer_token(metadata) -> bytes | None:
@@ -143,56 +174,83 @@ def bearer_token(metadata) -> bytes | None:
     return None
 
 
-def _rejecting_handler(handler: grpc.RpcMethodHandler, rpc: str, code: grpc.StatusCode, details: str):
-    """A handler of the same shape as ``handler`` that answers ``code`` (and logs one access line)."""
+def _rejecting_handler(rpc: str, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    """A handler that answers ``code`` without reading the request (and logs one access line).
 
-    async def reject(_request_or_iterator, context: grpc.aio.ServicerContext) -> None:
+    It is request-streaming whatever the method's shape: gRPC reads a unary request in full
+    (and would parse it) before calling its handler, while a streaming handler gets the
+    messages only as it asks for them, and this one never asks. With no deserializer, even a
+    message that did arrive would stay bytes. The client sees only the status, as for any
+    failed call of its method's shape.
+    """
+
+    async def reject(_requests, context: grpc.aio.ServicerContext) -> None:
         record = AccessRecord.from_context(rpc, context)
         record.finish(code)
         await context.abort(code, details)
 
-    if handler.request_streaming and handler.response_streaming:
-        make = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        make = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        make = grpc.unary_stream_rpc_method_handler
+    return grpc.stream_stream_rpc_method_handler(reject)
+
+
+def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
+    """``handler`` with ``current_principal()`` returning ``principal`` while it runs."""
+    behaviour_field = (
+        ("stream_stream" if handler.response_streaming else "stream_unary")
+        if handler.request_streaming
+        else ("unary_stream" if handler.response_streaming else "unary_unary")
+    )
+    behaviour = getattr(handler, behaviour_field)
+
+    if handler.response_streaming and inspect.isasyncgenfunction(behaviour):
+
+        async def run_streaming(request, context):
+            _current_principal.set(principal)  # each RPC runs in its own task: the value stays with it
+            async for response in behaviour(request, context):
+                yield response
+
+        wrapped = run_streaming
     else:
-        make = grpc.unary_unary_rpc_method_handler
+
+        async def run(request, context):
+            _current_principal.set(principal)
+            return await behaviour(request, context)
+
+        wrapped = run
+    make = getattr(grpc, f"{behaviour_field}_rpc_method_handler")
     return make(
-        reject, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
     )
 
 
 class GateInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every RPC but health's, and refuses new ones (UNAVAILABLE) once draining starts."""
+    """Authenticates every RPC but health's from its metadata, and refuses new ones (UNAVAILABLE) once
+    draining starts; a refused call's message is never read (``_rejecting_handler``)."""
 
     def __init__(self, tokens: TokenStore | None, draining: Callable[[], bool]):
         self.tokens = tokens
         self.draining = draining
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
-        if handler is None or method.startswith(HEALTH_PREFIX):
-            return handler
+        if method.startswith(HEALTH_PREFIX):
+            return await continuation(handler_call_details)
         rpc = method.rsplit("/", 1)[-1]
+        principal = None
         if self.tokens is not None:
             presented = bearer_token(handler_call_details.invocation_metadata)
-            if presented is None or not self.tokens.accepts(presented):
+            principal = self.tokens.lookup(presented) if presented is not None else None
+            if principal is None:
                 metrics.AUTH_FAILURES.labels(reason="missing" if presented is None else "invalid").inc()
                 why = "no 'authorization: Bearer <token>' metadata" if presented is None else "the token is not valid"
+                # Refused before looking the method up: an unauthenticated caller learns nothing of what exists.
                 return _rejecting_handler(
-                    handler,
-                    rpc,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"{why}; send a token listed in the server's token file",
+                    rpc, grpc.StatusCode.UNAUTHENTICATED, f"{why}; send a token listed in the server's token file"
                 )
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
         if self.draining():
             return _rejecting_handler(
-                handler,
-                rpc,
-                grpc.StatusCode.UNAVAILABLE,
-                "the server is draining for shutdown; retry on another replica",
+                rpc, grpc.StatusCode.UNAVAILABLE, "the server is draining for shutdown; retry on another replica"
             )
-        return handler
+        return _with_principal(handler, principal) if principal is not None else handler
