@@ -11,6 +11,7 @@ message, so its body is neither received past HTTP/2's flow-control window nor p
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -18,7 +19,7 @@ import inspect
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,16 @@ _current_principal: contextvars.ContextVar[Principal | None] = contextvars.Conte
 def current_principal() -> Principal | None:
     """The caller of the RPC being handled (set by GateInterceptor); None when the server has no token file."""
     return _current_principal.get()
+
+
+@contextlib.contextmanager
+def principal_scope(principal: Principal | None) -> Iterator[None]:
+    """``current_principal()`` returns ``principal`` inside the block (front ends other than gRPC: HTTP)."""
+    token = _current_principal.set(principal)
+    try:
+        yield
+    finally:
+        _current_principal.reset(token)
 
 
 class TokenStore:
