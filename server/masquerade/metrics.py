@@ -58,3 +58,26 @@ AUTH_FAILURES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+VIDEO_FRAMES = Counter(
+    "masquerade_video_frames",
+    "Video frames served, by rpc (AnonymizeVideo, AnonymizeFrames); rate() gives frames per second.",
+    ["rpc"],
+    registry=REGISTRY,
+)
+FRAME_LATENCY_SECONDS = Histogram(
+    "masquerade_frame_latency_seconds",
+    "AnonymizeFrames: seconds from reading a frame to handing its result to gRPC.",
+    buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5),
+    registry=REGISTRY,
+)
+ACTIVE_VIDEO_STREAMS = Gauge(
+    "masquerade_active_video_streams",
+    "AnonymizeVideo and AnonymizeFrames calls being served, by rpc.",
+    ["rpc"],
+    registry=REGISTRY,
+)
+VIDEO_SPOOL_BYTES = Gauge(
+    "masquerade_video_spool_bytes",
+    "Bytes held in the video spool by AnonymizeVideo calls in flight (uploads and outputs).",
+    registry=REGISTRY,
+)

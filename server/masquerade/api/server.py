@@ -25,6 +25,7 @@ from masquerade.api.http_probes import ProbeServer
 from masquerade.api.protos import SERVICE_NAME, pb2_grpc
 from masquerade.api.security import GateInterceptor, TokenStore, is_loopback, server_credentials
 from masquerade.api.servicer import AnonymizerServicer
+from masquerade.api.video_service import VideoConfig
 
 if TYPE_CHECKING:
     from masquerade.engine.engine import Engine, EngineConfig
@@ -72,6 +73,8 @@ class ServerConfig:
     """After the drain, how long in-flight requests may run before they are cancelled."""
     batch_window: int = 32
     """Requests of one AnonymizeBatch stream in flight before the server stops reading it."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """AnonymizeVideo's spool and limits, AnonymizeFrames' window (api/video_service.py)."""
     engine: EngineConfig = field(default_factory=_default_engine_config)
 
     def __post_init__(self) -> None:
@@ -255,6 +258,7 @@ async def serve(
         max_receive_message_bytes=config.max_receive_message_bytes,
         max_send_message_bytes=config.max_send_message_bytes,
         batch_window=config.batch_window,
+        video=config.video,
     )
     pb2_grpc.add_AnonymizerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -333,6 +337,7 @@ async def serve(
                 log.error("error during shutdown", exc_info=result)
         if probes is not None:
             probes.close()
+        servicer.video.close()  # the spool folder; every call's files went when the call ended
         if signals:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)

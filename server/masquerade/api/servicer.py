@@ -21,6 +21,7 @@ from masquerade.api.access_log import AccessRecord
 from masquerade.api.batch_stream import error_response, serve_batch_stream
 from masquerade.api.errors import ServerNotReadyError, engine_failure, status_for
 from masquerade.api.protos import pb2, pb2_grpc
+from masquerade.api.video_service import VideoConfig, VideoService
 from masquerade.engine import request as et
 
 if TYPE_CHECKING:  # the engine is only called through its interface here
@@ -80,6 +81,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         max_send_message_bytes: int,
         batch_window: int = 32,
         progress_interval_s: float = 0.1,
+        video: VideoConfig | None = None,
     ):
         self.max_receive_message_bytes = max_receive_message_bytes
         self.max_send_message_bytes = max_send_message_bytes
@@ -88,6 +90,8 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         self._engine: Engine | None = None
         self._info = None
         self.draining = False  # set by the server when shutdown starts: requests on open streams are refused
+        # AnonymizeVideo and AnonymizeFrames (api/video_service.py): same engine, same readiness and drain.
+        self.video = VideoService(video or VideoConfig(), self._ready_engine)
         if engine is not None:
             self.attach(engine)
 
@@ -245,8 +249,20 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
             record.finish(code)
             await context.abort(code, details)
         record.finish(grpc.StatusCode.OK)
-        return convert.server_info_to_proto(
+        response = convert.server_info_to_proto(
             info,
             max_receive_message_bytes=self.max_receive_message_bytes,
             max_send_message_bytes=self.max_send_message_bytes,
         )
+        response.limits.MergeFrom(pb2.Limits(**self.video.limits()))
+        return response
+
+    async def AnonymizeVideo(
+        self, request_iterator: AsyncIterator[pb2.AnonymizeVideoRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self.video.anonymize_video(request_iterator, context)
+
+    async def AnonymizeFrames(
+        self, request_iterator: AsyncIterator[pb2.FrameRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self.video.anonymize_frames(request_iterator, context)

@@ -97,6 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--grace-seconds", type=float, default=30.0, help="after the drain, time in-flight requests get to finish"
     )
     parser.add_argument("--max-message-mib", type=int, default=64, help="gRPC receive and send message limit, MiB")
+    add_video_serve_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="'json': every log line is one JSON object"
@@ -141,6 +142,67 @@ def config_from_args(args: argparse.Namespace):
         drain_seconds=args.drain_seconds,
         grace_seconds=args.grace_seconds,
         engine=engine,
+        video=video_config_from_args(args),
+    )
+
+
+def add_video_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """AnonymizeVideo's spool and limits, AnonymizeFrames' window (api/video_service.py)."""
+    from masquerade.api.video_service import VideoConfig
+
+    defaults = VideoConfig()
+    video = parser.add_argument_group("video (AnonymizeVideo, AnonymizeFrames)")
+    video.add_argument(
+        "--video-spool-dir",
+        metavar="DIR",
+        default=None,
+        help="folder for AnonymizeVideo uploads and outputs while they are processed; each call's files are "
+        "deleted when it ends (default: <tmp>/masquerade-video-spool)",
+    )
+    video.add_argument(
+        "--max-video-bytes", type=int, default=defaults.max_video_bytes, help="largest AnonymizeVideo upload, bytes"
+    )
+    video.add_argument(
+        "--video-spool-bytes",
+        type=int,
+        default=None,
+        help="bytes the spool may hold over all calls at once, uploads and outputs (default: 4 x --max-video-bytes); "
+        "past it a call gets RESOURCE_EXHAUSTED",
+    )
+    video.add_argument(
+        "--max-video-seconds", type=float, default=defaults.max_video_seconds, help="longest clip accepted, seconds"
+    )
+    video.add_argument(
+        "--max-video-pixels",
+        type=int,
+        default=defaults.max_video_pixels,
+        help="largest video frame accepted, width x height (files and live frames)",
+    )
+    video.add_argument(
+        "--max-frame-window",
+        type=int,
+        default=defaults.max_frame_window,
+        help="most AnonymizeFrames frames in flight per stream a client may ask for (its `window`)",
+    )
+    video.add_argument(
+        "--max-video-streams",
+        type=int,
+        default=defaults.max_video_streams,
+        help="AnonymizeVideo + AnonymizeFrames calls served at once; one more gets RESOURCE_EXHAUSTED",
+    )
+
+
+def video_config_from_args(args: argparse.Namespace):
+    from masquerade.api.video_service import VideoConfig
+
+    return VideoConfig(
+        spool_dir=args.video_spool_dir,
+        max_video_bytes=args.max_video_bytes,
+        spool_bytes=args.video_spool_bytes,
+        max_video_seconds=args.max_video_seconds,
+        max_video_pixels=args.max_video_pixels,
+        max_frame_window=args.max_frame_window,
+        max_video_streams=args.max_video_streams,
     )
 
 

@@ -348,6 +348,11 @@ class Engine:
         """Pixel and VAE work allocates hundreds of MB for a large image, and it runs to its end
         even when its request was cancelled meanwhile: ask for a trim whenever it finishes."""
         try:
+    async def run_pixel_work(self, fn, *args):
+        """``fn(*args)`` on the preprocess threads, shared with every request's pixel work: live video
+        frames (api/video_service.py) take their turn there like images do."""
+        return await self._in_pool(fn, *args)
+
             return fn(*args)
         finally:
             self._memory.request_trim()

@@ -1,0 +1,729 @@
+"""Video over gRPC: AnonymizeVideo (a whole file, in chunks) and AnonymizeFrames (live frames, bidi).
+
+The pixel work is the video package's (``masquerade.video``): the file pipeline, the live tracker and
+the per-frame covers. This module only moves bytes and frames between gRPC and that work, within
+bounds that hold whatever the client does:
+
+- AnonymizeVideo spools the upload to a bounded folder (``api/video_spool.py``), runs the file
+  pipeline on it, streams the output back from disk, and deletes both files however the call ends.
+- AnonymizeFrames keeps at most ``window`` frames of a stream in flight, from the moment the server
+  reads a frame to the moment gRPC has taken its result. A client that stops reading therefore
+  stops the server reading its frames (gRPC flow control then stops the client's sends): nothing
+  queues without bound. A stream's frames are tracked one at a time in order (the tracker's state is
+  the stream's), while decoding, covering and encoding of several frames overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from masquerade import metrics
+from masquerade.api import convert
+from masquerade.api.access_log import AccessRecord
+from masquerade.api.errors import code_number, status_for
+from masquerade.api.protos import pb2
+from masquerade.api.video_spool import DEFAULT_MAX_VIDEO_BYTES, SpoolEntry, VideoSpool
+from masquerade.engine import request as et
+from masquerade.errors import InvalidRequestError, MethodUnavailableError, QueueFullError
+
+if TYPE_CHECKING:
+    from masquerade.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+DEFAULT_FRAME_WINDOW = 4
+PROGRESS_INTERVAL_S = 0.1
+
+
+@dataclass
+class VideoConfig:
+    """The server's video settings (``serve --video-*`` / ``--max-video-*`` flags)."""
+
+    spool_dir: str | None = None
+    """Folder for uploads and outputs in flight; None: <tmp>/masquerade-video-spool."""
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
+    """Largest upload to AnonymizeVideo."""
+    spool_bytes: int | None = None
+    """Bytes the spool may hold over every call at once (inputs and outputs); None: 4 x max_video_bytes."""
+    max_video_seconds: float = 600.0
+    """Longest clip (as the CLI's --max-video-seconds)."""
+    max_video_pixels: int = 3840 * 2160
+    """Largest frame, width x height (as the CLI's --max-video-pixels); live frames too."""
+    max_frame_window: int = 16
+    """Largest FrameStreamOptions.window a client may ask for."""
+    max_video_streams: int = 8
+    """AnonymizeVideo and AnonymizeFrames calls served at once; one more is RESOURCE_EXHAUSTED."""
+    chunk_bytes: int = 1 * MIB
+    """Size of the output chunks AnonymizeVideo sends."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_video_bytes >= 1, f"max_video_bytes must be positive, got {self.max_video_bytes}"),
+            (self.max_video_seconds > 0, f"max_video_seconds must be positive, got {self.max_video_seconds}"),
+            (self.max_video_pixels >= 1, f"max_video_pixels must be positive, got {self.max_video_pixels}"),
+            (self.max_frame_window >= 1, f"max_frame_window must be at least 1, got {self.max_frame_window}"),
+            (self.max_video_streams >= 1, f"max_video_streams must be at least 1, got {self.max_video_streams}"),
+            (4096 <= self.chunk_bytes <= 16 * MIB, f"chunk_bytes must be in [4 KiB, 16 MiB], got {self.chunk_bytes}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class StreamError(Exception):
+    """Ends a whole AnonymizeFrames stream with ``code`` (frames answered before it still went out)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _status(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, StreamError):
+        return exc.code, exc.details
+    return status_for(exc, request_id=request_id)
+
+
+def _method_label(value: int) -> str:
+    if value == pb2.METHOD_UNSPECIFIED:
+        return "unspecified"
+    method = convert.METHOD_FROM_PROTO.get(value)
+    return method.value if method else "unknown"
+
+
+def _tracking(message: pb2.TrackingOptions, *, live: bool):
+    from masquerade.video.tracking import TrackingOptions
+
+    overrides = {}
+    if message.HasField("detect_every"):
+        if not 1 <= message.detect_every <= 1000:
+            raise InvalidRequestError("tracking.detect_every", f"must be in [1, 1000], got {message.detect_every}")
+        overrides["detect_every"] = message.detect_every
+    if message.HasField("hold_frames"):
+        if message.hold_frames > 10_000:
+            raise InvalidRequestError("tracking.hold_frames", f"must be at most 10000, got {message.hold_frames}")
+        overrides["track_hold"] = message.hold_frames
+    if message.HasField("look_ahead_frames"):
+        if live and message.look_ahead_frames:
+            raise InvalidRequestError(
+                "tracking.look_ahead_frames", "must be unset or 0 on a live stream: it cannot see future frames"
+            )
+        if message.look_ahead_frames > 1000:
+            raise InvalidRequestError(
+                "tracking.look_ahead_frames", f"must be at most 1000, got {message.look_ahead_frames}"
+            )
+        overrides["look_ahead"] = message.look_ahead_frames
+    return TrackingOptions(**overrides)
+
+
+class _Slots:
+    """At most ``limit`` video calls at once, over both RPCs."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+
+    @contextlib.contextmanager
+    def take(self, rpc: str):
+        if self.in_use >= self.limit:
+            raise QueueFullError(
+                f"{self.in_use} video calls are being served, this server's limit (--max-video-streams)"
+            )
+        self.in_use += 1
+        metrics.ACTIVE_VIDEO_STREAMS.labels(rpc).inc()
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+            metrics.ACTIVE_VIDEO_STREAMS.labels(rpc).dec()
+
+
+class VideoService:
+    """Serves the two video RPCs for ``AnonymizerServicer`` (which owns the engine and its readiness)."""
+
+    def __init__(self, config: VideoConfig, ready_engine: Callable[[], Engine]):
+        self.config = config
+        self._ready_engine = ready_engine
+        self.spool = VideoSpool(
+            config.spool_dir, max_file_bytes=config.max_video_bytes, max_total_bytes=config.spool_bytes
+        )
+        self._slots = _Slots(config.max_video_streams)
+
+    def close(self) -> None:
+        self.spool.close()
+
+    def limits(self) -> dict:
+        """The video fields of GetServerInfo's Limits."""
+        return {
+            "max_video_bytes": self.config.max_video_bytes,
+            "max_video_seconds": self.config.max_video_seconds,
+            "max_video_pixels": self.config.max_video_pixels,
+            "max_frame_window": self.config.max_frame_window,
+            "max_video_streams": self.config.max_video_streams,
+        }
+
+    def _engine_for(self, method: et.Method) -> Engine:
+        engine = self._ready_engine()
+        if method is et.Method.REVERSE_PERSONALIZATION and engine.core is None:
+            raise MethodUnavailableError(f"REVERSE_PERSONALIZATION is unavailable: {engine.unavailable_reason}")
+        return engine
+
+    @staticmethod
+    def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+
+    # ------------------------------------------------------------------ AnonymizeVideo
+
+    async def anonymize_video(
+        self, request_iterator: AsyncIterator[pb2.AnonymizeVideoRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        record = AccessRecord.from_context("AnonymizeVideo", context)
+        entry: SpoolEntry | None = None
+        failure: BaseException | None = None
+        try:
+            with self._slots.take("AnonymizeVideo"):
+                entry = self.spool.entry()
+                await self._serve_video(request_iterator, context, record, entry)
+        except asyncio.CancelledError:
+            record.finish(self._cancel_code(context))
+            raise
+        except Exception as exc:
+            failure = exc
+        finally:
+            if entry is not None:
+                entry.close()
+        if failure is not None:
+            code, details = _status(failure, record.request_id)
+            record.finish(code)
+            await context.abort(code, details)
+        record.finish(grpc.StatusCode.OK)
+
+    async def _serve_video(
+        self,
+        request_iterator: AsyncIterator[pb2.AnonymizeVideoRequest],
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+        entry: SpoolEntry,
+    ) -> None:
+        from masquerade.video.pipeline import anonymize_video
+
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None or first.WhichOneof("part") != "start":
+            raise InvalidRequestError(
+                "start", "the first AnonymizeVideo message must carry `start` (the options), before any chunk"
+            )
+        start = first.start
+        record.request_id = start.request_id[: convert.MAX_REQUEST_ID_CHARS]
+        record.method = _method_label(start.method)
+        options = self._video_options(start)
+        engine = self._engine_for(options.method)
+        suffix = self._suffix(start.filename)
+        if start.HasField("size_bytes"):
+            entry.check_size(start.size_bytes)
+        entry.open_input(suffix)
+        upload_started = time.perf_counter()
+        async for message in messages:
+            if message.WhichOneof("part") != "chunk":
+                raise InvalidRequestError("start", "only the first message may carry `start`; later ones carry `chunk`")
+            chunk = message.chunk
+            if chunk.offset != entry.input_bytes:
+                raise InvalidRequestError(
+                    "chunk.offset",
+                    f"expected {entry.input_bytes} (where the previous chunk ended), got {chunk.offset}: "
+                    "chunks must be sent in order",
+                )
+            entry.append(chunk.data)
+        entry.finish_input()
+        record.durations_ms["upload"] = round((time.perf_counter() - upload_started) * 1000.0, 3)
+        if start.HasField("size_bytes") and entry.input_bytes != start.size_bytes:
+            raise InvalidRequestError(
+                "chunk", f"the upload ended at {entry.input_bytes} bytes, but start.size_bytes said {start.size_bytes}"
+            )
+        if entry.input_bytes == 0:
+            raise InvalidRequestError("chunk", "no video bytes were sent")
+
+        processing_started = time.perf_counter()
+        report = await self._run_pipeline(anonymize_video, entry, options, engine, context, start.request_id)
+        processing_seconds = time.perf_counter() - processing_started
+        record.durations_ms["process"] = round(processing_seconds * 1000.0, 3)
+
+        output_bytes = await self._send_output(entry, context, start.request_id)
+        metrics.VIDEO_FRAMES.labels("AnonymizeVideo").inc(report.frames)
+        report_json = report.to_json()
+        record.faces = len(report_json.get("tracks", []))
+        record.complete = bool(report_json.get("complete"))
+        await context.write(
+            pb2.AnonymizeVideoResponse(
+                request_id=start.request_id,
+                report=self._report_to_proto(report_json, output_bytes, processing_seconds),
+            )
+        )
+
+    def _video_options(self, start: pb2.VideoStart):
+        from masquerade.video.container import EncodeOptions, VideoLimits
+        from masquerade.video.pipeline import VideoOptions
+
+        if len(start.request_id) > convert.MAX_REQUEST_ID_CHARS:
+            raise InvalidRequestError("start.request_id", f"must be at most {convert.MAX_REQUEST_ID_CHARS} characters")
+        info = self._ready_engine().info()
+        method = convert.method_from_proto(start.method, info.default_method)
+        detection = convert.detection_from_proto(start.detection, info.max_faces)
+        if detection.aligned:
+            raise InvalidRequestError("detection.aligned", "is not supported for video; leave it unset")
+        if detection.max_faces is not None and detection.max_faces > info.max_faces:
+            raise InvalidRequestError(
+                "detection.max_faces",
+                f"must be at most {info.max_faces} (this server's limit), got {detection.max_faces}",
+            )
+        output = start.output
+        encode = EncodeOptions(
+            codec=output.codec or "h264",
+            crf=output.crf if output.HasField("crf") else None,
+            audio=not output.drop_audio,
+            keep_metadata=output.keep_metadata,
+        )
+        defaults = self._ready_engine().front_end.defaults
+        strength = convert.classical_strength_from_proto(start.classical)
+        if not (np.isfinite(strength) and 0.0 < strength <= 10.0):
+            raise InvalidRequestError("classical.strength", f"must be a finite number in (0, 10], got {strength!r}")
+        return VideoOptions(
+            method=method,
+            params=convert.params_from_proto(start.params, info.defaults),
+            classical_strength=strength,
+            mask_scale=detection.mask_scale if detection.mask_scale is not None else defaults.mask_scale,
+            threshold=detection.score_threshold if detection.score_threshold is not None else defaults.threshold,
+            max_faces=detection.max_faces,
+            tracking=_tracking(start.tracking, live=False),
+            encode=encode,
+            limits=VideoLimits(max_seconds=self.config.max_video_seconds, max_pixels=self.config.max_video_pixels),
+            report_frames=output.report_frames,
+        )
+
+    @staticmethod
+    def _suffix(filename: str) -> str:
+        if not filename:
+            return ".mp4"
+        suffix = Path(filename).suffix.lower()
+        if suffix not in VIDEO_SUFFIXES:
+            raise InvalidRequestError(
+                "start.filename",
+                f"{suffix or 'no extension'} is not a supported container; use {', '.join(VIDEO_SUFFIXES)}",
+            )
+        return suffix
+
+    async def _run_pipeline(self, anonymize_video, entry: SpoolEntry, options, engine, context, request_id: str):
+        """Runs the file pipeline while PROGRESS events go out (at most 10 a second, the newest one)."""
+        latest: list[tuple[int, int, int]] = []
+        changed = asyncio.Event()
+        started = time.perf_counter()
+        stop = False
+
+        def on_progress(frames_done: int, frames_total: int, tracks: int) -> None:
+            latest[:] = [(frames_done, frames_total, tracks)]
+            changed.set()
+
+        task = asyncio.create_task(
+            anonymize_video(
+                entry.input_path,
+                entry.output_path,
+                options,
+                engine=engine,
+                progress=on_progress,
+                cancelled=lambda: stop,
+            ),
+            name=f"video-{request_id}",
+        )
+        try:
+            while not task.done():
+                waiter = asyncio.create_task(changed.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                entry.charge_output()  # the encoder's partial file counts against the spool's budget
+                if latest and not task.done():
+                    changed.clear()
+                    done, total, tracks = latest[0]
+                    elapsed = time.perf_counter() - started
+                    await context.write(
+                        pb2.AnonymizeVideoResponse(
+                            request_id=request_id,
+                            progress=pb2.VideoProgress(
+                                frames_done=done,
+                                frames_total=total,
+                                fps=done / elapsed if elapsed > 0 else 0.0,
+                                tracks=tracks,
+                            ),
+                        )
+                    )
+                    await asyncio.sleep(PROGRESS_INTERVAL_S)
+            return task.result()
+        finally:
+            if not task.done():
+                stop = True  # the pipeline polls it per frame; cancelling also wakes it from any await
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(task), timeout=30)
+
+    async def _send_output(self, entry: SpoolEntry, context, request_id: str) -> int:
+        """Streams the output file in order; each write waits for gRPC flow control, so a client that
+        does not read holds one chunk of the server's memory, not the file."""
+        entry.charge_output()
+        sent = 0
+        with open(entry.output_path, "rb") as output:
+            while data := await asyncio.to_thread(output.read, self.config.chunk_bytes):
+                await context.write(
+                    pb2.AnonymizeVideoResponse(request_id=request_id, output=pb2.VideoChunk(offset=sent, data=data))
+                )
+                sent += len(data)
+        return sent
+
+    @staticmethod
+    def _report_to_proto(report: dict, output_bytes: int, processing_seconds: float) -> pb2.VideoReport:
+        import json
+
+        tracks = []
+        for track in report.get("tracks", []):
+            method = track.get("method_applied") or track.get("method") or ""
+            status = track.get("status") or ""
+            tracks.append(
+                pb2.TrackRecord(
+                    track_id=int(track.get("track_id", track.get("id", 0))),
+                    first_frame=int(track.get("first_frame", 0)),
+                    last_frame=int(track.get("last_frame", 0)),
+                    frames_detected=int(track.get("frames_detected", 0)),
+                    frames_filled=int(track.get("frames_filled", 0)),
+                    method_applied=convert.METHOD_TO_PROTO.get(_enum(et.Method, method), pb2.METHOD_UNSPECIFIED),
+                    status=convert.FACE_STATUS_TO_PROTO.get(_enum(et.FaceStatus, status), pb2.FACE_STATUS_UNSPECIFIED),
+                    reason=str(track.get("reason", "")),
+                )
+            )
+        return pb2.VideoReport(
+            frames=int(report.get("frames", 0)),
+            width=int(report.get("width", 0)),
+            height=int(report.get("height", 0)),
+            duration_seconds=float(report.get("duration_seconds", 0.0)),
+            tracks=tracks,
+            residual_recognisable=int(report.get("residual_recognisable", 0)),
+            complete=bool(report.get("complete", False)),
+            output_bytes=output_bytes,
+            processing_seconds=processing_seconds,
+            report_json=json.dumps(report, default=str),
+            served_by=convert.process_id(),
+        )
+
+    # ------------------------------------------------------------------ AnonymizeFrames
+
+    async def anonymize_frames(
+        self, request_iterator: AsyncIterator[pb2.FrameRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        record = AccessRecord.from_context("AnonymizeFrames", context)
+        failure: BaseException | None = None
+        try:
+            with self._slots.take("AnonymizeFrames"):
+                await self._serve_frames(request_iterator, context, record)
+        except asyncio.CancelledError:
+            record.finish(self._cancel_code(context))
+            raise
+        except Exception as exc:
+            failure = exc
+        if failure is not None:
+            code, details = _status(failure, record.request_id)
+            record.finish(code)
+            await context.abort(code, details)
+        record.finish(grpc.StatusCode.OK)
+
+    async def _serve_frames(
+        self, request_iterator: AsyncIterator[pb2.FrameRequest], context: grpc.aio.ServicerContext, record: AccessRecord
+    ) -> None:
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None:
+            return  # an empty stream: nothing to answer
+        if not first.HasField("options"):
+            raise InvalidRequestError("options", "the first AnonymizeFrames message must carry the stream's options")
+        options = first.options
+        record.request_id = options.stream_id[: convert.MAX_REQUEST_ID_CHARS]
+        record.method = _method_label(options.method)
+        stream = self._live_stream(options)
+        window_size = (
+            options.window if options.HasField("window") else min(DEFAULT_FRAME_WINDOW, self.config.max_frame_window)
+        )
+        if not 1 <= window_size <= self.config.max_frame_window:
+            raise InvalidRequestError(
+                "options.window",
+                f"must be in [1, {self.config.max_frame_window}] (this server's limit), got {window_size}",
+            )
+        window = asyncio.Semaphore(window_size)
+        # Bounded by the window: an entry is added only after a window slot is taken.
+        in_order: asyncio.Queue = asyncio.Queue()
+        served = 0
+
+        async def read_frames() -> None:
+            last_sequence = -1
+            try:
+                if first.WhichOneof("pixels") is not None:
+                    pending = [first]
+                else:
+                    pending = []
+
+                async def frames():
+                    for message in pending:
+                        yield message
+                    async for message in messages:
+                        yield message
+
+                async for message in frames():
+                    await window.acquire()
+                    received = time.perf_counter()
+                    if message is not first and message.HasField("options"):
+                        raise StreamError(
+                            grpc.StatusCode.INVALID_ARGUMENT, "options: only the stream's first message may carry them"
+                        )
+                    if message.sequence <= last_sequence:
+                        raise StreamError(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"sequence: must increase along the stream; got {message.sequence} after {last_sequence}",
+                        )
+                    last_sequence = message.sequence
+                    in_order.put_nowait((message.sequence, message.timestamp, received, stream.submit(message)))
+                in_order.put_nowait(None)
+            except StreamError as error:
+                in_order.put_nowait(error)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the request stream itself failed
+                in_order.put_nowait(error)
+
+        reader = asyncio.create_task(read_frames(), name="frames-reader")
+        try:
+            while (item := await in_order.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                sequence, timestamp, received, pending = item
+                result = await pending
+                result.sequence = sequence
+                result.timestamp = timestamp
+                latency = time.perf_counter() - received
+                result.latency_seconds = latency
+                await context.write(result)
+                window.release()  # only now: gRPC has taken the result, so the slot's bytes have left
+                served += 1
+                metrics.VIDEO_FRAMES.labels("AnonymizeFrames").inc()
+                metrics.FRAME_LATENCY_SECONDS.observe(latency)
+            await reader
+        finally:
+            reader.cancel()
+            stream.close()
+            record.faces = stream.tracks_seen
+            record.durations_ms["frames"] = float(served)
+
+    def _live_stream(self, options: pb2.FrameStreamOptions) -> LiveStream:
+        info = self._ready_engine().info()
+        method = convert.method_from_proto(options.method, info.default_method)
+        engine = self._engine_for(method)
+        detection = convert.detection_from_proto(options.detection, info.max_faces)
+        if detection.aligned:
+            raise InvalidRequestError("detection.aligned", "is not supported for frames; leave it unset")
+        if detection.max_faces is not None and detection.max_faces > info.max_faces:
+            raise InvalidRequestError(
+                "detection.max_faces",
+                f"must be at most {info.max_faces} (this server's limit), got {detection.max_faces}",
+            )
+        strength = convert.classical_strength_from_proto(options.classical)
+        if not (np.isfinite(strength) and 0.0 < strength <= 10.0):
+            raise InvalidRequestError("classical.strength", f"must be a finite number in (0, 10], got {strength!r}")
+        if options.format not in convert.FORMAT_FROM_PROTO:
+            raise InvalidRequestError("options.format", f"unknown value {options.format}")
+        quality = options.quality if options.HasField("quality") else 90
+        if not 1 <= quality <= 100:
+            raise InvalidRequestError("options.quality", f"must be in [1, 100], got {quality}")
+        defaults = engine.front_end.defaults
+        return LiveStream(
+            engine,
+            method=method,
+            params=convert.params_from_proto(options.params, info.defaults),
+            strength=strength,
+            mask_scale=detection.mask_scale if detection.mask_scale is not None else defaults.mask_scale,
+            threshold=detection.score_threshold if detection.score_threshold is not None else defaults.threshold,
+            max_faces=detection.max_faces,
+            tracking=_tracking(options.tracking, live=True),
+            output_format=convert.FORMAT_FROM_PROTO[options.format],
+            quality=quality,
+            max_pixels=self.config.max_video_pixels,
+        )
+
+
+def _enum(enum_type, value: str):
+    try:
+        return enum_type(value)
+    except ValueError:
+        return None
+
+
+@dataclass
+class _DecodedFrame:
+    rgb: np.ndarray
+    format: str | None  # the encoded input's format; None for raw frames
+
+
+class LiveStream:
+    """One AnonymizeFrames stream: its tracker (forward only) and how its frames are covered.
+
+    ``submit`` returns at once with a task for the frame's FrameResult (sequence, timestamp and
+    latency are the caller's to set). Tracking runs one frame at a time in submission order; the
+    decode before it and the cover and encode after it overlap across frames, on the engine's
+    preprocess threads like every other request's pixel work.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        method: et.Method,
+        params: et.ReversePersonalizationParams,
+        strength: float,
+        mask_scale: float,
+        threshold: float,
+        max_faces: int | None,
+        tracking,
+        output_format: str | None,
+        quality: int,
+        max_pixels: int,
+    ):
+        from masquerade.video.frames import ClassicalFrameProcessor, EngineFrameProcessor, TrackIdentities
+        from masquerade.video.tracking import LiveFaceTracker
+
+        self.engine = engine
+        self.method = method
+        self.output_format = output_format
+        self.quality = quality
+        self.max_pixels = max_pixels
+        self.tracker = LiveFaceTracker(engine.front_end.detector, tracking, threshold=threshold)
+        if method.is_classical:
+            self._classical = ClassicalFrameProcessor(method.value, strength, mask_scale)
+            self._generative = None
+            self._identities = None
+        else:
+            self._classical = None
+            self._generative = EngineFrameProcessor(engine, params, max_faces=max_faces, classical_strength=strength)
+            self._identities = TrackIdentities.for_live()
+        self._previous_tracked: asyncio.Future | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._track_ids: set[int] = set()
+        self._closed = False
+
+    @property
+    def tracks_seen(self) -> int:
+        return len(self._track_ids)
+
+    def submit(self, message: pb2.FrameRequest) -> asyncio.Task:
+        loop = asyncio.get_running_loop()
+        tracked_turn = loop.create_future()
+        previous, self._previous_tracked = self._previous_tracked, tracked_turn
+        task = asyncio.create_task(self._process(message, previous, tracked_turn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _process(
+        self, message: pb2.FrameRequest, previous: asyncio.Future | None, tracked_turn: asyncio.Future
+    ) -> pb2.FrameResult:
+        try:
+            try:
+                frame = await self._in_pool(self._decode, message)
+            except InvalidRequestError as error:
+                return pb2.FrameResult(
+                    error=pb2.Error(code=code_number(grpc.StatusCode.INVALID_ARGUMENT), message=str(error))
+                )
+            if previous is not None:
+                await asyncio.shield(previous)  # tracking follows the stream's order
+            faces = await self._in_pool(self.tracker.track, frame.rgb, float(message.timestamp))
+        finally:
+            if not tracked_turn.done():
+                tracked_turn.set_result(None)
+        self._track_ids.update(face.track_id for face in faces.faces)
+        if self._classical is not None:
+            covered, outcomes = await self._in_pool(self._classical.cover, frame.rgb, faces)
+        else:
+            covered, outcomes = await self._generative.cover(frame.rgb, faces, self._identities)
+        return await self._in_pool(self._result, message, frame, covered, faces, outcomes)
+
+    async def _in_pool(self, fn, *args):
+        return await self.engine.run_pixel_work(fn, *args)
+
+    def _decode(self, message: pb2.FrameRequest) -> _DecodedFrame:
+        from masquerade.face.image_io import decode_image
+
+        kind = message.WhichOneof("pixels")
+        if kind == "raw":
+            raw = message.raw
+            width, height = raw.width, raw.height
+            if width < 1 or height < 1:
+                raise InvalidRequestError("raw", f"width and height must be positive, got {width}x{height}")
+            if width * height > self.max_pixels:
+                raise InvalidRequestError(
+                    "raw", f"{width}x{height} is over this server's limit of {self.max_pixels} pixels per frame"
+                )
+            if len(raw.rgb) != width * height * 3:
+                raise InvalidRequestError(
+                    "raw.rgb", f"holds {len(raw.rgb)} bytes; {width}x{height} RGB needs {width * height * 3}"
+                )
+            return _DecodedFrame(np.frombuffer(raw.rgb, np.uint8).reshape(height, width, 3), None)
+        if kind == "encoded":
+            decoded = decode_image(message.encoded, max_pixels=self.max_pixels)
+            return _DecodedFrame(decoded.rgb, decoded.format)
+        raise InvalidRequestError("pixels", "the frame carries no pixels; set `encoded` or `raw`")
+
+    def _result(self, message, frame: _DecodedFrame, covered: np.ndarray, faces, outcomes) -> pb2.FrameResult:
+        from masquerade.face.image_io import encode_image
+
+        result = pb2.FrameResult(detector_ran=bool(faces.detector_ran))
+        output_format = self.output_format or frame.format
+        if output_format is None:
+            height, width = covered.shape[:2]
+            result.raw.CopyFrom(pb2.RawFrame(rgb=np.ascontiguousarray(covered).tobytes(), width=width, height=height))
+        else:
+            result.encoded = encode_image(covered, output_format, self.quality)
+            result.format = convert.FORMAT_TO_PROTO[output_format]
+        outcome_by_track = {getattr(o, "track_id", None): o for o in outcomes}
+        for face in faces.faces:
+            outcome = outcome_by_track.get(face.track_id)
+            method = getattr(outcome, "method_applied", self.method) if outcome is not None else self.method
+            status = (
+                getattr(outcome, "status", et.FaceStatus.ANONYMIZED)
+                if outcome is not None
+                else et.FaceStatus.ANONYMIZED
+            )
+            result.faces.append(
+                pb2.FrameFace(
+                    track_id=int(face.track_id),
+                    box=convert._box(face.box),
+                    score=float(face.score),
+                    detected=bool(face.detected),
+                    method_applied=convert.METHOD_TO_PROTO[method],
+                    status=convert.FACE_STATUS_TO_PROTO[status],
+                    reason=str(getattr(outcome, "reason", "") if outcome is not None else ""),
+                )
+            )
+        return result
