@@ -37,4 +37,9 @@ def _requirements() -> list[str]:
     ]
 
 
-setup(cmdclass={"build_py": BuildPyWithStubs}, install_requires=_requirements())
+# stream_frames takes and yields numpy arrays: `pip install masquerade-client[video]`.
+setup(
+    cmdclass={"build_py": BuildPyWithStubs},
+    install_requires=_requirements(),
+    extras_require={"video": ["numpy>=1.24", "pillow>=10"]},
+)

@@ -34,6 +34,7 @@ from masquerade_client.errors import (
     error_for,
     error_for_code_number,
 )
+from masquerade_client.video import FrameOutput, VideoResult
 
 __all__ = [
     "AnonymizerClient",
@@ -59,4 +60,6 @@ __all__ = [
     "NotFound",
     "error_for",
     "error_for_code_number",
+    "VideoResult",
+    "FrameOutput",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from masquerade_client import video
 from masquerade_client.errors import MasqueradeError, Unavailable, from_rpc_error
 from masquerade_client.v1 import anonymizer_pb2 as pb2
 from masquerade_client.v1 import anonymizer_pb2_grpc as pb2_grpc
@@ -353,6 +354,78 @@ class AnonymizerClient:
         return BatchResponses(
             self._stub.AnonymizeBatch(iter(requests), timeout=self._timeout(timeout), metadata=self._metadata)
         )
+
+    def anonymize_video(
+        self,
+        data_or_path: bytes | str | Path,
+        *,
+        method: int | str | None = None,
+        timeout: float | None = None,
+        on_progress: Callable[[pb2.VideoProgress], None] | None = None,
+        output_path: str | Path | None = None,
+        filename: str | None = None,
+        chunk_bytes: int = video.DEFAULT_CHUNK_BYTES,
+        **options: Any,
+    ) -> video.VideoResult:
+        """Anonymizes a whole video file (bytes, or a path read lazily) over AnonymizeVideo.
+
+        Returns ``.video`` (the anonymized file's bytes; empty when ``output_path`` is given, where it
+        is written instead), ``.tracks`` (one TrackRecord per tracked face) and ``.report`` (the
+        per-video report as a dict). ``options`` are ``video.video_start``'s keyword arguments
+        (``detect_every=``, ``codec=``, ``crf=``, ``keep_audio=``, ``keep_metadata=``, ...);
+        ``on_progress`` gets each VideoProgress. The deadline covers upload, processing and download.
+        """
+        chunks, size, name = video.video_source(data_or_path, filename, chunk_bytes)
+        start = video.video_start(method=method, size_bytes=size, filename=name, **options)
+        call = self._stub.AnonymizeVideo(
+            video.video_requests(start, chunks), timeout=self._timeout(timeout), metadata=self._metadata
+        )
+        try:
+            if output_path is None:
+                return video.collect_video(call, on_progress)
+            partial = Path(f"{output_path}.partial")
+            try:
+                with open(partial, "wb") as output:
+                    result = video.collect_video(call, on_progress, output)
+                partial.replace(output_path)
+            finally:
+                partial.unlink(missing_ok=True)
+            return result
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()  # no-op once the stream has finished; frees the server's spool at once otherwise
+
+    def stream_frames(
+        self,
+        frames: Iterable[Any],
+        *,
+        method: int | str | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Iterator[video.FrameOutput]:
+        """Sends live frames over AnonymizeFrames and yields each one covered, in the order sent.
+
+        ``frames``: numpy HxWx3 uint8 RGB arrays (sent raw) or encoded JPEG/PNG bytes, consumed as
+        the server takes them: at most ``window`` frames are in flight (server default 4), so a slow
+        consumer of this generator slows the reading of ``frames``. Each result has ``.image`` (an
+        HxWx3 uint8 array), ``.faces`` (FrameFace: track_id, box, detected...), ``.latency_seconds``.
+        ``options``: ``video.frame_options``' keyword arguments (``detect_every=``, ``hold_frames=``,
+        ``output_format="jpeg"`` to receive JPEG, ...). No deadline unless ``timeout`` is given: a live
+        stream runs as long as its frames do. Closing the generator cancels the stream.
+        """
+        stream_options = video.frame_options(method=method, window=window, **options)
+        call = self._stub.AnonymizeFrames(
+            video.frame_requests(stream_options, frames, time.time), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            for result in call:
+                yield video.frame_output(result)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
 
     def server_info(self, *, timeout: float | None = None) -> pb2.ServerInfo:
         try:
