@@ -1,7 +1,7 @@
 """Fused guidance + solver step kernels against the eager PyTorch reference.
 
 Times one generation and one inversion step on SDXL latents ([B, 4, 128, 128],
-the CFG halves packed as the UNet returns them), both as launched from Python
+the CFG halves packed channels-last as the UNet returns them, the latent NCHW), both as launched from Python
 and replayed from a CUDA graph (the engine's steady state), prints a table and
 writes ``benchmarks/results/kernel_bench_<gpu>.json`` with the machine and the
 commit. Needs CUDA; ``--interpret`` instead pushes a tiny shape through
@@ -36,7 +36,9 @@ def step_inputs(batch: int, shape_chw: tuple[int, int, int], dtype: torch.dtype,
 
     generator = torch.Generator(device=device).manual_seed(0)
     shape = (batch, *shape_chw)
+    # Packed CFG halves, channels-last as the engine's UNet returns them on CUDA; the rest NCHW.
     packed = torch.randn((2 * batch, *shape_chw), generator=generator, device=device).to(dtype)
+    packed = packed.contiguous(memory_format=torch.channels_last)
     tensors = [torch.randn(shape, generator=generator, device=device).to(dtype) for _ in range(3)]
     coeffs = torch.rand(batch, NUM_COEFFS, generator=generator, device=device)
     second_order = {

@@ -6,12 +6,14 @@ step's two outputs; the math, and the oracle the tests compare against, is
 ``masquerade_kernels.reference``. ``*_auto`` pick the kernel where it can run
 and the reference elsewhere; the engine calls those.
 
-Memory layout: a tensor is read in place when each of its rows (samples) is
-one dense block laid out like ``x``'s rows (contiguous NCHW or channels-last
-alike), at any row stride -- so ``out[:B]`` / ``out[B:]`` of a packed UNet
-output, ``x[::2]`` or an expanded noise map cost no copy. Any other view is
-first copied into ``x``'s row layout (or NCHW when ``x`` itself is not
-row-dense). Outputs are fresh tensors in ``x``'s dtype and row layout.
+Memory layout: each row (sample) is addressed as a [C, S] tile -- channels by
+the merged spatial dims -- with its own row, channel and spatial strides per
+tensor, so NCHW and channels-last tensors are read in place side by side: the
+channels-last CFG halves ``out[:B]`` / ``out[B:]`` of a packed UNet output
+next to an NCHW latent, ``x[::2]`` or an expanded noise map cost no copy. Only
+a tensor whose spatial dims do not merge into one stride (a crop, a W-major
+transpose) is first copied. Outputs are fresh tensors in ``x``'s dtype, laid
+out like ``x`` where ``x``'s rows are dense (NCHW or channels-last), else NCHW.
 """
 
 from __future__ import annotations
@@ -48,24 +50,40 @@ if tl is not None:
         coeffs_ptr,
         step_output_ptr,  # x_next (generation) or noise z (inversion)
         model_output_ptr,
-        row_numel,
-        eps_uncond_row_stride,
-        eps_cond_row_stride,
-        x_row_stride,
-        prev_model_output_row_stride,
-        step_input_row_stride,
-        step_output_row_stride,
-        model_output_row_stride,
+        channels,
+        spatial,
+        # Per tensor: (row, channel, spatial) strides in elements. A stride of 1 is specialised
+        # by Triton, so each load is vectorised along its own contiguous axis.
+        eps_uncond_rs,
+        eps_uncond_cs,
+        eps_uncond_ss,
+        eps_cond_rs,
+        eps_cond_cs,
+        eps_cond_ss,
+        x_rs,
+        x_cs,
+        x_ss,
+        prev_model_output_rs,
+        prev_model_output_cs,
+        prev_model_output_ss,
+        step_input_rs,
+        step_input_cs,
+        step_input_ss,
+        out_rs,  # both outputs share one layout
+        out_cs,
+        out_ss,
         coeffs_row_stride,
         coeffs_col_stride,
         INVERT: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         block = tl.program_id(0)
         # int64 so that row * row_stride cannot overflow on large packed batches.
         row = tl.program_id(1).to(tl.int64)
-        offsets = block * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < row_numel
+        c = tl.arange(0, BLOCK_C)[:, None]
+        s = block * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+        mask = (c < channels) & (s < spatial)
 
         # Coefficients are read from device memory, never baked in as Python
         # floats, so one compiled kernel (and one captured CUDA graph) serves
@@ -82,12 +100,16 @@ if tl is not None:
         # Every input is streamed exactly once: do not let it evict the UNet's
         # working set from L2.
         eps_u = tl.load(
-            eps_uncond_ptr + row * eps_uncond_row_stride + offsets, mask=mask, eviction_policy="evict_first"
+            eps_uncond_ptr + row * eps_uncond_rs + c * eps_uncond_cs + s * eps_uncond_ss,
+            mask=mask,
+            eviction_policy="evict_first",
         ).to(tl.float32)
         eps_c = tl.load(
-            eps_cond_ptr + row * eps_cond_row_stride + offsets, mask=mask, eviction_policy="evict_first"
+            eps_cond_ptr + row * eps_cond_rs + c * eps_cond_cs + s * eps_cond_ss,
+            mask=mask,
+            eviction_policy="evict_first",
         ).to(tl.float32)
-        x = tl.load(x_ptr + row * x_row_stride + offsets, mask=mask, eviction_policy="evict_first").to(tl.float32)
+        x = tl.load(x_ptr + row * x_rs + c * x_cs + s * x_ss, mask=mask, eviction_policy="evict_first").to(tl.float32)
 
         # Same operations in the same order as the reference; with FMA
         # contraction off (see the launcher) and IEEE division every fp32
@@ -100,14 +122,19 @@ if tl is not None:
         # 0 * NaN is NaN. Skipping the load also saves a tensor of traffic.
         if mean_from_m1 != 0.0:
             prev = tl.load(
-                prev_model_output_ptr + row * prev_model_output_row_stride + offsets,
+                prev_model_output_ptr
+                + row * prev_model_output_rs
+                + c * prev_model_output_cs
+                + s * prev_model_output_ss,
                 mask=mask,
                 eviction_policy="evict_first",
             ).to(tl.float32)
             mean = mean + mean_from_m1 * prev
 
         step_input = tl.load(
-            step_input_ptr + row * step_input_row_stride + offsets, mask=mask, eviction_policy="evict_first"
+            step_input_ptr + row * step_input_rs + c * step_input_cs + s * step_input_ss,
+            mask=mask,
+            eviction_policy="evict_first",
         ).to(tl.float32)
         if INVERT:
             # `/` lowers to div.full.f32 (up to 2 ulp); div_rn is correctly
@@ -118,12 +145,12 @@ if tl is not None:
             step_output = mean + noise_scale * step_input
 
         tl.store(
-            step_output_ptr + row * step_output_row_stride + offsets,
+            step_output_ptr + row * out_rs + c * out_cs + s * out_ss,
             step_output.to(step_output_ptr.dtype.element_ty),
             mask=mask,
         )
         tl.store(
-            model_output_ptr + row * model_output_row_stride + offsets,
+            model_output_ptr + row * out_rs + c * out_cs + s * out_ss,
             model_output.to(model_output_ptr.dtype.element_ty),
             mask=mask,
         )
@@ -167,8 +194,7 @@ def guidance_step_available(device: torch.device | str) -> bool:
 def _row_layout(shape: torch.Size, strides: tuple[int, ...]) -> tuple[int, ...] | None:
     """Strides of the non-batch dims if each row is one dense block, else None.
 
-    Size-1 dims are reported as 0: their stride never moves the pointer, so two
-    tensors whose keys match map flat in-row offsets to the same elements.
+    Size-1 dims are reported as 0: their stride never moves the pointer.
     """
     dims = sorted((stride, size) for stride, size in zip(strides[1:], shape[1:]) if size != 1)
     expected = 1
@@ -179,20 +205,46 @@ def _row_layout(shape: torch.Size, strides: tuple[int, ...]) -> tuple[int, ...] 
     return tuple(stride if size != 1 else 0 for stride, size in zip(strides[1:], shape[1:]))
 
 
-def _contiguous_row_strides(shape: torch.Size) -> tuple[int, ...]:
+# Channel counts up to this are tiled as [C, S]; wider rows are walked as one flat run.
+_MAX_TILED_CHANNELS = 64
+
+
+def _split(shape: torch.Size) -> tuple[int, int, int]:
+    """(first merged dim, C, S): a row is C channels by S merged spatial positions."""
+    if len(shape) >= 3 and triton.next_power_of_2(shape[1]) <= _MAX_TILED_CHANNELS:
+        return 2, shape[1], math.prod(shape[2:])
+    return 1, 1, math.prod(shape[1:])
+
+
+def _tile_strides(tensor: torch.Tensor, first_merged: int) -> tuple[int, int, int] | None:
+    """(row, channel, spatial) strides addressing ``tensor`` as [B, C, S], or None where the
+    dims from ``first_merged`` on do not collapse into one stride (a crop, a transpose)."""
+    shape, strides = tensor.shape, tensor.stride()
+    merged = [(size, stride) for size, stride in zip(shape[first_merged:], strides[first_merged:]) if size != 1]
+    for (_, outer), (size, inner) in zip(merged, merged[1:]):
+        if outer != inner * size:
+            return None
+    spatial_stride = merged[-1][1] if merged else 0
+    channel_stride = strides[1] if first_merged == 2 and shape[1] != 1 else 0
+    row_stride = strides[0] if shape[0] != 1 else 0
+    return row_stride, channel_stride, spatial_stride
+
+
+def _output_strides(x: torch.Tensor, first_merged: int) -> tuple[int, ...]:
+    """x's strides where its rows are dense and tile-addressable (NCHW, channels-last), else NCHW's."""
+    row_numel = math.prod(x.shape[1:])
+    if _row_layout(x.shape, x.stride()) is not None and _tile_strides(x, first_merged) is not None:
+        return (row_numel,) + tuple(x.stride()[1:])
     strides, step = [], 1
-    for size in reversed(shape[1:]):
+    for size in reversed(x.shape):
         strides.append(step)
         step *= size
     return tuple(reversed(strides))
 
 
-def _in_row_layout(tensor: torch.Tensor, layout: tuple[int, ...], inner_strides: tuple[int, ...]) -> torch.Tensor:
-    """``tensor`` itself when its rows are laid out as ``layout``, else a packed copy that is."""
-    if _row_layout(tensor.shape, tensor.stride()) == layout:
-        return tensor
-    row_numel = math.prod(tensor.shape[1:])
-    packed = torch.empty_strided(tensor.shape, (row_numel,) + inner_strides, dtype=tensor.dtype, device=tensor.device)
+def _packed_copy(tensor: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    """A copy of ``tensor`` laid out with ``strides`` (the outputs' layout): the kernel's only copy."""
+    packed = torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype, device=tensor.device)
     packed.copy_(tensor)
     return packed
 
@@ -225,13 +277,14 @@ def _validate(
         raise ValueError(f"coeffs is on {coeffs.device}, but x is on {x.device}; build them on the latent's device")
 
 
-def _block_size(row_numel: int, batch: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): wide blocks for bandwidth, narrower ones so small batches still fill the GPU."""
-    block = 2048
+def _block_size(channels: int, spatial: int, batch: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_S, num_warps): 2048-element tiles for bandwidth, smaller ones so small batches fill the GPU."""
+    block_c = triton.next_power_of_2(channels)
+    block_s = max(1, 2048 // block_c)
     # About 4 programs per SM on a 132-SM H100 before giving up width.
-    while block > 256 and batch * triton.cdiv(row_numel, block) < 512:
-        block //= 2
-    return block, max(1, min(8, block // 256))
+    while block_c * block_s > 256 and block_s > 1 and batch * triton.cdiv(spatial, block_s) < 512:
+        block_s //= 2
+    return block_c, block_s, max(1, min(8, block_c * block_s // 256))
 
 
 def _launch(
@@ -258,48 +311,38 @@ def _launch(
     }
     _validate(named, coeffs)
 
-    # Rows are read in x's layout where x has one (NCHW, channels-last, ...),
-    # else in NCHW; inputs laid out otherwise are copied into it.
-    if _row_layout(x.shape, x.stride()) is not None:
-        inner_strides = tuple(x.stride()[1:])
-    else:
-        inner_strides = _contiguous_row_strides(x.shape)
-    layout = _row_layout(x.shape, (0,) + inner_strides)
-    eps_uncond, eps_cond, x, prev_model_output, step_input = (
-        _in_row_layout(t, layout, inner_strides) for t in named.values()
-    )
+    first_merged, channels, spatial = _split(x.shape)
+    output_strides = _output_strides(x, first_merged)
+    operands = []
+    for tensor in named.values():
+        strides = _tile_strides(tensor, first_merged)
+        if strides is None:
+            tensor = _packed_copy(tensor, output_strides)
+            strides = _tile_strides(tensor, first_merged)
+        operands.append((tensor, strides))
 
     batch = x.size(0)
-    row_numel = math.prod(x.shape[1:])
-    output_strides = (row_numel,) + inner_strides
     step_output = torch.empty_strided(x.shape, output_strides, dtype=x.dtype, device=x.device)
     model_output = torch.empty_strided(x.shape, output_strides, dtype=x.dtype, device=x.device)
-    if batch == 0 or row_numel == 0:
+    if batch == 0 or channels * spatial == 0:
         return step_output, model_output
 
-    block, num_warps = _block_size(row_numel, batch)
-    grid = (triton.cdiv(row_numel, block), batch)
+    block_c, block_s, num_warps = _block_size(channels, spatial, batch)
+    grid = (triton.cdiv(spatial, block_s), batch)
     _kernel()[grid](
-        eps_uncond,
-        eps_cond,
-        x,
-        prev_model_output,
-        step_input,
+        *(tensor for tensor, _ in operands),
         coeffs,
         step_output,
         model_output,
-        row_numel,
-        eps_uncond.stride(0),
-        eps_cond.stride(0),
-        x.stride(0),
-        prev_model_output.stride(0),
-        step_input.stride(0),
-        step_output.stride(0),
-        model_output.stride(0),
+        channels,
+        spatial,
+        *(stride for _, strides in operands for stride in strides),
+        *_tile_strides(step_output, first_merged),
         coeffs.stride(0),
         coeffs.stride(1),
         INVERT=invert,
-        BLOCK=block,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
         num_warps=num_warps,
         # No a*b+c -> fma contraction: the kernel is bandwidth-bound, so FMAs
         # buy nothing, and without them results match the eager reference's

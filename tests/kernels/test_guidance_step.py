@@ -199,6 +199,40 @@ def test_strided_and_channels_last_views(kernel_device, step):
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in got), "outputs follow x's layout"
 
 
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_channels_last_unet_output_is_read_in_place(kernel_device, monkeypatch, step, dtype):
+    """The engine's case: the UNet returns both CFG halves packed channels-last, the latent,
+    history and noise are NCHW. The halves are read where they lie (no copy) and the result
+    equals the reference."""
+    eps_uncond, eps_cond, x, prev, io, coeffs = step_inputs((3, 4, 6, 5), dtype, kernel_device, seed=7)
+    packed = torch.cat([eps_uncond, eps_cond]).contiguous(memory_format=torch.channels_last)
+    halves = packed[:3], packed[3:]
+    assert not halves[0].is_contiguous() and halves[0].data_ptr() == packed.data_ptr()
+    copies = []
+    packed_copy = gs._packed_copy
+    monkeypatch.setattr(gs, "_packed_copy", lambda t, strides: copies.append(t.shape) or packed_copy(t, strides))
+
+    assert_matches_reference(step, (*halves, x, prev, io, coeffs), case="channels-last halves, NCHW x")
+    # The other way round too: a channels-last latent among NCHW halves.
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    assert_matches_reference(
+        step, (eps_uncond, eps_cond, x_last, prev, io, coeffs), case="NCHW halves, channels-last x"
+    )
+    assert copies == [], f"inputs were copied before the kernel read them: {copies}"
+
+    # Outputs follow x's layout; a crop, whose spatial dims do not merge, is the one case copied.
+    got = STEPS[step][0](*halves, x, prev, io, coeffs)
+    assert all(t.is_contiguous() for t in got)
+    got = STEPS[step][0](*halves, x_last, prev, io, coeffs)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in got)
+    assert_matches_reference(step, (*halves, x, prev, io[:, :, :, :], coeffs))
+    assert copies == []
+    crop = torch.nn.functional.pad(io, (1, 1, 1, 1))[:, :, 1:-1, 1:-1]
+    assert_matches_reference(step, (*halves, x, prev, crop, coeffs), case="cropped step input")
+    assert copies == [crop.shape], "only the crop is copied"
+
+
 def test_sliced_latent_is_copied_not_misread(kernel_device):
     # A crop of each row is not one dense block: it must go through a copy.
     eps_uncond, eps_cond, x, prev, noise, coeffs = step_inputs((2, 4, 9, 8), torch.float32, kernel_device)
