@@ -55,6 +55,11 @@ class ServerConfig:
     """Interface for the HTTP port (/metrics, /livez, /readyz); these answer without a token."""
     metrics_port: int = 9090
     """HTTP port for /metrics, /livez and /readyz; 0 turns it off."""
+    http_host: str | None = None
+    """Interface for the HTTP/JSON API and web page; None means the gRPC ``host``."""
+    http_port: int | None = None
+    """Port of the HTTP/JSON API and web page (api/http/); None turns it off, 0 picks a free one.
+    Same tokens, TLS and limits as gRPC. The CLI's default is 8080."""
     tls_cert: str | None = None
     """PEM certificate chain; with ``tls_key`` the server speaks only TLS."""
     tls_key: str | None = None
@@ -78,9 +83,9 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=_default_engine_config)
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
-            if not 0 <= value <= 65535:
+            if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"ServerConfig.{name}={value}: must be a TCP port in [0, 65535]")
         for name in ("max_receive_message_bytes", "max_send_message_bytes"):
             value = getattr(self, name)
@@ -108,6 +113,7 @@ class ServingState:
     stop: Callable[[], None]  # thread-safe: begins the drain (a second call skips the rest of the drain)
     reload_tokens: Callable[[], bool]  # thread-safe: what SIGHUP does; False when no token file or reload failed
     tls: bool = False
+    http_port: int = 0  # the HTTP/JSON API's port; 0 when off
 
 
 class _Lifecycle:
@@ -276,11 +282,16 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, listener.reload_tokens)
 
     probes = None
+    http_api = None
     stopping = asyncio.Event()
     health_task = None
     try:
         if config.metrics_port:
             probes = ProbeServer(config.metrics_host, config.metrics_port, lifecycle.readiness)
+        if config.http_port is not None:
+            from masquerade.api.http import start_http_api  # FastAPI is imported only when the port is on
+
+            http_api = await start_http_api(config, servicer, listener.tokens, lambda: lifecycle.draining)
         security = listener.security
         log.info("masquerade listening on %s (%s); loading models", address, security)
         health_task = asyncio.create_task(_mirror_engine_health(lifecycle, health_servicer, stopping))
@@ -297,6 +308,8 @@ async def serve(
             if probes
             else "metrics off"
         )
+        if http_api is not None:
+            http_note += f"; HTTP API and web page on {http_api.url}"
         log.info("masquerade serving on %s (%s); %s; %s", address, _describe(engine), security, http_note)
         if on_started is not None:
             on_started(
@@ -308,6 +321,7 @@ async def serve(
                     stop=lambda: loop.call_soon_threadsafe(request_stop),
                     reload_tokens=listener.reload_tokens,
                     tls=config.tls,
+                    http_port=http_api.port if http_api is not None else 0,
                 )
             )
         await stop_event.wait()
@@ -329,6 +343,8 @@ async def serve(
         log.info("shutting down: in-flight requests get up to %gs", config.grace_seconds)
         await health_servicer.enter_graceful_shutdown()
         waits = [server.stop(config.grace_seconds)]
+        if http_api is not None:
+            waits.append(http_api.stop(config.grace_seconds))
         if engine is not None:
             waits.append(engine.shutdown(config.grace_seconds))
         results = await asyncio.gather(*waits, return_exceptions=True)

@@ -155,6 +155,28 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
             if not finished:
                 handle.cancel()
 
+    # ------------------------------------------------------------ shared with the HTTP front end (api/http)
+
+    def submit(self, message: pb2.AnonymizeRequest, record: AccessRecord) -> RequestHandle:
+        """Validates and submits one request, exactly as the RPCs do."""
+        return self._submit(message, record)
+
+    async def run_to_result(self, message: pb2.AnonymizeRequest, record: AccessRecord) -> pb2.AnonymizeResponse:
+        """Runs one request to its result, exactly as Anonymize does; raises the request's error."""
+        return await self._run_to_result(message, record)
+
+    def server_info(self) -> pb2.ServerInfo:
+        """GetServerInfo's answer; raises ServerNotReadyError while the models load."""
+        if self._engine is None:
+            raise ServerNotReadyError("the server is still loading its models; retry shortly")
+        response = convert.server_info_to_proto(
+            self._engine.info(),
+            max_receive_message_bytes=self.max_receive_message_bytes,
+            max_send_message_bytes=self.max_send_message_bytes,
+        )
+        response.limits.MergeFrom(pb2.Limits(**self.video.limits()))
+        return response
+
     # ------------------------------------------------------------ RPCs
 
     async def Anonymize(
@@ -241,20 +263,12 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
     ) -> pb2.ServerInfo:
         record = self._access("GetServerInfo", None, context)
         try:
-            if self._engine is None:
-                raise ServerNotReadyError("the server is still loading its models; retry shortly")
-            info = self._engine.info()
+            response = self.server_info()
         except Exception as exc:
             code, details = status_for(exc)
             record.finish(code)
             await context.abort(code, details)
         record.finish(grpc.StatusCode.OK)
-        response = convert.server_info_to_proto(
-            info,
-            max_receive_message_bytes=self.max_receive_message_bytes,
-            max_send_message_bytes=self.max_send_message_bytes,
-        )
-        response.limits.MergeFrom(pb2.Limits(**self.video.limits()))
         return response
 
     async def AnonymizeVideo(

@@ -1,0 +1,601 @@
+"""The HTTP/JSON API (FastAPI): the Anonymizer service for callers without gRPC, and the web page.
+
+Every request goes through the gRPC servicer's own pieces: the query fields or the ``params``
+JSON become an AnonymizeRequest proto (``schema``), which ``convert.request_from_proto``
+validates and the engine runs, exactly as for gRPC. Errors come from ``api.errors.status_for``
+and are only translated to HTTP statuses (``problems``). The gate in front of the routes
+answers bad tokens and a draining server from the headers alone, before any body byte is read;
+the body size is capped by FastAPI before it is read, and a body that stops arriving times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import inspect
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Annotated, Any
+
+import grpc
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.sse import format_sse_event
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from google.protobuf import json_format
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from masquerade import metrics
+from masquerade.api import convert, security
+from masquerade.api.access_log import AccessRecord
+from masquerade.api.errors import engine_failure, status_for
+from masquerade.api.http import schema
+from masquerade.api.http.problems import PROBLEM_MEDIA_TYPE, problem, problem_for_status
+from masquerade.api.http.transport import CLIENT_NAME_SCOPE_KEY
+from masquerade.api.protos import pb2
+from masquerade.api.servicer import AnonymizerServicer, ProgressThrottle
+from masquerade.engine import request as et
+from masquerade.errors import InvalidRequestError, RetryLaterError
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/v1/"
+REPORT_HEADER = "X-Masquerade-Report"
+REPORT_SIZE_HEADER = "X-Masquerade-Report-Size"
+MAX_REPORT_HEADER_CHARS = 8192
+"""Larger reports are left out of the image response (proxies cap header sizes): ask for JSON instead."""
+
+IMAGE_MEDIA_TYPES = {pb2.JPEG: "image/jpeg", pb2.PNG: "image/png", pb2.WEBP: "image/webp"}
+FORMAT_FOR_MEDIA_TYPE = {media: fmt for fmt, media in IMAGE_MEDIA_TYPES.items()}
+WEB_ROOT = resources.files("masquerade.api.http") / "web"
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    max_body_bytes: int
+    """The largest request body (the image plus form overhead); the gRPC max receive message size."""
+    body_timeout_s: float = 30.0
+    """A request body must keep arriving: at most this long between two chunks."""
+
+
+class BodyTimeoutError(Exception):
+    """The client stopped sending its request body."""
+
+
+class BodyTooLargeError(Exception):
+    """The request body is past ``ApiLimits.max_body_bytes``; raised before the byte that crosses it is kept."""
+
+
+class _Gate:
+    """ASGI middleware for /v1/: bad tokens -> 401, draining -> 503 and a declared Content-Length past the limit
+    -> 413, all from the headers alone; then the body is counted (413) and timed (408) as it arrives.
+
+    Sets the caller's principal (``security.current_principal``) for the request, as gRPC's gate does.
+    """
+
+    def __init__(self, app, *, tokens: security.TokenStore | None, draining: Callable[[], bool], limits: ApiLimits):
+        self.app = app
+        self.tokens = tokens
+        self.draining = draining
+        self.limits = limits
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        rpc = _rpc_name(scope)
+        if self.tokens is not None:
+            presented = security.bearer_token(_header_pairs(scope))
+            principal = self.tokens.lookup(presented) if presented is not None else None
+            if principal is None:
+                metrics.AUTH_FAILURES.labels(reason="missing" if presented is None else "invalid").inc()
+                why = "no 'Authorization: Bearer <token>' header" if presented is None else "the token is not valid"
+                _record(scope, rpc).finish(grpc.StatusCode.UNAUTHENTICATED)
+                response = problem_for_status(
+                    grpc.StatusCode.UNAUTHENTICATED, f"{why}; send a token listed in the server's token file"
+                )
+                response.headers["WWW-Authenticate"] = 'Bearer realm="masquerade"'
+                await response(scope, receive, send)
+                return
+        else:
+            principal = None
+        if self.draining():
+            _record(scope, rpc).finish(grpc.StatusCode.UNAVAILABLE)
+            response = problem_for_status(
+                grpc.StatusCode.UNAVAILABLE, "the server is draining for shutdown; retry on another replica"
+            )
+            await response(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limits.max_body_bytes:
+            _record(scope, rpc).finish(grpc.StatusCode.INVALID_ARGUMENT)
+            await _too_large(self.limits.max_body_bytes)(scope, receive, send)
+            return
+
+        body_done = False
+        received = 0
+        timeout_s, max_bytes = self.limits.body_timeout_s, self.limits.max_body_bytes
+
+        async def receive_in_time():
+            nonlocal body_done, received
+            if body_done:
+                return await receive()  # after the body: only a disconnect is left to wait for
+            try:
+                async with asyncio.timeout(timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeoutError(f"no request body bytes for {timeout_s:g}s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > max_bytes:
+                    raise BodyTooLargeError()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        with security.principal_scope(principal):
+            await self.app(scope, receive_in_time, send)
+
+
+def _content_length(scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(max_bytes: int) -> Response:
+    # No "Connection: close": a client still sending would see a reset instead of this answer. The rest of the
+    # body is read and dropped by uvicorn (never kept), or not sent at all by a client that asked 100-continue.
+    return problem(413, f"body: larger than the server's limit of {max_bytes} bytes", field="body")
+
+
+def _header_pairs(scope) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())]
+
+
+_RPC_FOR_PATH = {
+    "/v1/anonymize": "HTTP Anonymize",
+    "/v1/anonymize:stream": "HTTP AnonymizeStream",
+    "/v1/info": "HTTP GetServerInfo",
+}
+
+
+def _rpc_name(scope) -> str:
+    return _RPC_FOR_PATH.get(scope["path"], "HTTP other")
+
+
+def _peer(scope) -> str:
+    client = scope.get("client")
+    if not client:
+        return ""
+    host, port = client[0], client[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
+def _record(scope, rpc: str, message: pb2.AnonymizeRequest | None = None) -> AccessRecord:
+    """An access-log record in gRPC's form: the same log and metrics, with "HTTP <rpc>" as the rpc."""
+    fields: dict[str, Any] = {}
+    if message is not None:
+        fields = {"request_id": message.request_id[:128], "method": convert.method_label(message)}
+    return AccessRecord(rpc=rpc, peer=_peer(scope), client=scope.get(CLIENT_NAME_SCOPE_KEY, ""), **fields)
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+def _query_dependency() -> Callable[..., Any]:
+    """A FastAPI dependency whose parameters are the proto's query fields (so the OpenAPI document lists them)."""
+    fields = schema.request_query_fields()
+    parameters = [
+        inspect.Parameter(
+            f"field_{index}",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                field.annotation | None,
+                Query(alias=field.name, description=f"AnonymizeRequest.{field.name} (see the proto)"),
+            ],
+        )
+        for index, field in enumerate(fields)
+    ]
+
+    async def query_fields(**values: Any) -> dict[str, Any]:
+        return {fields[int(key.split("_")[1])].name: value for key, value in values.items() if value is not None}
+
+    query_fields.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return query_fields
+
+
+QueryFields = Annotated[dict[str, Any], Depends(_query_dependency())]
+_KNOWN_QUERY = frozenset(field.name for field in schema.request_query_fields())
+
+
+class _UnsupportedMediaType(Exception):
+    pass
+
+
+async def _read_request(request: Request, query: dict[str, Any], max_body_bytes: int) -> pb2.AnonymizeRequest:
+    """The AnonymizeRequest of an HTTP request: raw image body or multipart (image + params JSON), plus query fields."""
+    unknown = sorted(set(request.query_params) - _KNOWN_QUERY)
+    if unknown:
+        raise InvalidRequestError(unknown[0], "unknown query field; the fields are the proto's (see /openapi.json)")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    message = pb2.AnonymizeRequest()
+    if content_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=1, max_part_size=1024 * 1024)
+        except MultiPartException as exc:
+            raise InvalidRequestError("body", f"malformed multipart form: {exc.message}") from None
+        unexpected = sorted(set(form.keys()) - {"image", "params"})
+        if unexpected:
+            raise InvalidRequestError(unexpected[0], "unknown form part; send 'image' and optionally 'params'")
+        image = form.get("image")
+        if not isinstance(image, UploadFile):
+            raise InvalidRequestError("image", "the multipart form needs a file part named 'image'")
+        message.image = await image.read()
+        params = form.get("params")
+        if params is not None:
+            text = (await params.read()).decode("utf-8", "replace") if isinstance(params, UploadFile) else params
+            _parse_params_json(text, message)
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        message.image = await request.body()
+    else:
+        raise _UnsupportedMediaType(
+            f"Content-Type {content_type or '(none)'!r}: send the image bytes as image/* "
+            "(parameters as query fields) or a multipart/form-data form with an 'image' part"
+        )
+    if query:
+        try:
+            schema.request_from_query(query, into=message)
+        except json_format.ParseError as exc:
+            raise InvalidRequestError("query", str(exc)) from None
+    if not message.image:
+        raise InvalidRequestError("image", "the request carries no image bytes")
+    return message
+
+
+def _parse_params_json(text: str, message: pb2.AnonymizeRequest) -> None:
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError("params", f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(document, dict):
+        raise InvalidRequestError("params", "must be a JSON object of AnonymizeRequest fields")
+    if "image" in document:
+        raise InvalidRequestError("params.image", "send the image as the 'image' part, not inside params")
+    try:
+        json_format.ParseDict(document, message)
+    except json_format.ParseError as exc:
+        raise InvalidRequestError("params", str(exc)) from None
+
+
+def _accept(request: Request) -> tuple[bool, int | None]:
+    """(whether the client prefers an image to JSON, the output format an exact image type asks for)."""
+    best_image, best_json, exact = -1.0, -1.0, None
+    for item in request.headers.get("accept", "").split(","):
+        media, *options = (part.strip() for part in item.split(";"))
+        media = media.lower()
+        quality = 1.0
+        for option in options:
+            if option.startswith("q="):
+                try:
+                    quality = float(option[2:])
+                except ValueError:
+                    quality = 0.0
+        if media.startswith("image/"):
+            best_image = max(best_image, quality)
+            if media in FORMAT_FOR_MEDIA_TYPE and exact is None and quality > 0:
+                exact = FORMAT_FOR_MEDIA_TYPE[media]
+        elif media in ("application/json", "application/*", "*/*"):
+            best_json = max(best_json, quality)
+    wants_image = best_image > 0 and best_image > best_json
+    return wants_image, exact if wants_image else None
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _report_json(response: pb2.AnonymizeResponse) -> bytes:
+    report = pb2.AnonymizeResponse()
+    report.CopyFrom(response)
+    report.ClearField("image")
+    return json.dumps(schema.to_json(report), separators=(",", ":")).encode("utf-8")
+
+
+def _image_response(response: pb2.AnonymizeResponse) -> Response:
+    report = base64.b64encode(_report_json(response)).decode("ascii")
+    headers = {}
+    if len(report) <= MAX_REPORT_HEADER_CHARS:
+        headers[REPORT_HEADER] = report
+    else:
+        headers[REPORT_SIZE_HEADER] = str(len(_report_json(response)))
+    media_type = IMAGE_MEDIA_TYPES.get(response.format, "application/octet-stream")
+    return Response(response.image, media_type=media_type, headers=headers)
+
+
+def _failure(exc: BaseException, record: AccessRecord, request_id: str = "") -> Response:
+    code, details = status_for(exc, request_id=request_id)
+    record.finish(code)
+    field = exc.field if isinstance(exc, InvalidRequestError) else None
+    return problem_for_status(
+        code,
+        details,
+        request_id=request_id,
+        retry_after_s=exc.retry_after_s if isinstance(exc, RetryLaterError) else None,
+        field=field,
+    )
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _json_schema_response(model, description: str) -> dict:
+    return {"description": description, "model": model}
+
+
+def build_app(
+    servicer: AnonymizerServicer,
+    *,
+    tokens: security.TokenStore | None,
+    draining: Callable[[], bool],
+    limits: ApiLimits,
+) -> FastAPI:
+    """The FastAPI app: /v1/ API, /openapi.json, /docs and /redoc (offline), and the web page at /."""
+    app = FastAPIOffline(
+        title="Masquerade",
+        version=_version(),
+        description=(
+            "Face anonymization over HTTP: the gRPC service's AnonymizeRequest as query fields (or a multipart "
+            "form's `params` JSON part), the image as the body. Send `Authorization: Bearer <token>` when the "
+            "server has a token file. Errors are RFC 9457 problem details naming the field."
+        ),
+        static_url="/docs-assets",
+    )
+    app.add_middleware(_Gate, tokens=tokens, draining=draining, limits=limits)
+    problem_responses = {
+        status: {"description": text, "content": {PROBLEM_MEDIA_TYPE: {}}}
+        for status, text in (
+            (400, "a field is invalid (the problem's `field` names it)"),
+            (401, "missing or invalid bearer token"),
+            (413, "the body is larger than the server's limit"),
+            (415, "the body is neither image/* nor multipart/form-data"),
+            (422, "the method needs models this server has not loaded"),
+            (429, "queue full or quota exceeded; see Retry-After"),
+            (503, "loading, warming up or draining; see Retry-After"),
+        )
+    }
+    response_model = schema.model_for(pb2.AnonymizeResponse.DESCRIPTOR)
+    info_model = schema.model_for(pb2.ServerInfo.DESCRIPTOR)
+    event_model = schema.model_for(pb2.AnonymizeEvent.DESCRIPTOR)
+    upload_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {
+                            "image": {"type": "string", "format": "binary"},
+                            "params": {
+                                "type": "string",
+                                "description": "AnonymizeRequest fields as protobuf JSON (all but the image)",
+                            },
+                        },
+                    }
+                },
+            },
+        }
+    }
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": ("request",), "msg": "invalid"}
+        field = str(first["loc"][-1]) if first.get("loc") else "request"
+        _record(request.scope, _rpc_name(request.scope)).finish(grpc.StatusCode.INVALID_ARGUMENT)
+        return problem(400, f"{field}: {first['msg']}", code="INVALID_ARGUMENT", field=field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    @app.exception_handler(BodyTooLargeError)
+    async def _body_too_large(request: Request, exc: BodyTooLargeError) -> Response:
+        _record(request.scope, _rpc_name(request.scope)).finish(grpc.StatusCode.INVALID_ARGUMENT)
+        return _too_large(limits.max_body_bytes)
+
+    @app.exception_handler(BodyTimeoutError)
+    async def _body_timeout(request: Request, exc: BodyTimeoutError) -> Response:
+        _record(request.scope, _rpc_name(request.scope)).finish(grpc.StatusCode.DEADLINE_EXCEEDED)
+        return problem(408, f"body: {exc}", field="body", headers={"Connection": "close"})
+
+    @app.exception_handler(_UnsupportedMediaType)
+    async def _media_type(request: Request, exc: _UnsupportedMediaType) -> Response:
+        _record(request.scope, _rpc_name(request.scope)).finish(grpc.StatusCode.INVALID_ARGUMENT)
+        return problem(415, str(exc), field="Content-Type")
+
+    async def _message_or_problem(
+        request: Request, query: dict[str, Any], rpc: str
+    ) -> tuple[pb2.AnonymizeRequest | None, AccessRecord, Response | None]:
+        record = _record(request.scope, rpc)
+        try:
+            message = await _read_request(request, query, limits.max_body_bytes)
+        except InvalidRequestError as exc:
+            return None, record, _failure(exc, record)
+        record.request_id = message.request_id[:128]
+        record.method = convert.method_label(message)
+        return message, record, None
+
+    @app.post(
+        "/v1/anonymize",
+        summary="Anonymize the faces in one image",
+        description=(
+            "Body: the image (`Content-Type: image/*`) with parameters as query fields, or a multipart form with "
+            "an `image` part and an optional `params` JSON part. `Accept: image/*` returns the image with the report "
+            f"(base64 JSON) in `{REPORT_HEADER}`, or its size in `{REPORT_SIZE_HEADER}` when too large for a header; "
+            "otherwise the JSON report with the image in base64."
+        ),
+        responses={
+            200: {
+                "description": "the anonymized image (Accept: image/*) or the JSON report",
+                "model": response_model,
+                "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
+            },
+            **problem_responses,
+        },
+        openapi_extra=upload_body,
+    )
+    async def anonymize(request: Request, query: QueryFields) -> Response:
+        message, record, failed = await _message_or_problem(request, query, "HTTP Anonymize")
+        if failed is not None:
+            return failed
+        wants_image, exact_format = _accept(request)
+        if exact_format is not None and message.output.format == pb2.IMAGE_FORMAT_UNSPECIFIED:
+            message.output.format = exact_format
+        work = asyncio.ensure_future(servicer.run_to_result(message, record))
+        gone = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():  # the client left: stop the engine's work for it
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            record.finish(grpc.StatusCode.CANCELLED)
+            return Response(status_code=499)
+        try:
+            response = work.result()
+        except Exception as exc:
+            return _failure(exc, record, message.request_id)
+        record.finish(grpc.StatusCode.OK)
+        if wants_image:
+            return _image_response(response)
+        return JSONResponse(schema.to_json(response))
+
+    @app.post(
+        "/v1/anonymize:stream",
+        summary="Anonymize one image, with progress as Server-Sent Events",
+        description=(
+            "The same request as /v1/anonymize. Each event is one AnonymizeEvent as JSON, named after its member: "
+            "`queued`, `faces_found`, `progress`, then `result` (with the image in base64). A failure after the "
+            "stream has started is an `error` event whose data is a problem document."
+        ),
+        responses={
+            200: {
+                "description": "text/event-stream of AnonymizeEvent JSON",
+                "content": {"text/event-stream": {"schema": event_model.model_json_schema()}},
+            },
+            **problem_responses,
+        },
+        openapi_extra=upload_body,
+    )
+    async def anonymize_stream(request: Request, query: QueryFields) -> Response:
+        message, record, failed = await _message_or_problem(request, query, "HTTP AnonymizeStream")
+        if failed is not None:
+            return failed
+        try:
+            handle = servicer.submit(message, record)
+        except Exception as exc:
+            return _failure(exc, record, message.request_id)
+        return StreamingResponse(
+            _events(servicer, handle, message.request_id, record),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get(
+        "/v1/info",
+        summary="What this server offers: methods, models, limits and defaults (GetServerInfo)",
+        responses={200: {"model": info_model}, 401: problem_responses[401], 503: problem_responses[503]},
+    )
+    async def info(request: Request) -> Response:
+        record = _record(request.scope, "HTTP GetServerInfo")
+        try:
+            server_info = servicer.server_info()
+        except Exception as exc:
+            return _failure(exc, record)
+        record.finish(grpc.StatusCode.OK)
+        return JSONResponse(schema.to_json(server_info))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return FileResponse(
+            str(WEB_ROOT / "index.html"),
+            media_type="text/html; charset=utf-8",
+            headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"},
+        )
+
+    app.mount("/web", StaticFiles(directory=str(WEB_ROOT)), name="web")
+    return app
+
+
+async def _events(servicer: AnonymizerServicer, handle, request_id: str, record: AccessRecord):
+    """The SSE body: AnonymizeStream's events as JSON; the job is cancelled if the client leaves."""
+    throttle = ProgressThrottle(servicer.progress_interval_s)
+    finished = False
+    try:
+        async for event in handle:
+            if isinstance(event, et.FailedEvent):
+                finished = True
+                yield _error_event(engine_failure(event.error), record, request_id)
+                return
+            for to_send in throttle.offer(event):
+                proto = convert.event_to_proto(to_send, request_id=request_id)
+                yield format_sse_event(event=schema.event_name(proto), data_str=json.dumps(schema.to_json(proto)))
+            if isinstance(event, et.ResultEvent):
+                finished = True
+                record.set_result(proto.result)
+                record.finish(grpc.StatusCode.OK)
+                return
+        finished = True
+        yield _error_event(RuntimeError("the engine's event stream ended without a result"), record, request_id)
+    except asyncio.CancelledError:
+        record.finish(grpc.StatusCode.CANCELLED)
+        raise
+    finally:
+        if not finished:
+            handle.cancel()
+
+
+def _error_event(exc: BaseException, record: AccessRecord, request_id: str) -> bytes:
+    response = _failure(exc, record, request_id)
+    return format_sse_event(event="error", data_str=response.body.decode("utf-8"))
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("masquerade")
+    except Exception:
+        return "0"
+
+
+def decode_report_header(value: str) -> dict:
+    """The JSON report of an image response's X-Masquerade-Report header (for clients and tests)."""
+    try:
+        return json.loads(base64.b64decode(value, validate=True))
+    except (binascii.Error, json.JSONDecodeError) as exc:
+        raise ValueError(f"{REPORT_HEADER}: not base64 JSON ({exc})") from None
