@@ -27,4 +27,5 @@ export GOCACHE="${GOCACHE:-$here/build/gocache}"
 cd "$gosrc"
 go vet ./masquerade ./retryenv ./cmd/...
 go build -o "$here/build/bin/masquerade-anonymize" ./cmd/masquerade-anonymize
-echo "built $here/build/bin/masquerade-anonymize"
+go build -o "$here/build/bin/masquerade-video" ./cmd/masquerade-video
+echo "built $here/build/bin/masquerade-anonymize and masquerade-video"
