@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 DEFAULT_FRAME_WINDOW = 4
 PROGRESS_INTERVAL_S = 0.1
 
@@ -105,27 +104,22 @@ def _method_label(value: int) -> str:
 
 
 def _tracking(message: pb2.TrackingOptions, *, live: bool):
+    """The video package's TrackingOptions (it checks the ranges, naming the fields); unset fields keep its defaults."""
     from masquerade.video.tracking import TrackingOptions
 
     overrides = {}
     if message.HasField("detect_every"):
-        if not 1 <= message.detect_every <= 1000:
-            raise InvalidRequestError("tracking.detect_every", f"must be in [1, 1000], got {message.detect_every}")
         overrides["detect_every"] = message.detect_every
     if message.HasField("hold_frames"):
-        if message.hold_frames > 10_000:
-            raise InvalidRequestError("tracking.hold_frames", f"must be at most 10000, got {message.hold_frames}")
         overrides["track_hold"] = message.hold_frames
     if message.HasField("look_ahead_frames"):
-        if live and message.look_ahead_frames:
+        overrides["look_ahead"] = message.look_ahead_frames
+    if live:
+        if overrides.get("look_ahead"):
             raise InvalidRequestError(
                 "tracking.look_ahead_frames", "must be unset or 0 on a live stream: it cannot see future frames"
             )
-        if message.look_ahead_frames > 1000:
-            raise InvalidRequestError(
-                "tracking.look_ahead_frames", f"must be at most 1000, got {message.look_ahead_frames}"
-            )
-        overrides["look_ahead"] = message.look_ahead_frames
+        overrides["look_ahead"] = 0
     return TrackingOptions(**overrides)
 
 
@@ -208,6 +202,10 @@ class VideoService:
         finally:
             if entry is not None:
                 entry.close()
+        if failure is not None and context.cancelled():
+            # A write failing because the client went away (cancel, deadline, a dropped connection).
+            record.finish(self._cancel_code(context))
+            return
         if failure is not None:
             code, details = _status(failure, record.request_id)
             record.finish(code)
@@ -234,10 +232,11 @@ class VideoService:
         record.method = _method_label(start.method)
         options = self._video_options(start)
         engine = self._engine_for(options.method)
-        suffix = self._suffix(start.filename)
+        filename = start.filename or "video.mp4"
+        self._check_container(filename)
         if start.HasField("size_bytes"):
             entry.check_size(start.size_bytes)
-        entry.open_input(suffix)
+        entry.open_input(filename)
         upload_started = time.perf_counter()
         async for message in messages:
             if message.WhichOneof("part") != "chunk":
@@ -267,6 +266,8 @@ class VideoService:
         output_bytes = await self._send_output(entry, context, start.request_id)
         metrics.VIDEO_FRAMES.labels("AnonymizeVideo").inc(report.frames)
         report_json = report.to_json()
+        report_json["input"] = filename  # the client's name, never the spool's paths
+        report_json.pop("output", None)
         record.faces = len(report_json.get("tracks", []))
         record.complete = bool(report_json.get("complete"))
         await context.write(
@@ -317,16 +318,15 @@ class VideoService:
         )
 
     @staticmethod
-    def _suffix(filename: str) -> str:
-        if not filename:
-            return ".mp4"
+    def _check_container(filename: str) -> None:
+        from masquerade.video.container import VIDEO_SUFFIXES
+
         suffix = Path(filename).suffix.lower()
         if suffix not in VIDEO_SUFFIXES:
             raise InvalidRequestError(
                 "start.filename",
-                f"{suffix or 'no extension'} is not a supported container; use {', '.join(VIDEO_SUFFIXES)}",
+                f"{suffix or 'no extension'} is not a supported container; use one of {', '.join(VIDEO_SUFFIXES)}",
             )
-        return suffix
 
     async def _run_pipeline(self, anonymize_video, entry: SpoolEntry, options, engine, context, request_id: str):
         """Runs the file pipeline while PROGRESS events go out (at most 10 a second, the newest one)."""
@@ -442,6 +442,9 @@ class VideoService:
             raise
         except Exception as exc:
             failure = exc
+        if failure is not None and context.cancelled():
+            record.finish(self._cancel_code(context))  # a write failed because the client went away
+            return
         if failure is not None:
             code, details = _status(failure, record.request_id)
             record.finish(code)
@@ -606,7 +609,7 @@ class LiveStream:
         quality: int,
         max_pixels: int,
     ):
-        from masquerade.video.frames import ClassicalFrameProcessor, EngineFrameProcessor, TrackIdentities
+        from masquerade.video.frames import ClassicalFrameProcessor
         from masquerade.video.tracking import LiveFaceTracker
 
         self.engine = engine
@@ -620,6 +623,8 @@ class LiveStream:
             self._generative = None
             self._identities = None
         else:
+            from masquerade.video.frames import EngineFrameProcessor, TrackIdentities
+
             self._classical = None
             self._generative = EngineFrameProcessor(engine, params, max_faces=max_faces, classical_strength=strength)
             self._identities = TrackIdentities.for_live()
@@ -658,7 +663,9 @@ class LiveStream:
                 )
             if previous is not None:
                 await asyncio.shield(previous)  # tracking follows the stream's order
-            faces = await self._in_pool(self.tracker.track, frame.rgb, float(message.timestamp))
+            # The tracker moves held boxes by time: the client's capture time, else when the frame arrived.
+            timestamp = float(message.timestamp) if message.timestamp > 0 else time.monotonic()
+            faces = await self._in_pool(self.tracker.track, frame.rgb, timestamp)
         finally:
             if not tracked_turn.done():
                 tracked_turn.set_result(None)
@@ -706,15 +713,17 @@ class LiveStream:
         else:
             result.encoded = encode_image(covered, output_format, self.quality)
             result.format = convert.FORMAT_TO_PROTO[output_format]
-        outcome_by_track = {getattr(o, "track_id", None): o for o in outcomes}
+        outcome_by_track = {outcome.track_id: outcome for outcome in outcomes}
         for face in faces.faces:
             outcome = outcome_by_track.get(face.track_id)
-            method = getattr(outcome, "method_applied", self.method) if outcome is not None else self.method
-            status = (
-                getattr(outcome, "status", et.FaceStatus.ANONYMIZED)
-                if outcome is not None
-                else et.FaceStatus.ANONYMIZED
-            )
+            if outcome is None:  # every face gets an outcome; if one did not, say so rather than guess
+                method, status, reason = self.method, et.FaceStatus.SKIPPED, "no outcome for this face"
+            else:
+                method, status, reason = (
+                    et.Method(outcome.method_applied),
+                    et.FaceStatus(outcome.status),
+                    outcome.reason,
+                )
             result.faces.append(
                 pb2.FrameFace(
                     track_id=int(face.track_id),
@@ -723,7 +732,7 @@ class LiveStream:
                     detected=bool(face.detected),
                     method_applied=convert.METHOD_TO_PROTO[method],
                     status=convert.FACE_STATUS_TO_PROTO[status],
-                    reason=str(getattr(outcome, "reason", "") if outcome is not None else ""),
+                    reason=reason,
                 )
             )
         return result

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -94,6 +95,13 @@ class VideoSpool:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _safe_name(filename: str) -> str:
+    """The client's base name with only [A-Za-z0-9._-] kept: it never leaves the call's folder."""
+    path = Path(filename)
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:80].strip("_") or "video"
+    return f"{stem}{path.suffix.lower()}"
+
+
 class SpoolEntry:
     """One AnonymizeVideo call's files: ``input`` written by the upload, ``output`` by the encoder."""
 
@@ -106,9 +114,11 @@ class SpoolEntry:
         self.input_path: Path | None = None
         self.output_path: Path | None = None
 
-    def open_input(self, suffix: str) -> None:
-        self.input_path = self.directory / f"input{suffix}"
-        self.output_path = self.directory / f"output{suffix}"
+    def open_input(self, filename: str) -> None:
+        """Creates the upload's file, named after the client's file (so errors name it), safely."""
+        name = _safe_name(filename)
+        self.input_path = self.directory / name
+        self.output_path = self.directory / f"anonymized-{name}"
         self._input_file = open(self.input_path, "wb")  # noqa: SIM115 (closed by finish_input or close)
 
     def check_size(self, size: int) -> None:
