@@ -37,7 +37,15 @@ METADATA = {
 HARD_SPEC = ClipSpec(
     frames=24,
     faces=(MovingFace(0, 110, (20, 60), (4, 0)), MovingFace(3, 100, (200, 40), (-2, 1))),
-    hard={0: {1: "blur"}, 1: {1: "blur"}, 5: {0: "blur"}, 6: {0: "blur"}, 10: {0: "dark"}, 11: {1: "soft"}, 12: {1: "blur"}},
+    hard={
+        0: {1: "blur"},
+        1: {1: "blur"},
+        5: {0: "blur"},
+        6: {0: "blur"},
+        10: {0: "dark"},
+        11: {1: "soft"},
+        12: {1: "blur"},
+    },
     variable_rate=True,
     metadata=METADATA,
 )
@@ -88,8 +96,9 @@ def hard_clip(tmp_path_factory):
 
 def test_output_keeps_frames_timestamps_size_rotation_and_audio_packets(tmp_path):
     source = tmp_path / "phone.mp4"
-    spec = ClipSpec(frames=12, faces=(MovingFace(0, 100, (60, 40), (3, 0)),), variable_rate=True, rotation=90,
-                    metadata=METADATA)
+    spec = ClipSpec(
+        frames=12, faces=(MovingFace(0, 100, (60, 40), (3, 0)),), variable_rate=True, rotation=90, metadata=METADATA
+    )
     make_clip(source, spec)
     target = tmp_path / "out.mp4"
     report = _run(source, target, method=Method.BLUR)
@@ -145,7 +154,10 @@ def test_every_face_is_covered_on_every_frame_including_detector_misses(tmp_path
             for face, box in enumerate(boxes):
                 x0, y0, x1, y1 = (int(v) for v in box)
                 # The face's inner part (eyes to mouth): solid grey replaces it whatever it looked like.
-                inner = (slice(y0 + (y1 - y0) // 4, y1 - (y1 - y0) // 4), slice(x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4))
+                inner = (
+                    slice(y0 + (y1 - y0) // 4, y1 - (y1 - y0) // 4),
+                    slice(x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4),
+                )
                 change = np.abs(outputs[index][inner].astype(int) - originals[index][inner].astype(int)).mean()
                 if change < 20:
                     left.append((index, face))
@@ -225,5 +237,7 @@ def test_cancel_stops_and_leaves_no_output(tmp_path, hard_clip):
         return len(polls) > 3
 
     with pytest.raises(VideoCancelled):
-        asyncio.run(anonymize_video(source, tmp_path / "c.mp4", VideoOptions(), detector=_detector(), cancelled=cancelled))
+        asyncio.run(
+            anonymize_video(source, tmp_path / "c.mp4", VideoOptions(), detector=_detector(), cancelled=cancelled)
+        )
     assert not list(tmp_path.iterdir())

@@ -39,13 +39,18 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="per_face: a noise stream per face from (seed, face index); research: the research code's exact draws",
     )
     add_detection_arguments(parser)
+    from masquerade.cli.video import add_video_arguments
+
+    add_video_arguments(parser)
     parser.set_defaults(handler=run)
     return parser
 
 
 def add_anonymize_arguments(parser: argparse.ArgumentParser) -> None:
     """The `anonymize` flags this module owns; defaults show in --help (ArgumentDefaultsHelpFormatter)."""
-    parser.add_argument("inputs", nargs="+", help="image files (JPEG, PNG, WebP) or folders, searched recursively")
+    parser.add_argument(
+        "inputs", nargs="+", help="image files (JPEG, PNG, WebP), videos, or folders of them, searched recursively"
+    )
     parser.add_argument(
         "-o",
         "--output",
@@ -148,6 +153,13 @@ def run(args) -> int:
         engine = _classical_engine(config)
     records: list[dict] = [files.skipped_record(job) for job in plan.skipped]
     failures = 0
+    # Videos go through masquerade.video (cli/video.py), after the images.
+    videos = [job for job in plan.jobs if files.is_video(job.source)]
+    plan.jobs = [job for job in plan.jobs if not files.is_video(job.source)]
+    if videos:
+        from masquerade.cli.video import video_options
+
+        options = video_options(args, method, params)
 
     async def run_all() -> None:
         nonlocal failures
@@ -191,15 +203,23 @@ def run(args) -> int:
                         tqdm.write(f"error: {source}: {event.error}", file=sys.stderr)
 
             await asyncio.gather(*(one(job.source, job.target) for job in plan.jobs))
+        if videos:
+            from masquerade.cli.video import anonymize_videos
+
+            video_records, video_failures = await anonymize_videos(videos, args, options, engine)
+            records.extend(video_records)
+            failures += video_failures
         await engine.shutdown(grace_seconds=1)
 
-    if plan.jobs:
+    if plan.jobs or videos:
         asyncio.run(run_all())
-    order = {str(job.source): i for i, job in enumerate([*plan.skipped, *plan.jobs])}
+    order = {str(job.source): i for i, job in enumerate([*plan.skipped, *plan.jobs, *videos])}
     records.sort(key=lambda record: order[record["input"]])
     files.summarize(records)
     if args.report:
         files.write_report(args.report, records)
+    if failures and len(plan.jobs) + len(videos) == 1 and videos:
+        return files.EXIT_NOTHING_DONE  # the only input, a video, could not be read: nothing was done
     return files.EXIT_SOME_FAILED if failures else files.EXIT_OK
 
 

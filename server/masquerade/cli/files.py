@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")  # masquerade.video.container reads and writes these
+MEDIA_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
 METHOD_NAMES = ("reverse_personalization", "blur", "pixelate", "solid")
 
 EXIT_OK = 0
@@ -42,7 +44,7 @@ def _images_under(folder: Path, exclude: Path | None) -> list[Path]:
     for path in sorted(folder.rglob("*")):
         if exclude is not None and path.resolve().is_relative_to(exclude):
             continue  # earlier outputs inside the input folder are not inputs
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.is_file() and path.suffix.lower() in MEDIA_SUFFIXES:
             found.append(path)
     return found
 
@@ -53,7 +55,7 @@ def plan_files(inputs: list[str], output: str, *, overwrite: bool = False, skip_
     single_file = (
         len(inputs) == 1
         and Path(inputs[0]).is_file()
-        and output_path.suffix.lower() in IMAGE_SUFFIXES
+        and output_path.suffix.lower() in MEDIA_SUFFIXES
         and not output_path.is_dir()
     )
     problems: list[str] = []
@@ -64,15 +66,19 @@ def plan_files(inputs: list[str], output: str, *, overwrite: bool = False, skip_
         if path.is_dir():
             images = _images_under(path, exclude=out_root if out_root != path.resolve() else None)
             if not images:
-                problems.append(f"{raw}: no JPEG, PNG or WebP images in this folder")
+                problems.append(f"{raw}: no JPEG, PNG or WebP images or videos in this folder")
             pairs.extend(FileJob(image, output_path / image.relative_to(path)) for image in images)
         elif path.is_file():
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                problems.append(f"{raw}: not a .jpg, .jpeg, .png or .webp file")
+            if path.suffix.lower() not in MEDIA_SUFFIXES:
+                problems.append(
+                    f"{raw}: not an image (.jpg, .jpeg, .png, .webp) or a video ({', '.join(VIDEO_SUFFIXES)})"
+                )
+            elif single_file and is_video(path) != is_video(output_path):
+                problems.append(f"-o {output}: a {'video' if is_video(path) else 'image'} needs a file of its kind")
             pairs.append(FileJob(path, output_path if single_file else output_path / path.name))
         else:
             problems.append(f"{raw}: no such file or folder")
-    if not single_file and output_path.suffix.lower() in IMAGE_SUFFIXES and not output_path.is_dir():
+    if not single_file and output_path.suffix.lower() in MEDIA_SUFFIXES and not output_path.is_dir():
         problems.append(f"-o {output}: several images (or a folder) need an output folder, not an image file name")
     if output_path.exists() and not output_path.is_dir() and not single_file:
         problems.append(f"-o {output}: exists and is not a folder")
@@ -98,6 +104,10 @@ def plan_files(inputs: list[str], output: str, *, overwrite: bool = False, skip_
     if skip_existing:
         return Plan([job for job in pairs if not job.target.exists()], existing)
     return Plan(pairs, [])
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
 
 
 def choose_method(requested: str | None, model_source: str, *, quiet: bool = False) -> str:
@@ -153,7 +163,9 @@ def write_atomically(target: Path, data: bytes) -> None:
 
 def summarize(records: list[dict]) -> None:
     for record in records:
-        if record["status"] == "anonymized":
+        if record["status"] == "anonymized" and record.get("kind") == "video":
+            what = f"{record['frames']} frames, {len(record['tracks'])} track(s), complete={record['complete']}"
+        elif record["status"] == "anonymized":
             faces = record["faces"]
             what = "no faces" if record["no_faces"] else f"{len(faces)} face(s), complete={record['complete']}"
         elif record["status"] == "skipped":
