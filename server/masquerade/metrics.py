@@ -58,6 +58,41 @@ AUTH_FAILURES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+QUEUE_WAIT_SECONDS = Histogram(
+    "masquerade_queue_wait_seconds",
+    "Seconds a request waited before its work started: in the preprocess pool's queue, plus, for "
+    "diffusion, from joining the step scheduler to its first row; by priority (interactive, bulk).",
+    ["priority"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+REQUEST_LATENCY_SECONDS = Histogram(
+    "masquerade_request_latency_seconds",
+    "Seconds from admission to result of requests that succeeded, by priority.",
+    ["priority"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+PRIORITY_STEPS = Counter(
+    "masquerade_diffusion_steps",
+    "Diffusion steps computed (CFG pairs: inversion and generation), by priority.",
+    ["priority"],
+    registry=REGISTRY,
+)
+QUOTA_REFUSALS = Counter(
+    "masquerade_quota_refusals",
+    "Requests refused RESOURCE_EXHAUSTED by a per-client quota, by client name (a token's configured name, "
+    "token-<12 hex of its hash>, cert:<common name> or anonymous; past 64 names, other).",
+    ["client"],
+    registry=REGISTRY,
+)
+DEADLINE_REFUSALS = Counter(
+    "masquerade_deadline_refusals",
+    "Requests refused at admission because the estimated finish was past their deadline, by priority.",
+    ["priority"],
+    registry=REGISTRY,
+)
 VIDEO_FRAMES = Counter(
     "masquerade_video_frames",
     "Video frames served, by rpc (AnonymizeVideo, AnonymizeFrames); rate() gives frames per second.",

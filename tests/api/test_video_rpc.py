@@ -443,3 +443,35 @@ def test_stream_slots_are_bounded(video_server, scene):
             release.set()
             for call in calls:
                 call.cancel()
+
+
+def test_a_drain_ends_live_streams_with_unavailable(spool_root, scene):
+    """A live stream has no end of its own: when the server drains it ends the stream (UNAVAILABLE,
+    which clients retry elsewhere) after answering the frames it took in."""
+    engine_config = EngineConfig(models="tiny", device="cpu")
+    config = dataclasses.replace(
+        loopback_config(engine_config, drain_seconds=5.0), video=VideoConfig(spool_dir=str(spool_root))
+    )
+    running = BackgroundServer(config, Engine(engine_config, None, "test: no diffusion weights")).start()
+    raw = pb2.RawFrame(rgb=scene.frame(0).tobytes(), width=scene.width, height=scene.height)
+    go_on = threading.Event()
+
+    def frames():
+        yield pb2.FrameRequest(options=pb2.FrameStreamOptions(method=pb2.BLUR, window=1), sequence=0, raw=raw)
+        go_on.wait(10)
+        for sequence in range(1, 50):
+            yield pb2.FrameRequest(sequence=sequence, raw=raw)
+            time.sleep(0.05)
+
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            call = pb2_grpc.AnonymizerStub(channel).AnonymizeFrames(frames(), timeout=30)
+            assert next(call).sequence == 0
+            running.begin_stop()
+            go_on.set()
+            with pytest.raises(grpc.RpcError) as raised:
+                for _ in call:
+                    pass
+            assert raised.value.code() is grpc.StatusCode.UNAVAILABLE and "draining" in raised.value.details()
+    finally:
+        running.stop()

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from masquerade.api.protos import pb2
 from masquerade.engine import request as et
+from masquerade.engine.job_state import Priority
 
 MAX_REQUEST_ID_CHARS = 256
 
@@ -55,6 +56,11 @@ PHASE_TO_PROTO: dict[et.Phase, int] = {
     et.Phase.GENERATION: pb2.GENERATION,
     et.Phase.POSTPROCESS: pb2.POSTPROCESS,
 }
+PRIORITY_FROM_PROTO: dict[int, Priority] = {
+    pb2.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    pb2.PRIORITY_BULK: Priority.BULK,
+}
+PRIORITY_TO_PROTO: dict[Priority, int] = {v: k for k, v in PRIORITY_FROM_PROTO.items()}
 
 
 class RequestDefaults(Protocol):
@@ -132,6 +138,22 @@ def output_from_proto(message: pb2.OutputOptions) -> et.OutputOptions:
 
 def classical_strength_from_proto(message: pb2.ClassicalParams) -> float:
     return message.strength if message.HasField("strength") else 1.0
+
+
+def priority_from_proto(value: int) -> Priority | None:
+    """None for PRIORITY_UNSPECIFIED (the caller's default applies)."""
+    if value == pb2.PRIORITY_UNSPECIFIED:
+        return None
+    if value not in PRIORITY_FROM_PROTO:
+        raise et.InvalidRequestError("priority", f"unknown value {value}; use one of {_names(pb2.Priority)}")
+    return PRIORITY_FROM_PROTO[value]
+
+
+def estimated_waits_to_proto(waits: dict[Priority, float | None]) -> list[pb2.PriorityWait]:
+    return [
+        pb2.PriorityWait(priority=PRIORITY_TO_PROTO[priority], seconds=seconds or 0.0)
+        for priority, seconds in sorted(waits.items())
+    ]
 
 
 def request_from_proto(message: pb2.AnonymizeRequest, info: RequestDefaults, *, request_id: str) -> et.EngineRequest:

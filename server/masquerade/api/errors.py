@@ -13,10 +13,12 @@ import logging
 import grpc
 
 from masquerade.engine.request import (
+    DeadlineUnmeetableError,
     EngineNotAcceptingError,
     InvalidRequestError,
     MethodUnavailableError,
     QueueFullError,
+    RetryLaterError,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,10 @@ def status_for(exc: BaseException, *, request_id: str = "") -> tuple[grpc.Status
     """
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)  # "field: what is wrong"
+    if isinstance(exc, RetryLaterError):  # a quota, or the queue with advice: the message says when
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, DeadlineUnmeetableError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, QueueFullError):
         detail = str(exc) or "the server's queue is full"
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{detail}; retry later with backoff"
@@ -57,7 +63,8 @@ def status_for(exc: BaseException, *, request_id: str = "") -> tuple[grpc.Status
     if isinstance(exc, (ServerNotReadyError, EngineNotAcceptingError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc) or "the server is not ready; retry later"
     if isinstance(exc, ServerCancelledError):
-        return grpc.StatusCode.CANCELLED, str(exc)
+        # UNAVAILABLE, the one code clients retry: the request was not at fault, another replica can serve it.
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "the request was cancelled"
     if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is an alias since Python 3.11
@@ -65,6 +72,29 @@ def status_for(exc: BaseException, *, request_id: str = "") -> tuple[grpc.Status
     log.error("internal error serving request %r", request_id, exc_info=exc)
     suffix = f" (request_id {request_id!r})" if request_id else ""
     return grpc.StatusCode.INTERNAL, f"internal server error{suffix}; the server logged the details"
+
+
+def retry_delay_s(exc: BaseException) -> float | None:
+    """When a refused caller should come back (RetryLaterError), else None."""
+    return exc.retry_after_s if isinstance(exc, RetryLaterError) else None
+
+
+def status_trailers(exc: BaseException, code: grpc.StatusCode, details: str) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata for a failed call: a google.rpc.Status with a RetryInfo detail
+    (``grpc-status-details-bin``, built by grpcio-status) when the error says when to retry."""
+    delay = retry_delay_s(exc)
+    if delay is None:
+        return ()
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    retry_info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=0))
+    retry_info.retry_delay.FromNanoseconds(round(delay * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(retry_info)
+    status = status_pb2.Status(code=code.value[0], message=details, details=[detail])
+    return tuple(rpc_status.to_status(status).trailing_metadata)
 
 
 def code_number(code: grpc.StatusCode) -> int:

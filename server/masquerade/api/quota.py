@@ -186,3 +186,46 @@ class ClientLabels:
                 self._known.add(client)
                 return client
         return "other"
+
+
+class ClientAdmission:
+    """Who is calling, at what priority, and whether their quota lets them in (the servicer's one call).
+
+    ``defaults``: the flags' policy (--default-priority is ``server_priority``; --quota-rps,
+    --quota-burst and --quota-faces the quotas of a client whose token line sets none).
+    """
+
+    def __init__(
+        self,
+        defaults: ClientPolicy = ClientPolicy(),
+        server_priority: Priority = Priority.INTERACTIVE,
+        quotas: QuotaBook | None = None,
+    ):
+        self.defaults = defaults
+        self.server_priority = Priority(server_priority)
+        self.quotas = quotas or QuotaBook()
+        self.labels = ClientLabels()
+
+    def policy_for(self, token_policy: ClientPolicy | None) -> ClientPolicy:
+        return (token_policy or ClientPolicy()).over(self.defaults)
+
+    def admit(self, client: str, policy: ClientPolicy, asked: Priority | None) -> Priority:
+        """The request's effective priority; raises QuotaExceededError (counted per client) when over quota."""
+        from masquerade import metrics
+
+        try:
+            self.quotas.admit(client, policy)
+        except QuotaExceededError:
+            metrics.QUOTA_REFUSALS.labels(client=self.labels(client)).inc()
+            raise
+        return policy.effective_priority(asked, self.server_priority)
+
+
+def client_name(token_id: str | None, token_policy: ClientPolicy | None, certificate_name: str | None) -> str:
+    """The name quotas and turns are kept under: the token's name= (else ``token-<id>``), else the
+    client certificate's common name (``cert:<name>``), else ANONYMOUS."""
+    if token_id is not None:
+        return (token_policy.name if token_policy is not None and token_policy.name else None) or f"token-{token_id}"
+    if certificate_name:
+        return f"cert:{certificate_name}"
+    return ANONYMOUS

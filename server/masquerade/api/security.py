@@ -27,6 +27,7 @@ import grpc
 
 from masquerade import metrics
 from masquerade.api.access_log import AccessRecord
+from masquerade.api.quota import ClientPolicy, parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class Principal:
 
     token_id: str
     """The first 12 hex digits of the token's SHA-256: names the token in logs without revealing it."""
+    policy: ClientPolicy | None = None
+    """The token line's settings (name, default priority and ceiling, quotas: api/quota.py); None: none set."""
 
 
 _current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
@@ -111,6 +114,10 @@ def principal_scope(principal: Principal | None) -> Iterator[None]:
 class TokenStore:
     """Bearer tokens from a file (one per line; blank lines and '#' comments ignored); ``reload`` on SIGHUP.
 
+    A line may follow its token with ``key=value`` settings (api/quota.py ``parse_policy``), e.g.
+    ``s3cret name=nightly priority=bulk max-priority=bulk rps=2 burst=4 faces=32``; a bare token
+    line is a token with the server's defaults, as before.
+
     Only SHA-256 digests are kept, so comparing them takes the same time whatever the presented length.
     """
 
@@ -126,16 +133,21 @@ class TokenStore:
             raise SecurityConfigError(f"--auth-token-file {self.path}: cannot read it ({exc.strerror or exc})") from exc
         tokens = []
         for number, line in enumerate(text.splitlines(), start=1):
-            token = line.strip()
-            if not token or token.startswith("#"):
+            words = line.split()
+            if not words or words[0].startswith("#"):
                 continue
-            if any(c.isspace() for c in token) or not token.isascii():
+            token, settings = words[0], words[1:]
+            if not line.isascii():
                 raise SecurityConfigError(
-                    f"--auth-token-file {self.path}: line {number} holds whitespace or non-ASCII characters; "
+                    f"--auth-token-file {self.path}: line {number} holds non-ASCII characters; "
                     "a bearer token is one word of ASCII characters"
                 )
+            try:
+                policy = parse_policy(settings, f"line {number}") if settings else None
+            except ValueError as exc:
+                raise SecurityConfigError(f"--auth-token-file {self.path}: {exc}") from None
             digest = hashlib.sha256(token.encode()).digest()
-            tokens.append((digest, Principal(token_id=digest.hex()[:12])))
+            tokens.append((digest, Principal(token_id=digest.hex()[:12], policy=policy)))
         if not tokens:
             raise SecurityConfigError(f"--auth-token-file {self.path}: holds no token; write one token per line")
         return tuple(tokens)

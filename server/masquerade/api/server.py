@@ -23,9 +23,11 @@ from grpc_reflection.v1alpha import reflection
 
 from masquerade.api.http_probes import ProbeServer
 from masquerade.api.protos import SERVICE_NAME, pb2_grpc
+from masquerade.api.quota import ClientAdmission, ClientPolicy
 from masquerade.api.security import GateInterceptor, TokenStore, is_loopback, server_credentials
 from masquerade.api.servicer import AnonymizerServicer
 from masquerade.api.video_service import VideoConfig
+from masquerade.engine.job_state import Priority
 
 if TYPE_CHECKING:
     from masquerade.engine.engine import Engine, EngineConfig
@@ -78,6 +80,11 @@ class ServerConfig:
     """After the drain, how long in-flight requests may run before they are cancelled."""
     batch_window: int = 32
     """Requests of one AnonymizeBatch stream in flight before the server stops reading it."""
+    default_priority: Priority = Priority.INTERACTIVE
+    """What PRIORITY_UNSPECIFIED means for a caller whose token line sets no ``priority=``."""
+    quotas: ClientPolicy = field(default_factory=ClientPolicy)
+    """Per-client quotas (requests per second, burst, faces in flight) for clients whose token line
+    sets none; a client is a token, a client certificate's name, or every anonymous caller together."""
     video: VideoConfig = field(default_factory=VideoConfig)
     """AnonymizeVideo's spool and limits, AnonymizeFrames' window (api/video_service.py)."""
     engine: EngineConfig = field(default_factory=_default_engine_config)
@@ -265,6 +272,7 @@ async def serve(
         max_send_message_bytes=config.max_send_message_bytes,
         batch_window=config.batch_window,
         video=config.video,
+        clients=ClientAdmission(config.quotas, config.default_priority),
     )
     pb2_grpc.add_AnonymizerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,15 +20,20 @@ import grpc
 from masquerade.api import convert
 from masquerade.api.access_log import AccessRecord
 from masquerade.api.batch_stream import error_response, serve_batch_stream
-from masquerade.api.errors import ServerNotReadyError, engine_failure, status_for
+from masquerade.api.errors import ServerNotReadyError, engine_failure, retry_delay_s, status_for, status_trailers
 from masquerade.api.protos import pb2, pb2_grpc
+from masquerade.api.quota import ClientAdmission, client_name
+from masquerade.api.security import current_principal
 from masquerade.api.video_service import VideoConfig, VideoService
 from masquerade.engine import request as et
+from masquerade.engine.job_state import Priority
 
 if TYPE_CHECKING:  # the engine is only called through its interface here
     from masquerade.engine.engine import Engine, RequestHandle
 
 log = logging.getLogger(__name__)
+
+DEADLINE_MARGIN_S = 0.25  # a cancel this close to the call's deadline is recorded as DEADLINE_EXCEEDED
 
 
 class ProgressThrottle:
@@ -63,6 +69,14 @@ class ProgressThrottle:
         return out
 
 
+def _certificate_name(context: grpc.aio.ServicerContext | None) -> str | None:
+    """The common name of a mutual-TLS client's certificate, if any."""
+    if context is None:
+        return None
+    names = context.auth_context().get("x509_common_name") or ()
+    return names[0].decode("utf-8", "replace") if names else None
+
+
 def _engine_request_id(client_request_id: str) -> str:
     # Clients choose ids freely and two clients may both send "1"; the engine gets a
     # unique one (prefixed by the client's for log correlation) and responses echo the client's.
@@ -81,6 +95,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         max_send_message_bytes: int,
         batch_window: int = 32,
         progress_interval_s: float = 0.1,
+        clients: ClientAdmission | None = None,
         video: VideoConfig | None = None,
     ):
         self.max_receive_message_bytes = max_receive_message_bytes
@@ -90,8 +105,9 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         self._engine: Engine | None = None
         self._info = None
         self.draining = False  # set by the server when shutdown starts: requests on open streams are refused
+        self.clients = clients or ClientAdmission()  # priorities and per-client quotas (api/quota.py)
         # AnonymizeVideo and AnonymizeFrames (api/video_service.py): same engine, same readiness and drain.
-        self.video = VideoService(video or VideoConfig(), self._ready_engine)
+        self.video = VideoService(video or VideoConfig(), self._ready_engine, draining=lambda: self.draining)
         if engine is not None:
             self.attach(engine)
 
@@ -99,6 +115,8 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         """Called by the server once the engine is built; until then requests get UNAVAILABLE."""
         self._info = engine.info()
         self._engine = engine
+        self.clients.quotas.faces_in_flight = engine.faces_in_flight
+        self.clients.quotas.faces_retry_after = lambda client: engine.estimate_seconds(Priority.BULK) or 1.0
 
     # ------------------------------------------------------------ shared pieces
 
@@ -112,11 +130,24 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
             raise ServerNotReadyError("the server is warming up or shutting down; retry shortly")
         return engine
 
-    def _submit(self, message: pb2.AnonymizeRequest, record: AccessRecord) -> RequestHandle:
-        """Validates and submits; raises InvalidRequestError, QueueFullError, MethodUnavailableError."""
+    def _submit(
+        self, message: pb2.AnonymizeRequest, record: AccessRecord, context: grpc.aio.ServicerContext | None = None
+    ) -> RequestHandle:
+        """Validates and submits; raises InvalidRequestError, QueueFullError (QuotaExceededError: over the
+        caller's quota), MethodUnavailableError, DeadlineUnmeetableError (``context``'s deadline cannot be met)."""
         engine = self._ready_engine()
         record.server_request_id = _engine_request_id(message.request_id)
         request = convert.request_from_proto(message, self._info, request_id=record.server_request_id)
+        asked = convert.priority_from_proto(message.priority)
+        principal = current_principal()
+        token_policy = principal.policy if principal is not None else None
+        request.client = client_name(
+            principal.token_id if principal is not None else None, token_policy, _certificate_name(context)
+        )
+        request.priority = self.clients.admit(request.client, self.clients.policy_for(token_policy), asked)
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:
+            request.deadline = time.monotonic() + remaining
         return engine.submit(request)
 
     @staticmethod
@@ -130,14 +161,19 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
 
     @staticmethod
     def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        # A client's deadline expires on its clock, a little before the server's copy of it (which starts
+        # when the headers arrive), and the client then cancels the call: a cancel that close to the
+        # deadline is the deadline.
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= DEADLINE_MARGIN_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
 
-    async def _run_to_result(self, message: pb2.AnonymizeRequest, record: AccessRecord) -> pb2.AnonymizeResponse:
+    async def _run_to_result(
+        self, message: pb2.AnonymizeRequest, record: AccessRecord, context: grpc.aio.ServicerContext | None = None
+    ) -> pb2.AnonymizeResponse:
         """Runs one request to its result; raises the request's error. Cancels the job if left early."""
-        handle = self._submit(message, record)
+        handle = self._submit(message, record, context)
         finished = False
         try:
             async for event in handle:
@@ -147,6 +183,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
                 if isinstance(event, et.ResultEvent):
                     finished = True
                     response = convert.result_to_proto(event.result, request_id=message.request_id)
+                    response.priority = convert.PRIORITY_TO_PROTO[handle.priority]
                     record.set_result(response)
                     return response
             finished = True
@@ -175,6 +212,8 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
             max_send_message_bytes=self.max_send_message_bytes,
         )
         response.limits.MergeFrom(pb2.Limits(**self.video.limits()))
+        response.estimated_waits.extend(convert.estimated_waits_to_proto(self._engine.estimated_waits()))
+        response.default_priority = convert.PRIORITY_TO_PROTO[self.clients.server_priority]
         return response
 
     # ------------------------------------------------------------ RPCs
@@ -184,14 +223,14 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
     ) -> pb2.AnonymizeResponse:
         record = self._access("Anonymize", request, context)
         try:
-            response = await self._run_to_result(request, record)
+            response = await self._run_to_result(request, record, context)
         except asyncio.CancelledError:
             record.finish(self._cancel_code(context))
             raise
         except Exception as exc:
             code, details = status_for(exc, request_id=request.request_id)
             record.finish(code)
-            await context.abort(code, details)
+            await context.abort(code, details, status_trailers(exc, code, details))
         record.finish(grpc.StatusCode.OK)
         return response
 
@@ -206,7 +245,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         handle = None
         finished = False
         try:
-            handle = self._submit(request, record)
+            handle = self._submit(request, record, context)
             async for event in handle:
                 if isinstance(event, et.FailedEvent):
                     finished = True
@@ -214,6 +253,8 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
                     break
                 for to_send in throttle.offer(event):
                     proto = convert.event_to_proto(to_send, request_id=request.request_id)
+                    if proto.HasField("result"):
+                        proto.result.priority = convert.PRIORITY_TO_PROTO[handle.priority]
                     await context.write(proto)
                 if isinstance(event, et.ResultEvent):
                     finished = True
@@ -233,7 +274,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         if failure is not None:
             code, details = status_for(failure, request_id=request.request_id)
             record.finish(code)
-            await context.abort(code, details)
+            await context.abort(code, details, status_trailers(failure, code, details))
         record.finish(grpc.StatusCode.OK)
 
     async def AnonymizeBatch(
@@ -242,14 +283,18 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         async def answer(message: pb2.AnonymizeRequest) -> pb2.AnonymizeBatchResponse:
             record = self._access("AnonymizeBatch", message, context)
             try:
-                result = await self._run_to_result(message, record)
+                result = await self._run_to_result(message, record, context)
             except asyncio.CancelledError:
                 record.finish(self._cancel_code(context))
                 raise
             except Exception as exc:
                 code, details = status_for(exc, request_id=message.request_id)
                 record.finish(code)
-                return error_response(message.request_id, code, details)
+                response = error_response(message.request_id, code, details)
+                delay = retry_delay_s(exc)
+                if delay is not None:
+                    response.error.retry_delay_ms = max(1, math.ceil(delay * 1000))
+                return response
             record.finish(grpc.StatusCode.OK)
             return pb2.AnonymizeBatchResponse(request_id=message.request_id, result=result)
 

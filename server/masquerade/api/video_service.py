@@ -148,9 +148,12 @@ class _Slots:
 class VideoService:
     """Serves the two video RPCs for ``AnonymizerServicer`` (which owns the engine and its readiness)."""
 
-    def __init__(self, config: VideoConfig, ready_engine: Callable[[], Engine]):
+    def __init__(
+        self, config: VideoConfig, ready_engine: Callable[[], Engine], *, draining: Callable[[], bool] = lambda: False
+    ):
         self.config = config
         self._ready_engine = ready_engine
+        self._draining = draining
         self.spool = VideoSpool(
             config.spool_dir, max_file_bytes=config.max_video_bytes, max_total_bytes=config.spool_bytes
         )
@@ -493,6 +496,13 @@ class VideoService:
 
                 async for message in frames():
                     await window.acquire()
+                    if self._draining():
+                        # A live stream has no end of its own: at a drain it ends here, after the frames
+                        # already taken in, and the client reconnects (UNAVAILABLE is what clients retry).
+                        raise StreamError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            "the server is draining for shutdown; reconnect the stream (to another replica)",
+                        )
                     received = time.perf_counter()
                     if message is not first and message.HasField("options"):
                         raise StreamError(

@@ -86,6 +86,28 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="one bearer token per line; every RPC but health then needs 'authorization: Bearer <token>' "
         "metadata. SIGHUP rereads the file",
     )
+    clients = parser.add_argument_group("priorities and per-client quotas (a token line may set its own)")
+    clients.add_argument(
+        "--default-priority",
+        choices=("interactive", "bulk"),
+        default="interactive",
+        help="priority of requests that set none, from callers whose token sets no priority=",
+    )
+    clients.add_argument(
+        "--aging-calls",
+        type=int,
+        default=16,
+        help="UNet calls a ready bulk job may go without a step before it is served ahead of interactive work",
+    )
+    clients.add_argument(
+        "--quota-rps", type=float, default=None, help="requests per second per client (token bucket); default none"
+    )
+    clients.add_argument(
+        "--quota-burst", type=int, default=None, help="requests a client may send at once (default: ceil(--quota-rps))"
+    )
+    clients.add_argument(
+        "--quota-faces", type=int, default=None, help="faces in flight per client (detected, not yet answered)"
+    )
     parser.add_argument(
         "--drain-seconds",
         type=float,
@@ -109,6 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """The ServerConfig (with its EngineConfig) the flags describe."""
+    from masquerade.api.quota import ClientPolicy, parse_priority
     from masquerade.api.server import MIB, ServerConfig
     from masquerade.engine.engine import EngineConfig
     from masquerade.engine.request import ReversePersonalizationParams
@@ -126,6 +149,7 @@ def config_from_args(args: argparse.Namespace):
         compile_cache=args.compile_cache,
         vae_chunk=args.vae_chunk,
         inversion_chunk=args.inversion_chunk,
+        aging_calls=args.aging_calls,
         **detection_config(args),
     )
     return ServerConfig(
@@ -143,6 +167,8 @@ def config_from_args(args: argparse.Namespace):
         grace_seconds=args.grace_seconds,
         engine=engine,
         video=video_config_from_args(args),
+        default_priority=parse_priority(args.default_priority, "--default-priority"),
+        quotas=ClientPolicy(requests_per_second=args.quota_rps, burst=args.quota_burst, max_faces=args.quota_faces),
     )
 
 

@@ -31,6 +31,7 @@ from masquerade.engine.memory import MemoryReturner
 from masquerade.engine.request import (
     MAX_STEPS,
     AnonymizeResult,
+    DeadlineUnmeetableError,
     EngineEvent,
     EngineNotAcceptingError,
     EngineRequest,
@@ -93,6 +94,8 @@ class EngineConfig:
     vae_chunk: int = 4
     """Faces per VAE encode/decode call: bounds the fp32 VAE's memory next to the UNet's."""
     preprocess_threads: int = 2
+    aging_calls: int = DEFAULT_AGING_CALLS
+    """UNet calls a ready bulk job may go without a row before it is served ahead of interactive work."""
     defaults: ReversePersonalizationParams = field(default_factory=ReversePersonalizationParams)
 
     def validated(self) -> EngineConfig:
@@ -103,6 +106,7 @@ class EngineConfig:
             (self.inversion_chunk >= 1, f"inversion_chunk must be at least 1, got {self.inversion_chunk}"),
             (self.max_faces >= 1, f"max_faces must be at least 1, got {self.max_faces}"),
             (self.vae_chunk >= 1, f"vae_chunk must be at least 1, got {self.vae_chunk}"),
+            (self.aging_calls >= 1, f"aging_calls must be at least 1, got {self.aging_calls}"),
             (0.0 <= self.detection_threshold <= 1.0, f"threshold must be in [0, 1], got {self.detection_threshold}"),
             (self.min_face_size >= 0, f"min_face_size must be >= 0, got {self.min_face_size}"),
             (0.5 <= self.mask_scale <= 3.0, f"mask_scale must be in [0.5, 3], got {self.mask_scale}"),
@@ -146,6 +150,9 @@ class _RequestState:
         self.phase_started = self.submitted
         self.timings = Timings()
         self.finished = False
+        self.work_started: float | None = None  # when its first pool task started (set on a pool thread)
+        self.joined: float | None = None  # when its jobs joined the step scheduler
+        self.faces_held = 0  # its faces counted in the engine's per-client faces in flight
 
 
 class RequestHandle:
@@ -155,6 +162,7 @@ class RequestHandle:
         self._engine = engine
         self._state = state
         self.request_id = state.request.request_id
+        self.priority = state.request.priority  # what it runs at (the caller's token may have capped it)
 
     async def __aiter__(self) -> AsyncIterator[EngineEvent]:
         while True:
@@ -218,14 +226,19 @@ class Engine:
             max_image_pixels=config.max_image_pixels,
             model_dir=detector_model_dir(config.models),
         )
-        self.scheduler = StepScheduler(max_batch=config.max_batch, inversion_chunk=config.inversion_chunk)
+        self.scheduler = StepScheduler(
+            max_batch=config.max_batch, inversion_chunk=config.inversion_chunk, aging_calls=config.aging_calls
+        )
+        self.step_times = StepTimeModel(self.scheduler.max_rows)
+        self._client_faces: dict[str, int] = {}
         self._states: set[_RequestState] = set()
         self._owners: dict[int, _RequestState] = {}  # job id -> its request, while the job diffuses
         self._memory = MemoryReturner()
         self._accepting = False
         self._loop_task: asyncio.Task | None = None
         self._work_added: asyncio.Event | None = None
-        self._preprocess_pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="masquerade-pre")
+        # Interactive requests' pixel work runs before bulk work waiting for the same threads.
+        self._preprocess_pool = PriorityThreadPool(config.preprocess_threads, "masquerade-pre")
         self._unet_pool = ThreadPoolExecutor(1, thread_name_prefix="masquerade-unet")
 
     # ---- construction ------------------------------------------------------------
@@ -265,7 +278,7 @@ class Engine:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
-        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        self._preprocess_pool.shutdown(cancel_futures=True)
         self._unet_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -319,6 +332,8 @@ class Engine:
             raise MethodUnavailableError(f"REVERSE_PERSONALIZATION is unavailable: {self.unavailable_reason}")
         if self.queue_depth >= self.config.max_queue:
             raise QueueFullError(f"queue full ({self.config.max_queue} requests in flight); retry with backoff")
+        if request.deadline is not None:
+            self._refuse_if_too_late(request)
         if not request.request_id:
             request.request_id = f"req-{next(_request_ids)}"
         state = _RequestState(request)
@@ -327,6 +342,62 @@ class Engine:
         state.events.put_nowait(QueuedEvent(request.request_id, position=self.queue_depth - 1))
         state.task = asyncio.create_task(self._run_request(state), name=f"request-{request.request_id}")
         return RequestHandle(self, state)
+
+    # ---- honest admission ----------------------------------------------------------------
+
+    def estimate_seconds(
+        self, priority: Priority, steps: int | None = None, generative: bool | None = None
+    ) -> float | None:
+        """Seconds from now to the result of a one-face request at ``priority`` (engine/estimate.py);
+        None until the engine has measured what it needs."""
+        if generative is None:
+            generative = self.core is not None
+        up_to = Priority(priority)
+        return estimate_seconds(
+            self.step_times,
+            steps=steps or self.config.defaults.steps,
+            inversion_chunk=self.config.inversion_chunk,
+            generative=generative,
+            rows_ahead=self.scheduler.rows_left(up_to),
+            ready_jobs=len(self.scheduler),
+            preprocess_ahead=self._preprocess_pool.waiting(up_to),
+            preprocess_threads=self.config.preprocess_threads,
+        )
+
+    def estimated_waits(self) -> dict[Priority, float | None]:
+        """GetServerInfo's estimate per priority, for a one-face request with the default parameters."""
+        return {priority: self.estimate_seconds(priority) for priority in Priority}
+
+    def _refuse_if_too_late(self, request: EngineRequest) -> None:
+        generative = request.method is Method.REVERSE_PERSONALIZATION
+        estimate = self.estimate_seconds(request.priority, request.params.steps, generative)
+        remaining = request.deadline - time.monotonic()
+        if estimate is not None and estimate > remaining:
+            metrics.DEADLINE_REFUSALS.labels(request.priority.label).inc()
+            raise DeadlineUnmeetableError(
+                f"refused at once: this request would finish in about {estimate:.2f} s (the work queued ahead of "
+                f"it at {request.priority.label} priority, at the step times measured now), after its deadline "
+                f"in {max(0.0, remaining):.2f} s; retry with a longer deadline or later",
+                estimate,
+            )
+
+    def faces_in_flight(self, client: str) -> int:
+        """Detected faces of ``client``'s requests not yet answered (per-client quotas read this)."""
+        return self._client_faces.get(client, 0)
+
+    def _hold_faces(self, state: _RequestState, faces: int) -> None:
+        client = state.request.client
+        state.faces_held = faces
+        self._client_faces[client] = self._client_faces.get(client, 0) + faces
+
+    def _release_faces(self, state: _RequestState) -> None:
+        client = state.request.client
+        left = self._client_faces.get(client, 0) - state.faces_held
+        state.faces_held = 0
+        if left > 0:
+            self._client_faces[client] = left
+        else:
+            self._client_faces.pop(client, None)
 
     def _cancel(self, state: _RequestState) -> None:
         if state.task is not None and not state.task.done():
@@ -360,15 +431,24 @@ class Engine:
     async def _run_request(self, state: _RequestState) -> None:
         request = state.request
         try:
-            state.timings.queued_seconds = time.perf_counter() - state.submitted
-            state.phase_started = time.perf_counter()
-            prepared: PreparedRequest = await self._in_pool(self.front_end.prepare, request)
+            prepare = self._prepare_started(state, self.front_end.prepare)
+            prepared: PreparedRequest = await self._in_pool(request.priority, prepare, request)
+            state.timings.queued_seconds = state.work_started - state.submitted
+            state.phase_started = state.work_started
             self._phase_done(state, Phase.PREPROCESS)
+            generative = bool(prepared.works)
+            self.step_times.observe_preprocess(state.timings.preprocess_seconds, generative)
+            self._hold_faces(state, len(prepared.records))
             state.events.put_nowait(FacesFoundEvent(request.request_id, tuple(r.box for r in prepared.records)))
             generated, failures = await self._diffuse(state, prepared) if prepared.works else ({}, {})
-            encoded, width, height = await self._in_pool(self.front_end.finish, request, prepared, generated, failures)
+            encoded, width, height = await self._in_pool(
+                request.priority, self.front_end.finish, request, prepared, generated, failures
+            )
             self._phase_done(state, Phase.POSTPROCESS)
+            self.step_times.observe_postprocess(state.timings.postprocess_seconds, generative)
             state.timings.total_seconds = time.perf_counter() - state.submitted
+            metrics.QUEUE_WAIT_SECONDS.labels(request.priority.label).observe(state.timings.queued_seconds)
+            metrics.REQUEST_LATENCY_SECONDS.labels(request.priority.label).observe(state.timings.total_seconds)
             for record in prepared.records:
                 metrics.FACES.labels(record.method_applied.value, record.status.value).inc()
             result = AnonymizeResult(
@@ -401,6 +481,7 @@ class Engine:
         finally:
             state.finished = True
             state.jobs = []
+            self._release_faces(state)
             self._states.discard(state)
             metrics.QUEUE_DEPTH.set(self.queue_depth)
             self._memory.request_trim()
@@ -410,12 +491,13 @@ class Engine:
         request = state.request
         loop = asyncio.get_running_loop()
         # Noise draws, copies and device transfers take tens of ms per face at 1024 px: off the loop.
-        jobs = await self._in_pool(self._make_jobs, request, prepared.works)
+        jobs = await self._in_pool(request.priority, self._make_jobs, request, prepared.works)
         state.jobs = jobs
         state.job_done = {job.job_id: loop.create_future() for job in jobs}
         for job in jobs:
             self._owners[job.job_id] = state
-        self.scheduler.add(jobs)
+        self.scheduler.add(jobs, priority=request.priority, client=request.client)
+        state.joined = time.perf_counter()
         metrics.ACTIVE_JOBS.set(len(self.scheduler))
         self._signal_work()
         await asyncio.gather(*state.job_done.values())
@@ -426,7 +508,7 @@ class Engine:
             latents = torch.stack([job.latent for job in decoded_jobs])
             for job in decoded_jobs:
                 job.finish()  # the stacked copy is all the decode needs
-            crops = await self._in_pool(self.core.decode, latents)
+            crops = await self._in_pool(request.priority, self.core.decode, latents)
             del latents
             generated = {job.face_index: crop for job, crop in zip(decoded_jobs, crops)}
         failures = {job.face_index: job.failure for job in jobs if job.status is JobStatus.FAILED}
@@ -494,14 +576,21 @@ class Engine:
     async def _run_call(self, plan: StepPlan) -> list[SliceResult]:
         started = time.perf_counter()
         outputs = await asyncio.get_running_loop().run_in_executor(self._unet_pool, self.core.runner.run, plan)
+        seconds = time.perf_counter() - started
         metrics.UNET_BATCH_SIZE.observe(plan.samples)
-        metrics.UNET_CALL_SECONDS.observe(time.perf_counter() - started)
+        metrics.UNET_CALL_SECONDS.observe(seconds)
+        self.step_times.observe_call(plan.rows, seconds)
+        for piece in plan.slices:
+            metrics.PRIORITY_STEPS.labels(self.scheduler.priority_of(piece.job).label).inc(piece.count)
         return outputs
 
     def _publish(self, update: StepUpdate) -> None:
         """Progress events for requests whose jobs moved; completion for jobs that left diffusion."""
         moved = {id(state): state for job in update.progressed if (state := self._owners.get(job.job_id))}
         for state in moved.values():
+            if state.joined is not None:  # its first row: the wait in the scheduler's queue ends
+                state.timings.queued_seconds += time.perf_counter() - state.joined
+                state.joined = None
             self._report_progress(state)
         for job in update.finished:
             state = self._owners.pop(job.job_id, None)

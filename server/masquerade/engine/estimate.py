@@ -39,21 +39,27 @@ class StepTimeModel:
     def __init__(self, max_rows: int):
         self.max_rows = max_rows
         self._calls = [_Average() for _ in range(max_rows + 1)]
-        self.preprocess = _Average()
-        self.postprocess = _Average()
+        # Per request, by whether it diffuses (ArcFace and the VAE weigh on both ends) or not.
+        self._preprocess = {True: _Average(), False: _Average()}
+        self._postprocess = {True: _Average(), False: _Average()}
         self._lock = threading.Lock()
 
     def observe_call(self, rows: int, seconds: float) -> None:
         with self._lock:
             self._calls[max(1, min(rows, self.max_rows))].add(seconds)
 
-    def observe_preprocess(self, seconds: float) -> None:
+    def observe_preprocess(self, seconds: float, generative: bool) -> None:
         with self._lock:
-            self.preprocess.add(seconds)
+            self._preprocess[generative].add(seconds)
 
-    def observe_postprocess(self, seconds: float) -> None:
+    def observe_postprocess(self, seconds: float, generative: bool) -> None:
         with self._lock:
-            self.postprocess.add(seconds)
+            self._postprocess[generative].add(seconds)
+
+    def ends(self, generative: bool) -> tuple[float | None, float | None]:
+        """(preprocess, postprocess) seconds of a request, as measured lately."""
+        with self._lock:
+            return self._preprocess[generative].value, self._postprocess[generative].value
 
     @property
     def measured(self) -> bool:
@@ -86,8 +92,7 @@ def estimate_seconds(
     preprocess_threads: int,
 ) -> float | None:
     """Seconds from now to the result of a one-face request (None: nothing measured yet)."""
-    pre = model.preprocess.value
-    post = model.postprocess.value
+    pre, post = model.ends(generative)
     if pre is None or post is None:
         return None
     total = math.ceil(preprocess_ahead / max(1, preprocess_threads)) * pre + pre + post

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from masquerade.engine.job_state import Phase
+from masquerade.engine.job_state import Phase, Priority
 from masquerade.errors import (  # noqa: F401  (re-exported: the engine's callers name them here)
+    DeadlineUnmeetableError,
     EngineNotAcceptingError,
     InvalidRequestError,
     MethodUnavailableError,
     QueueFullError,
+    QuotaExceededError,
+    RetryLaterError,
 )
 from masquerade.face.image_io import OUTPUT_FORMATS
 
@@ -136,6 +139,11 @@ class EngineRequest:
     classical_strength: float = 1.0
     detection: DetectionOptions = field(default_factory=DetectionOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+    # Who asks and how urgently (the API layer resolves both from the caller's token): the
+    # scheduler and the preprocess pool serve interactive work first; clients take turns.
+    priority: Priority = Priority.INTERACTIVE
+    client: str = ""
+    deadline: float | None = None  # time.monotonic() by which the caller needs the result; None: none
 
     def __post_init__(self) -> None:
         if not self.image:
