@@ -34,6 +34,8 @@ def _requirements() -> list[str]:
         f"grpcio>={grpc_version}",
         f"grpcio-health-checking>={'.'.join(grpc_version.split('.')[:2])}",
         f"protobuf>={protobuf_version}",
+        # google.rpc.Status and RetryInfo: the RESOURCE_EXHAUSTED retry advice (errors.retry_delay).
+        "googleapis-common-protos>=1.56",
     ]
 
 

@@ -1,8 +1,9 @@
 // A thin client over the generated grpc-js stub (gen/, built from proto/ by
 // `npm run build`): one deadline per call, retries of UNAVAILABLE by gRPC itself
 // (the channel's service config; the same retryPolicy as the Python, Go and C++
-// clients), TLS / mutual TLS and a bearer token from options, and
-// MasqueradeError for every failure.
+// clients), RESOURCE_EXHAUSTED with RetryInfo retried after the server's delay,
+// TLS / mutual TLS and a bearer token from options, and MasqueradeError for
+// every failure.
 import { readFileSync } from "node:fs";
 import {
   type ClientDuplexStream,
@@ -49,6 +50,16 @@ export const SERVICE_CONFIG = {
   ],
 };
 
+/**
+ * RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail (a per-client quota, the queue) is
+ * retried by the client itself, the same in all four clients: it waits the server's delay and
+ * sends again, up to 4 attempts in all, never past the call's deadline and never for a delay
+ * over 30 s (then the MasqueradeError, whose `retryDelayMs` holds the advice, is thrown).
+ * Only before the first event: a call that produced events is never sent again.
+ */
+export const RETRY_INFO_ATTEMPTS = 4;
+export const MAX_RETRY_DELAY_MS = 30_000;
+
 export interface MasqueradeClientOptions {
   /** PEM file of the CA that signed the server's certificate; implies TLS. */
   caFile?: string;
@@ -63,6 +74,8 @@ export interface MasqueradeClientOptions {
   credentials?: ChannelCredentials;
   /** Deadline of each call, retries included, unless the call sets its own. Default 300 s. */
   timeoutMs?: number;
+  /** Attempts in all for RESOURCE_EXHAUSTED answers carrying RetryInfo (1: never retry). Default 4. */
+  retryInfoAttempts?: number;
   channelOptions?: Partial<ClientOptions>;
 }
 
@@ -89,6 +102,7 @@ export class MasqueradeClient {
   readonly raw: AnonymizerClient;
   private readonly timeoutMs: number;
   private readonly token?: string;
+  private readonly retryInfoAttempts: number;
 
   constructor(address: string, options: MasqueradeClientOptions = {}) {
     const channelOptions = {
@@ -104,6 +118,7 @@ export class MasqueradeClient {
     this.token = options.token?.trim();
     this.raw = new AnonymizerClient(address, channelCredentials(options), channelOptions);
     this.timeoutMs = options.timeoutMs ?? 300_000;
+    this.retryInfoAttempts = options.retryInfoAttempts ?? RETRY_INFO_ATTEMPTS;
   }
 
   /** The call's metadata plus the bearer token. */
@@ -123,14 +138,35 @@ export class MasqueradeClient {
    */
   async *anonymizeStream(request: AnonymizeRequest, options: CallOptions = {}): AsyncGenerator<AnonymizeEvent> {
     const deadline = new Date(Date.now() + (options.timeoutMs ?? this.timeoutMs));
-    const call = this.raw.anonymizeStream(request, this.metadata(options), { deadline });
-    try {
-      for await (const event of call as AsyncIterable<AnonymizeEvent>) yield event;
-    } catch (err) {
-      throw MasqueradeError.from(err);
-    } finally {
-      call.cancel(); // no-op when finished; frees the server's slot when the caller stops early
+    for (let attempt = 1; ; attempt++) {
+      const call = this.raw.anonymizeStream(request, this.metadata(options), { deadline });
+      let started = false;
+      let waitMs: number | undefined;
+      try {
+        for await (const event of call as AsyncIterable<AnonymizeEvent>) {
+          started = true;
+          yield event;
+        }
+        return;
+      } catch (err) {
+        const error = MasqueradeError.from(err);
+        waitMs = started ? undefined : this.waitBeforeRetry(error, attempt, deadline);
+        if (waitMs === undefined) throw error;
+      } finally {
+        call.cancel(); // no-op when finished; frees the server's slot when the caller stops early
+      }
+      await new Promise((resolve) => setTimeout(resolve, waitMs)); // the server's RetryInfo delay
     }
+  }
+
+  /** The ms to wait before sending again after `attempt` failed with `error`; undefined: do not retry. */
+  private waitBeforeRetry(error: MasqueradeError, attempt: number, deadline: Date): number | undefined {
+    const delay = error.retryDelayMs;
+    if (error.code !== status.RESOURCE_EXHAUSTED || delay === undefined || attempt >= this.retryInfoAttempts) {
+      return undefined;
+    }
+    if (delay > MAX_RETRY_DELAY_MS || delay >= deadline.getTime() - Date.now()) return undefined;
+    return delay;
   }
 
   /** Runs AnonymizeStream to its end and returns the result, passing each event to `onEvent`. */

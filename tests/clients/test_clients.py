@@ -14,6 +14,7 @@ import io
 import re
 import subprocess
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -231,6 +232,36 @@ def test_unavailable_is_retried_before_any_event(language, built_clients, face_p
         completed = run_example(language, "--server", address, "--method", "blur", str(face_png), str(output))
     assert_events_then_result(completed, output)
     assert calls() == 3
+
+
+@pytest.fixture(scope="module")
+def rate_limited_server_address():
+    """A real server (classical methods only: no model to load) allowing one request per 2 s, burst 1."""
+    import dataclasses
+
+    from masquerade.api.quota import ClientPolicy
+    from masquerade.engine.engine import Engine, EngineConfig
+    from server_support import BackgroundServer, loopback_config
+
+    engine_config = EngineConfig(device="cpu")
+    config = dataclasses.replace(loopback_config(engine_config), quotas=ClientPolicy(requests_per_second=0.5, burst=1))
+    server = BackgroundServer(config, Engine(engine_config, None, "test: classical methods only")).start()
+    yield server.address
+    server.stop()
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_over_quota_is_retried_after_the_retry_info_delay(
+    language, built_clients, rate_limited_server_address, face_png, tmp_path
+):
+    """The second call is refused RESOURCE_EXHAUSTED with RetryInfo (~2 s); the client waits that long and succeeds."""
+    address = rate_limited_server_address
+    first = run_example(language, "--server", address, "--method", "blur", str(face_png), str(tmp_path / "1.png"))
+    assert_events_then_result(first, tmp_path / "1.png")
+    started = time.monotonic()
+    second = run_example(language, "--server", address, "--method", "blur", str(face_png), str(tmp_path / "2.png"))
+    assert_events_then_result(second, tmp_path / "2.png")
+    assert time.monotonic() - started >= 0.8  # it waited for the quota, rather than being answered at once
 
 
 def tls_flags(secure) -> list[str]:

@@ -158,7 +158,7 @@ def test_a_job_not_yet_scheduled_is_released_at_once():
     assert a.status is JobStatus.CANCELLED and a.noisy_latents is None
 
 
-# ---- priorities: interactive first, bulk aged, clients taking turns -------------------------------
+# ---- priorities: interactive first, the bulk floor, aging, clients taking turns -----------------------
 
 
 def run_call(scheduler: StepScheduler) -> StepPlan:
@@ -167,16 +167,16 @@ def run_call(scheduler: StepScheduler) -> StepPlan:
     return plan
 
 
-def test_interactive_rows_fill_a_call_before_older_bulk_ones():
-    scheduler = StepScheduler(max_batch=8, inversion_chunk=2)  # 4 rows per call
+def test_interactive_rows_fill_a_call_before_older_bulk_ones_and_bulk_keeps_a_floor():
+    scheduler = StepScheduler(max_batch=8, inversion_chunk=3, aging_calls=4)  # 4 rows per call
     bulk = [job(steps=6) for _ in range(3)]
     scheduler.add(bulk, priority=Priority.BULK)
     interactive = job(steps=6)
     scheduler.add([interactive], priority=Priority.INTERACTIVE)
-    plan = scheduler.plan()
-    assert rows_by_job(plan) == [
-        (interactive.job_id, Phase.INVERSION, 0, 2),
-        (bulk[0].job_id, Phase.INVERSION, 0, 2),
+    # Interactive first (3 inversion rows), then the floor ceil(3 / 4) = 1 row for the oldest bulk job.
+    assert rows_by_job(scheduler.plan()) == [
+        (interactive.job_id, Phase.INVERSION, 0, 3),
+        (bulk[0].job_id, Phase.INVERSION, 0, 1),
     ]
 
 
@@ -195,42 +195,56 @@ def test_an_interactive_job_finishes_in_its_idle_number_of_calls_despite_a_bulk_
     assert calls_to_finish(backlog=24) == calls_to_finish(backlog=0) == 2 + 6
 
 
-def test_a_bulk_job_starved_by_interactive_work_is_served_every_aging_calls_plus_one_and_finishes():
-    aging = 5
-    scheduler = StepScheduler(max_batch=8, inversion_chunk=1, aging_calls=aging)  # 4 rows
-    bulk = job(steps=3)
-    scheduler.add([bulk], priority=Priority.BULK)
-    scheduler.add([job(steps=200) for _ in range(4)], priority=Priority.INTERACTIVE)  # fill every call
-    served_at, progress = [], []
-    for call in range(1, 60):
-        plan = run_call(scheduler)
-        if any(piece.job is bulk for piece in plan.slices):
-            served_at.append(call)
-        progress.append((bulk.inversion_done, bulk.generation_done))
-        if bulk.status is JobStatus.DECODED:
-            break
-    assert bulk.status is JobStatus.DECODED  # not starved
-    gaps = [b - a for a, b in zip([0, *served_at], served_at)]
-    assert gaps == [aging + 1] * 6  # exactly the documented bound: `aging` calls without a row, then one
-    assert progress == sorted(progress)  # its cursors only move forward: no work restarted or lost
+def test_the_row_budget_keeps_bulk_to_its_floor_while_interactive_work_runs():
+    def first_call(row_budget):
+        scheduler = StepScheduler(max_batch=16, inversion_chunk=1, aging_calls=8, row_budget=row_budget)
+        scheduler.add([job(steps=4) for _ in range(12)], priority=Priority.BULK)
+        scheduler.add([job(steps=4)], priority=Priority.INTERACTIVE)
+        plan = scheduler.plan()
+        return [scheduler.priority_of(piece.job) for piece in plan.slices]
+
+    # A CPU-like budget (a call costs in proportion to its rows): the interactive row and the floor, ceil(12 / 8).
+    assert first_call(lambda interactive_rows: interactive_rows) == [Priority.INTERACTIVE] + [Priority.BULK] * 2
+    # A GPU-like budget (a full call costs about as much as a small one): bulk fills the call.
+    assert first_call(lambda interactive_rows: 8) == [Priority.INTERACTIVE] + [Priority.BULK] * 7
 
 
-def test_many_aged_bulk_jobs_wait_at_most_aging_plus_their_share_of_calls():
-    aging, rows = 4, 2
-    scheduler = StepScheduler(max_batch=2 * rows, inversion_chunk=1, aging_calls=aging)
-    bulk = [job(steps=4) for _ in range(5)]
+def test_no_bulk_job_waits_k_interactive_calls_however_busy_interactive_work_keeps_every_call():
+    aging = 4
+    scheduler = StepScheduler(max_batch=8, inversion_chunk=1, aging_calls=aging, row_budget=lambda rows: rows)
+    bulk = [job(steps=3) for _ in range(7)]
     scheduler.add(bulk, priority=Priority.BULK)
-    scheduler.add([job(steps=250) for _ in range(rows)], priority=Priority.INTERACTIVE)
-    bound = aging + -(-len(bulk) // rows)  # aging_calls + ceil(A / rows)
-    worst = 0
+    scheduler.add([job(steps=250) for _ in range(4)], priority=Priority.INTERACTIVE)  # would fill every call
+    worst, progress = 0, {b: [] for b in bulk}
     for _ in range(200):
-        run_call(scheduler)
-        waiting = [scheduler.waited_calls(b) for b in bulk if b.status.diffusing]
+        plan = run_call(scheduler)
+        assert plan.rows <= 4
+        assert any(scheduler.priority_of(piece.job) is Priority.INTERACTIVE for piece in plan.slices)
+        waiting = [scheduler.starved_calls(b) for b in bulk if b.status.diffusing]
         if not waiting:
             break
         worst = max(worst, *waiting)
-    assert all(b.status is JobStatus.DECODED for b in bulk)
-    assert aging <= worst <= bound
+        for b in bulk:
+            progress[b].append((b.inversion_done, b.generation_done))
+    assert all(b.status is JobStatus.DECODED for b in bulk)  # no starvation
+    assert worst < aging  # the floor served each before it waited K calls
+    assert all(steps == sorted(steps) for steps in progress.values())  # cursors only move on: nothing restarted
+
+
+def test_with_one_row_per_call_an_aged_bulk_job_takes_every_k_plus_first_call():
+    aging = 3
+    scheduler = StepScheduler(max_batch=2, inversion_chunk=1, aging_calls=aging)  # one row: no room for a floor
+    bulk = job(steps=2)
+    scheduler.add([bulk], priority=Priority.BULK)
+    scheduler.add([job(steps=100)], priority=Priority.INTERACTIVE)
+    served_at = []
+    for call in range(1, 40):
+        if any(piece.job is bulk for piece in run_call(scheduler).slices):
+            served_at.append(call)
+        if bulk.status is JobStatus.DECODED:
+            break
+    assert bulk.status is JobStatus.DECODED
+    assert served_at == [4, 8, 12, 16]  # K calls without a row, then one: the documented bound, exactly
 
 
 def test_two_bulk_clients_share_the_rows_whatever_their_concurrency():
@@ -252,11 +266,21 @@ def test_an_aged_job_of_another_latent_shape_gets_its_own_call():
     assert keys.count(other_shape.batch_key) == 1 and keys[-1] == other_shape.batch_key
 
 
+def test_bulk_only_calls_do_not_age_anyone():
+    scheduler = StepScheduler(max_batch=4, inversion_chunk=1, aging_calls=2)
+    bulk = [job(steps=4) for _ in range(6)]
+    scheduler.add(bulk, priority=Priority.BULK)
+    for _ in range(6):
+        plan = run_call(scheduler)
+        assert [piece.job for piece in plan.slices] == bulk[:2]  # oldest first, no churn
+    assert all(scheduler.starved_calls(b) == 0 for b in bulk)
+
+
 def test_rows_left_counts_the_work_ahead_of_a_priority():
     scheduler = StepScheduler(max_batch=16, inversion_chunk=8)
     scheduler.add([job(steps=4)], priority=Priority.INTERACTIVE)
     scheduler.add([job(steps=5), job(steps=5)], priority=Priority.BULK)
     assert scheduler.rows_left(Priority.INTERACTIVE) == 8
     assert scheduler.rows_left(Priority.BULK) == 28
-    run_call(scheduler)  # 4 + 4 inversion rows (the interactive job's 4, then bulk's first 4)
+    run_call(scheduler)  # the interactive job's 4 inversion rows, the floor's 1, then 3 more bulk rows
     assert scheduler.rows_left(Priority.INTERACTIVE) == 4 and scheduler.rows_left(Priority.BULK) == 20

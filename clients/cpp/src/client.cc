@@ -5,12 +5,52 @@
 #include <stdexcept>
 #include <thread>
 
+#include <google/protobuf/any.pb.h>
+#include <google/protobuf/duration.pb.h>
+#include <google/protobuf/unknown_field_set.h>
+
 namespace masquerade {
 
 RpcError::RpcError(grpc::StatusCode code, const std::string& message)
     : std::runtime_error(std::string(CodeName(code)) + ": " + message), code_(code), message_(message) {}
 
+RpcError::RpcError(const grpc::Status& status) : RpcError(status.error_code(), status.error_message()) {
+  retry_delay_ = RetryDelayOf(status);
+}
+
 const char* RpcError::code_name() const noexcept { return CodeName(code_); }
+
+namespace {
+
+// The length-delimited values of field `number` in a serialized message, read without its schema.
+std::vector<std::string> FieldsOf(const std::string& bytes, int number) {
+  google::protobuf::UnknownFieldSet fields;
+  std::vector<std::string> found;
+  if (!fields.ParseFromString(bytes)) return found;
+  for (int i = 0; i < fields.field_count(); ++i) {
+    const auto& field = fields.field(i);
+    if (field.number() == number && field.type() == google::protobuf::UnknownField::TYPE_LENGTH_DELIMITED) {
+      found.push_back(field.length_delimited());
+    }
+  }
+  return found;
+}
+
+}  // namespace
+
+std::optional<std::chrono::milliseconds> RetryDelayOf(const grpc::Status& status) {
+  // google.rpc.Status {3: repeated google.protobuf.Any details}; RetryInfo {1: google.protobuf.Duration}.
+  for (const std::string& detail : FieldsOf(status.error_details(), 3)) {
+    google::protobuf::Any any;
+    if (!any.ParseFromString(detail) || any.type_url() != "type.googleapis.com/google.rpc.RetryInfo") continue;
+    google::protobuf::Duration delay;
+    const auto durations = FieldsOf(any.value(), 1);
+    if (!durations.empty() && !delay.ParseFromString(durations.front())) return std::nullopt;
+    const auto ms = std::chrono::milliseconds(delay.seconds() * 1000 + delay.nanos() / 1000000);
+    return ms.count() < 0 ? std::chrono::milliseconds(0) : ms;
+  }
+  return std::nullopt;
+}
 
 const char* CodeName(grpc::StatusCode code) noexcept {
   static const char* const kNames[] = {
@@ -65,18 +105,41 @@ Client::Client(const std::string& target, ClientOptions options, std::shared_ptr
 }
 
 void Client::Prepare(grpc::ClientContext& context) const {
-  context.set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  Prepare(context, std::chrono::system_clock::now() + options_.timeout);
+}
+
+void Client::Prepare(grpc::ClientContext& context, std::chrono::system_clock::time_point deadline) const {
+  context.set_deadline(deadline);
   if (!options_.token.empty()) context.AddMetadata("authorization", "Bearer " + options_.token);
 }
 
 v1::AnonymizeResponse Client::AnonymizeStream(const v1::AnonymizeRequest& request, const EventCallback& on_event) {
+  const auto deadline = std::chrono::system_clock::now() + options_.timeout;
+  for (int attempt = 1;; ++attempt) {
+    bool started = false;
+    try {
+      return AnonymizeStreamOnce(request, on_event, deadline, started);
+    } catch (const RpcError& error) {
+      const auto delay = error.retry_delay();
+      const bool retry = !started && error.code() == grpc::StatusCode::RESOURCE_EXHAUSTED && delay.has_value() &&
+                         attempt < options_.retry_info_attempts && *delay <= kMaxRetryDelay &&
+                         std::chrono::system_clock::now() + *delay < deadline;
+      if (!retry) throw;
+      std::this_thread::sleep_for(*delay);  // the server's RetryInfo delay
+    }
+  }
+}
+
+v1::AnonymizeResponse Client::AnonymizeStreamOnce(const v1::AnonymizeRequest& request, const EventCallback& on_event,
+                                                  std::chrono::system_clock::time_point deadline, bool& started) {
   grpc::ClientContext context;
-  Prepare(context);
+  Prepare(context, deadline);
   auto reader = stub_->AnonymizeStream(&context, request);
   v1::AnonymizeEvent event;
   v1::AnonymizeResponse result;
   bool has_result = false;
   while (reader->Read(&event)) {
+    started = true;
     if (on_event) {
       try {
         on_event(event);

@@ -3,7 +3,8 @@
 // clients/go/build.sh): one deadline per call, retries of UNAVAILABLE by gRPC
 // itself (the channel's service config: the same retryPolicy as the Python,
 // TypeScript and C++ clients), TLS / mutual TLS and a bearer token from Options,
-// and *Error for every failure.
+// RESOURCE_EXHAUSTED with RetryInfo retried after the server's delay, and *Error
+// for every failure.
 //
 // grpc-go before 1.40 applies a retryPolicy only with GRPC_GO_RETRY=on set before
 // it initializes: import _ "masquerade/clients/go/retryenv" first in package main
@@ -55,11 +56,24 @@ type Options struct {
 	KeyFile  string
 	// Token is sent as "authorization: Bearer <token>" metadata on every call.
 	Token string
+	// RetryInfoAttempts is the attempts in all for an answer RESOURCE_EXHAUSTED that
+	// carries a google.rpc.RetryInfo (a per-client quota, the queue): the client
+	// waits the server's delay and sends again, the same in all four clients, only
+	// before the first event, never past the deadline and never for a delay over
+	// MaxRetryDelay (then the *Error, whose RetryDelay holds the advice, is
+	// returned). Default 4; 1 never retries.
+	RetryInfoAttempts int
 }
+
+// MaxRetryDelay is the longest RetryInfo delay a client waits before retrying by itself.
+const MaxRetryDelay = 30 * time.Second
 
 func (o Options) withDefaults() Options {
 	if o.Timeout <= 0 {
 		o.Timeout = 300 * time.Second
+	}
+	if o.RetryInfoAttempts <= 0 {
+		o.RetryInfoAttempts = 4
 	}
 	return o
 }
@@ -151,25 +165,62 @@ func (c *Client) Close() error { return c.conn.Close() }
 func (c *Client) AnonymizeStream(ctx context.Context, req *pb.AnonymizeRequest, onEvent func(*pb.AnonymizeEvent) error) (*pb.AnonymizeResponse, error) {
 	ctx, cancel := c.callContext(ctx) // cancel also frees the server's slot if onEvent gives up
 	defer cancel()
+	for attempt := 1; ; attempt++ {
+		result, started, err := c.anonymizeStreamOnce(ctx, req, onEvent)
+		if err == nil || started {
+			return result, err
+		}
+		wait, retry := c.waitBeforeRetry(ctx, err, attempt)
+		if !retry {
+			return nil, err
+		}
+		select { // the server's RetryInfo delay
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return nil, err
+		}
+	}
+}
+
+// waitBeforeRetry says whether to send again after attempt failed with err, and after how long.
+func (c *Client) waitBeforeRetry(ctx context.Context, err error, attempt int) (time.Duration, bool) {
+	var merr *Error
+	if !errors.As(err, &merr) || merr.Code != codes.ResourceExhausted || attempt >= c.opts.RetryInfoAttempts {
+		return 0, false
+	}
+	delay, ok := merr.RetryDelay()
+	if !ok || delay > MaxRetryDelay {
+		return 0, false
+	}
+	if deadline, has := ctx.Deadline(); has && delay >= time.Until(deadline) {
+		return 0, false
+	}
+	return delay, true
+}
+
+// anonymizeStreamOnce is one AnonymizeStream call; started is true once an event arrived.
+func (c *Client) anonymizeStreamOnce(ctx context.Context, req *pb.AnonymizeRequest, onEvent func(*pb.AnonymizeEvent) error) (*pb.AnonymizeResponse, bool, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	stream, err := c.Raw.AnonymizeStream(ctx, req)
 	if err != nil {
-		return nil, fromError(err)
+		return nil, false, fromError(err)
 	}
-	for {
+	for started := false; ; started = true {
 		event, err := stream.Recv()
 		if err == io.EOF {
-			return nil, &Error{Code: codes.Internal, Message: "the stream ended without a result event"}
+			return nil, true, &Error{Code: codes.Internal, Message: "the stream ended without a result event"}
 		}
 		if err != nil {
-			return nil, fromError(err)
+			return nil, started, fromError(err)
 		}
 		if onEvent != nil {
 			if err := onEvent(event); err != nil {
-				return nil, err
+				return nil, true, err
 			}
 		}
 		if result := event.GetResult(); result != nil {
-			return result, nil
+			return result, true, nil
 		}
 	}
 }

@@ -3,7 +3,9 @@ package masquerade
 import (
 	"errors"
 	"fmt"
+	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -33,6 +35,26 @@ var (
 func (e *Error) CodeName() string { return CodeName(e.Code) }
 
 func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.CodeName(), e.Message) }
+
+// RetryDelay is how long the server asked the caller to wait before retrying
+// (the google.rpc.RetryInfo detail of RESOURCE_EXHAUSTED: a per-client quota,
+// the queue); ok is false when the status carries no such advice.
+func (e *Error) RetryDelay() (delay time.Duration, ok bool) {
+	if e.status == nil {
+		return 0, false
+	}
+	for _, detail := range e.status.Details() {
+		if info, isRetryInfo := detail.(*errdetails.RetryInfo); isRetryInfo {
+			d := info.GetRetryDelay()
+			delay = time.Duration(d.GetSeconds())*time.Second + time.Duration(d.GetNanos())
+			if delay < 0 {
+				delay = 0
+			}
+			return delay, true
+		}
+	}
+	return 0, false
+}
 
 // GRPCStatus lets status.FromError and status.Code see through the wrapper.
 func (e *Error) GRPCStatus() *status.Status {

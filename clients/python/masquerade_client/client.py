@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from masquerade_client import video
-from masquerade_client.errors import MasqueradeError, Unavailable, from_rpc_error
+from masquerade_client.errors import MasqueradeError, Unavailable, from_rpc_error, retry_delay
 from masquerade_client.v1 import anonymizer_pb2 as pb2
 from masquerade_client.v1 import anonymizer_pb2_grpc as pb2_grpc
 
@@ -36,6 +36,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _METHODS = {name.lower(): number for name, number in pb2.Method.items()}
 _FORMATS = {name.lower(): number for name, number in pb2.ImageFormat.items()}
+_PRIORITIES = {name.removeprefix("PRIORITY_").lower(): number for name, number in pb2.Priority.items()}
 
 
 @dataclass(frozen=True)
@@ -46,18 +47,37 @@ class RetryPolicy:
     ``min(initial_backoff_s * multiplier**(n-1), max_backoff_s)`` before retry n, and never
     past the call's deadline. AnonymizeBatch is never retried: the server may already be
     running what was sent.
+
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail (a per-client quota, the server's
+    queue) is retried by the client itself, the same in all four clients: it waits the delay
+    the server gave and sends again, up to ``retry_info_attempts`` attempts in all, never
+    past the call's deadline and never for a delay over ``max_retry_delay_s`` (then the
+    ResourceExhausted error, whose ``retry_delay`` holds the advice, is raised at once).
     """
 
     max_attempts: int = 4
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
+    retry_info_attempts: int = 4
+    max_retry_delay_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_attempts <= 5:
             raise ValueError(f"max_attempts={self.max_attempts}: gRPC retries take 1 (no retry) to 5 attempts")
         if self.initial_backoff_s <= 0 or self.max_backoff_s <= 0 or self.multiplier <= 0:
             raise ValueError("initial_backoff_s, max_backoff_s and multiplier must be positive")
+        if self.retry_info_attempts < 1 or self.max_retry_delay_s < 0:
+            raise ValueError("retry_info_attempts must be >= 1 and max_retry_delay_s >= 0")
+
+    def wait_before_retry(self, error: grpc.RpcError, attempt: int, time_left: float) -> float | None:
+        """Seconds to wait before sending again after ``attempt`` failed with ``error``; None: do not retry."""
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt >= self.retry_info_attempts:
+            return None
+        delay = retry_delay(error)
+        if delay is None or delay > self.max_retry_delay_s or delay >= time_left:
+            return None
+        return delay
 
     def service_config(self) -> str:
         """The channel's service config (JSON), as the ``grpc.service_config`` channel option takes it."""
@@ -108,11 +128,13 @@ def build_request(
     max_faces: int | None = None,
     output_format: int | str | None = None,
     quality: int | None = None,
+    priority: int | str | None = None,
 ) -> pb2.AnonymizeRequest:
     """An AnonymizeRequest. Unset (None) parameters take the server's defaults.
 
     ``method``: "reverse_personalization" | "blur" | "pixelate" | "solid" or a pb2.Method value;
-    ``output_format``: "jpeg" | "png" | "webp" or a pb2.ImageFormat value (unset keeps the input's).
+    ``output_format``: "jpeg" | "png" | "webp" or a pb2.ImageFormat value (unset keeps the input's);
+    ``priority``: "interactive" | "bulk" or a pb2.Priority value (unset: the token's or the server's default).
     """
     request = pb2.AnonymizeRequest(request_id=request_id, image=image)
     if method is not None:
@@ -143,6 +165,8 @@ def build_request(
         request.output.format = _enum_value("output_format", output_format, _FORMATS)
     if quality is not None:
         request.output.quality = quality
+    if priority is not None:
+        request.priority = _enum_value("priority", priority, _PRIORITIES)
     return request
 
 
@@ -319,10 +343,17 @@ class AnonymizerClient:
     def anonymize_request(
         self, request: pb2.AnonymizeRequest, *, timeout: float | None = None
     ) -> pb2.AnonymizeResponse:
-        try:
-            return self._stub.Anonymize(request, timeout=self._timeout(timeout), metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        deadline = _Deadline(self._timeout(timeout))
+        attempt = 1
+        while True:
+            try:
+                return self._stub.Anonymize(request, timeout=max(0.001, deadline.remaining()), metadata=self._metadata)
+            except grpc.RpcError as error:
+                wait = self.retry.wait_before_retry(error, attempt, deadline.remaining())
+                if wait is None:
+                    raise from_rpc_error(error) from None
+            time.sleep(wait)  # the server's RetryInfo delay
+            attempt += 1
 
     def anonymize_stream(
         self, image: bytes, *, timeout: float | None = None, **options: Any
@@ -330,16 +361,29 @@ class AnonymizerClient:
         """Yields QUEUED, FACES_FOUND, PROGRESS... then the RESULT event (``event.WhichOneof("event")``).
 
         Breaking out of the loop cancels the call, and the server frees the request's slots.
+        A RESOURCE_EXHAUSTED with RetryInfo before any event is retried as ``anonymize_request`` does.
         """
-        call = self._stub.AnonymizeStream(
-            build_request(image, **options), timeout=self._timeout(timeout), metadata=self._metadata
-        )
-        try:
-            yield from call
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()  # no-op once the stream has finished
+        request = build_request(image, **options)
+        deadline = _Deadline(self._timeout(timeout))
+        attempt = 1
+        while True:
+            call = self._stub.AnonymizeStream(
+                request, timeout=max(0.001, deadline.remaining()), metadata=self._metadata
+            )
+            started = False
+            try:
+                for event in call:
+                    started = True
+                    yield event
+                return
+            except grpc.RpcError as error:
+                wait = None if started else self.retry.wait_before_retry(error, attempt, deadline.remaining())
+                if wait is None:
+                    raise from_rpc_error(error) from None
+            finally:
+                call.cancel()  # no-op once the stream has finished
+            time.sleep(wait)
+            attempt += 1
 
     def anonymize_batch(
         self, requests: Iterable[pb2.AnonymizeRequest], *, timeout: float | None = None
@@ -509,24 +553,44 @@ class AsyncAnonymizerClient:
     async def anonymize_request(
         self, request: pb2.AnonymizeRequest, *, timeout: float | None = None
     ) -> pb2.AnonymizeResponse:
-        try:
-            return await self._stub.Anonymize(request, timeout=self._timeout(timeout), metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        deadline = _Deadline(self._timeout(timeout))
+        attempt = 1
+        while True:
+            try:
+                return await self._stub.Anonymize(
+                    request, timeout=max(0.001, deadline.remaining()), metadata=self._metadata
+                )
+            except grpc.RpcError as error:
+                wait = self.retry.wait_before_retry(error, attempt, deadline.remaining())
+                if wait is None:
+                    raise from_rpc_error(error) from None
+            await asyncio.sleep(wait)  # the server's RetryInfo delay
+            attempt += 1
 
     async def anonymize_stream(
         self, image: bytes, *, timeout: float | None = None, **options: Any
     ) -> AsyncIterator[pb2.AnonymizeEvent]:
-        call = self._stub.AnonymizeStream(
-            build_request(image, **options), timeout=self._timeout(timeout), metadata=self._metadata
-        )
-        try:
-            async for event in call:
-                yield event
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        request = build_request(image, **options)
+        deadline = _Deadline(self._timeout(timeout))
+        attempt = 1
+        while True:
+            call = self._stub.AnonymizeStream(
+                request, timeout=max(0.001, deadline.remaining()), metadata=self._metadata
+            )
+            started = False
+            try:
+                async for event in call:
+                    started = True
+                    yield event
+                return
+            except grpc.RpcError as error:
+                wait = None if started else self.retry.wait_before_retry(error, attempt, deadline.remaining())
+                if wait is None:
+                    raise from_rpc_error(error) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(wait)
+            attempt += 1
 
     def anonymize_batch(
         self,

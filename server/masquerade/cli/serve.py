@@ -96,8 +96,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     clients.add_argument(
         "--aging-calls",
         type=int,
-        default=16,
-        help="UNet calls a ready bulk job may go without a step before it is served ahead of interactive work",
+        default=32,
+        help="K: UNet calls holding interactive work a ready bulk job may go without a step of its own",
+    )
+    clients.add_argument(
+        "--interactive-slack",
+        type=float,
+        default=1.25,
+        help="a call holding interactive work takes more bulk steps than the floor only while its measured "
+        "cost stays within this factor of the interactive steps' alone",
     )
     clients.add_argument(
         "--quota-rps", type=float, default=None, help="requests per second per client (token bucket); default none"
@@ -150,6 +157,7 @@ def config_from_args(args: argparse.Namespace):
         vae_chunk=args.vae_chunk,
         inversion_chunk=args.inversion_chunk,
         aging_calls=args.aging_calls,
+        interactive_slack=args.interactive_slack,
         **detection_config(args),
     )
     return ServerConfig(

@@ -24,10 +24,12 @@ import torch
 
 from masquerade import __version__, metrics
 from masquerade.engine.diffusion import DiffusionCore
+from masquerade.engine.estimate import StepTimeModel, estimate_seconds
 from masquerade.engine.front_end import DetectionDefaults, FaceFrontEnd, PreparedRequest, detector_model_dir
 from masquerade.engine.job import FaceJob
-from masquerade.engine.job_state import JobStatus, Phase
+from masquerade.engine.job_state import JobStatus, Phase, Priority
 from masquerade.engine.memory import MemoryReturner
+from masquerade.engine.priority_pool import PriorityThreadPool
 from masquerade.engine.request import (
     MAX_STEPS,
     AnonymizeResult,
@@ -48,7 +50,7 @@ from masquerade.engine.request import (
     Timings,
 )
 from masquerade.engine.runner import SliceResult
-from masquerade.engine.scheduler import StepPlan, StepScheduler, StepUpdate
+from masquerade.engine.scheduler import DEFAULT_AGING_CALLS, StepPlan, StepScheduler, StepUpdate
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,10 @@ class EngineConfig:
     """Faces per VAE encode/decode call: bounds the fp32 VAE's memory next to the UNet's."""
     preprocess_threads: int = 2
     aging_calls: int = DEFAULT_AGING_CALLS
-    """UNet calls a ready bulk job may go without a row before it is served ahead of interactive work."""
+    """K: calls holding interactive rows a ready bulk job may go without a row (engine/scheduler.py)."""
+    interactive_slack: float = 1.25
+    """A call holding interactive rows takes more bulk rows than the floor only while its measured cost
+    stays within this factor of the interactive rows' alone (on a GPU a fuller call costs little more)."""
     defaults: ReversePersonalizationParams = field(default_factory=ReversePersonalizationParams)
 
     def validated(self) -> EngineConfig:
@@ -107,6 +112,7 @@ class EngineConfig:
             (self.max_faces >= 1, f"max_faces must be at least 1, got {self.max_faces}"),
             (self.vae_chunk >= 1, f"vae_chunk must be at least 1, got {self.vae_chunk}"),
             (self.aging_calls >= 1, f"aging_calls must be at least 1, got {self.aging_calls}"),
+            (self.interactive_slack >= 1.0, f"interactive_slack must be >= 1, got {self.interactive_slack}"),
             (0.0 <= self.detection_threshold <= 1.0, f"threshold must be in [0, 1], got {self.detection_threshold}"),
             (self.min_face_size >= 0, f"min_face_size must be >= 0, got {self.min_face_size}"),
             (0.5 <= self.mask_scale <= 3.0, f"mask_scale must be in [0.5, 3], got {self.mask_scale}"),
@@ -226,10 +232,13 @@ class Engine:
             max_image_pixels=config.max_image_pixels,
             model_dir=detector_model_dir(config.models),
         )
+        self.step_times = StepTimeModel(config.max_batch // 2)
         self.scheduler = StepScheduler(
-            max_batch=config.max_batch, inversion_chunk=config.inversion_chunk, aging_calls=config.aging_calls
+            max_batch=config.max_batch,
+            inversion_chunk=config.inversion_chunk,
+            aging_calls=config.aging_calls,
+            row_budget=lambda interactive_rows: self.step_times.rows_within(interactive_rows, config.interactive_slack),
         )
-        self.step_times = StepTimeModel(self.scheduler.max_rows)
         self._client_faces: dict[str, int] = {}
         self._states: set[_RequestState] = set()
         self._owners: dict[int, _RequestState] = {}  # job id -> its request, while the job diffuses
@@ -412,18 +421,28 @@ class Engine:
         setattr(state.timings, f"{phase.value}_seconds", getattr(state.timings, f"{phase.value}_seconds") + elapsed)
         metrics.PHASE_SECONDS.labels(phase.value).observe(elapsed)
 
-    async def _in_pool(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._preprocess_pool, self._then_trim, fn, *args)
+    async def _in_pool(self, priority: Priority, fn, *args):
+        return await asyncio.wrap_future(self._preprocess_pool.submit(priority, self._then_trim, fn, *args))
+
+    @staticmethod
+    def _prepare_started(state: _RequestState, prepare):
+        """``prepare`` noting when it started: the request's time in the pool's queue ends there."""
+
+        def run(request):
+            state.work_started = time.perf_counter()
+            return prepare(request)
+
+        return run
+
+    async def run_pixel_work(self, fn, *args, priority: Priority = Priority.INTERACTIVE):
+        """``fn(*args)`` on the preprocess threads, shared with every request's pixel work: live video
+        frames (api/video_service.py) take their turn there like images do, at ``priority``."""
+        return await self._in_pool(priority, fn, *args)
 
     def _then_trim(self, fn, *args):
         """Pixel and VAE work allocates hundreds of MB for a large image, and it runs to its end
         even when its request was cancelled meanwhile: ask for a trim whenever it finishes."""
         try:
-    async def run_pixel_work(self, fn, *args):
-        """``fn(*args)`` on the preprocess threads, shared with every request's pixel work: live video
-        frames (api/video_service.py) take their turn there like images do."""
-        return await self._in_pool(fn, *args)
-
             return fn(*args)
         finally:
             self._memory.request_trim()

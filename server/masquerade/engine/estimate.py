@@ -66,18 +66,34 @@ class StepTimeModel:
         return any(average.value is not None for average in self._calls)
 
     def call_seconds(self, rows: int) -> float | None:
-        """A call's seconds at ``rows``: measured there, else scaled from the nearest measured size
-        (a call's time grows with its rows, sublinearly; linear scaling from below overestimates, from
-        above underestimates, so the nearest size is used)."""
+        """A call's seconds at ``rows``: measured there, else interpolated linearly between the nearest
+        measured sizes, else scaled in proportion from the nearest one (a CPU's cost; a GPU's grows
+        slower, so this errs towards smaller calls and longer estimates)."""
         rows = max(1, min(rows, self.max_rows))
         with self._lock:
             known = [(size, average.value) for size, average in enumerate(self._calls) if average.value is not None]
         if not known:
             return None
-        size, seconds = min(known, key=lambda pair: (abs(pair[0] - rows), -pair[0]))
-        if size == rows:
-            return seconds
-        return seconds * (rows / size) ** 0.5  # between constant (launch-bound) and linear (compute-bound)
+        below = [(size, seconds) for size, seconds in known if size <= rows]
+        above = [(size, seconds) for size, seconds in known if size >= rows]
+        if below and above:
+            (low, low_s), (high, high_s) = below[-1], above[0]
+            if low == high:
+                return low_s
+            return low_s + (high_s - low_s) * (rows - low) / (high - low)
+        size, seconds = below[-1] if below else above[0]
+        return seconds * rows / size
+
+    def rows_within(self, base_rows: int, slack: float) -> int:
+        """The most rows a call may hold while costing at most ``slack`` times a call of ``base_rows``
+        (the row budget of calls with interactive rows); every row while nothing is measured."""
+        base = self.call_seconds(base_rows)
+        if base is None:
+            return self.max_rows
+        rows = max(1, base_rows)
+        while rows < self.max_rows and self.call_seconds(rows + 1) <= slack * base:
+            rows += 1
+        return rows
 
 
 def estimate_seconds(

@@ -10,27 +10,36 @@ once a job has joined: outputs are recorded, failures and the cancels marked
 since the last call are applied (releasing tensors), and jobs that left
 diffusion are handed back. Imports neither torch nor grpc.
 
-Who goes first (docs/design.md, "Priorities"): every call is filled in this order,
+Who goes first (docs/design.md, "Priorities"). A call is filled in this order:
 
-1. *aged* bulk jobs: ready bulk jobs that got no row in the last ``aging_calls``
-   calls, oldest first;
+1. *aged* bulk jobs (below), oldest first;
 2. interactive jobs;
-3. the other bulk jobs;
+3. bulk jobs: in a call that holds interactive rows, first the *bulk floor*,
+   ``ceil(B / K)`` rows for the B ready bulk jobs that waited longest, then more
+   bulk rows only while ``row_budget`` says the call stays about as fast as its
+   interactive rows alone (the engine measures call times; on a GPU a fuller
+   call costs little, on a CPU it costs in proportion); in a call without
+   interactive rows, bulk fills the call.
 
-and within 2 and 3 the clients take turns (each client's first job, then each
-client's second, ...; admission order breaks ties), so two clients of the same
-priority share the rows whatever their concurrency. The call's latent shape is
-that of the first job in this order. Invariants: a call never exceeds
-``max_batch``; a ready bulk job goes at most ``aging_calls`` calls without a row
-before it is aged, and aged jobs are served oldest first ahead of everything
-else, so it waits at most ``aging_calls + ceil(A / rows per call)`` calls, A
-being the aged jobs ahead of it; nothing is ever restarted or thrown away:
-changing priority only changes who is in the next call.
+Within 2 and 3 the clients take turns (each client's first job, then each
+client's second, ...; admission order breaks ties), so clients of one priority
+share the rows whatever their concurrency. The call's latent shape is that of
+the first job in this order.
+
+Invariants (tested in tests/engine/test_scheduler.py on model-free jobs): a call
+never exceeds ``max_batch``; an interactive job never waits behind bulk work of
+its shape except for the floor's rows; a ready bulk job goes at most K
+(``aging_calls``) calls holding interactive rows without a row of its own: the
+floor serves the most starved first, and a job that reaches K anyway (another
+latent shape, a call of one row) is *aged*: served first, oldest first, its shape
+deciding the next call; bulk-only calls go oldest first, so a bulk job only ever
+waits for finite work; nothing is restarted or thrown away: priority decides
+only who is in the next call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -85,8 +94,8 @@ class StepUpdate:
     progressed: list[FaceJob] = field(default_factory=list)
 
 
-DEFAULT_AGING_CALLS = 16
-"""Calls a ready bulk job may go without a row before it is served ahead of interactive work."""
+DEFAULT_AGING_CALLS = 32
+"""K: calls with interactive rows a ready bulk job may go without a row (see the module docstring)."""
 
 
 @dataclass
@@ -96,13 +105,24 @@ class _Seat:
     priority: Priority
     client: str
     admitted: int  # admission order
-    last_row_call: int  # the call count when the job last got a row (or joined)
+    # Bulk only: calls that carried interactive rows while this job was ready and got none, since its last row.
+    starved: int = 0
+
+
+RowBudget = Callable[[int], int]
+"""Rows a call may hold in all when ``interactive_rows`` of them are interactive (from measured call times)."""
 
 
 class StepScheduler:
     """Holds the diffusing jobs; plans one UNet call at a time by priority and applies its outputs."""
 
-    def __init__(self, max_batch: int, inversion_chunk: int, aging_calls: int = DEFAULT_AGING_CALLS):
+    def __init__(
+        self,
+        max_batch: int,
+        inversion_chunk: int,
+        aging_calls: int = DEFAULT_AGING_CALLS,
+        row_budget: RowBudget | None = None,
+    ):
         if max_batch < 2:
             raise ValueError(f"max_batch must be at least 2 (one CFG pair), got {max_batch}")
         if inversion_chunk < 1:
@@ -112,6 +132,7 @@ class StepScheduler:
         self.max_rows = max_batch // 2
         self.inversion_chunk = inversion_chunk
         self.aging_calls = aging_calls
+        self.row_budget = row_budget  # None: a call with interactive rows may be filled to max_batch
         self._jobs: list[FaceJob] = []
         self._seats: dict[FaceJob, _Seat] = {}
         self._admitted = 0
@@ -129,19 +150,19 @@ class StepScheduler:
         for job in jobs:
             job.start()
             self._jobs.append(job)
-            self._seats[job] = _Seat(Priority(priority), client, self._admitted, self.calls)
+            self._seats[job] = _Seat(Priority(priority), client, self._admitted)
             self._admitted += 1
 
     def priority_of(self, job: FaceJob) -> Priority:
         return self._seats[job].priority
 
-    def waited_calls(self, job: FaceJob) -> int:
-        """Calls since the job last got a row (or joined)."""
-        return self.calls - self._seats[job].last_row_call
+    def starved_calls(self, job: FaceJob) -> int:
+        """Calls with interactive rows since this bulk job last got a row (0 for interactive jobs)."""
+        return self._seats[job].starved
 
     def _aged(self, job: FaceJob) -> bool:
         seat = self._seats[job]
-        return seat.priority is Priority.BULK and self.calls - seat.last_row_call >= self.aging_calls
+        return seat.priority is Priority.BULK and seat.starved >= self.aging_calls
 
     def urgency_order(self) -> list[FaceJob]:
         """The ready jobs, most urgent first: aged bulk, then interactive, then bulk (clients taking turns)."""
@@ -161,24 +182,47 @@ class StepScheduler:
 
     def plan(self) -> StepPlan | None:
         """The next call's rows, or None when no job can run (none diffusing, or all marked to stop)."""
-        ready = self.urgency_order()
-        if not ready:
+        order = self.urgency_order()
+        if not order:
             return None
-        plan = StepPlan(key=ready[0].batch_key)
-        room = self.max_rows
-        for job in ready:
-            if room == 0:
-                break
-            if job.batch_key != plan.key:
-                continue
-            if job.phase is Phase.GENERATION:
-                plan.slices.append(StepSlice(job, Phase.GENERATION, job.generation_done, 1))
-                room -= 1
-            else:
-                count = min(self.inversion_chunk, job.remaining_inversion_steps, room)
-                plan.slices.append(StepSlice(job, Phase.INVERSION, job.inversion_done, count))
-                room -= count
+        plan = StepPlan(key=order[0].batch_key)
+        fits = [job for job in order if job.batch_key == plan.key]
+        aged = [job for job in fits if self._aged(job)]
+        interactive = [job for job in fits if self._seats[job].priority is Priority.INTERACTIVE]
+        bulk = [job for job in fits if self._seats[job].priority is Priority.BULK and job not in aged]
+        for job in aged:
+            self._take(plan, job, self.max_rows)
+        if not interactive:
+            for job in bulk:
+                self._take(plan, job, self.max_rows)
+            return plan
+        # The bulk floor: enough bulk jobs get a row in every call with interactive rows that none of
+        # them waits K such calls (the most starved first); one row stays for interactive work.
+        floor = max(0, min(-(-len(bulk) // self.aging_calls), self.max_rows - plan.rows - 1)) if bulk else 0
+        for job in interactive:
+            self._take(plan, job, self.max_rows - floor)
+        interactive_rows = sum(piece.count for piece in plan.slices if piece.job in interactive)
+        by_starvation = sorted(bulk, key=lambda j: (-self._seats[j].starved, self._seats[j].admitted))
+        for job in by_starvation[:floor]:
+            self._take(plan, job, plan.rows + 1)
+        # More bulk rows only as far as the call stays about as fast as the interactive rows alone.
+        budget = self.max_rows if self.row_budget is None else self.row_budget(interactive_rows)
+        served = {piece.job for piece in plan.slices}
+        for job in bulk:
+            if job not in served:
+                self._take(plan, job, min(self.max_rows, budget))
         return plan
+
+    def _take(self, plan: StepPlan, job: FaceJob, up_to_rows: int) -> None:
+        """Adds ``job``'s next steps to ``plan`` while it holds fewer than ``up_to_rows`` rows."""
+        room = min(up_to_rows, self.max_rows) - plan.rows
+        if room <= 0:
+            return
+        if job.phase is Phase.GENERATION:
+            plan.slices.append(StepSlice(job, Phase.GENERATION, job.generation_done, 1))
+        else:
+            count = min(self.inversion_chunk, job.remaining_inversion_steps, room)
+            plan.slices.append(StepSlice(job, Phase.INVERSION, job.inversion_done, count))
 
     def update(self, outputs: Iterable[SliceOutput] = (), failures: Mapping[FaceJob, str] | None = None) -> StepUpdate:
         """Apply a call's outputs and failures, then every pending cancel; retire jobs that left.
@@ -191,12 +235,18 @@ class StepScheduler:
         outputs = list(outputs)
         if outputs or failures:
             self.calls += 1  # an idle wake (cancels only) is not a call
+        in_call = {output.slice.job for output in outputs} | set(failures or ())
+        if any(self._seats[job].priority is Priority.INTERACTIVE for job in in_call if job in self._seats):
+            for job in self._jobs:  # interactive work held this call: ready bulk jobs left out starve a call more
+                seat = self._seats[job]
+                if seat.priority is Priority.BULK and job.schedulable and job not in in_call:
+                    seat.starved += 1
         for output in outputs:
             piece, job = output.slice, output.slice.job
             if not job.schedulable:
                 continue
             seat = self._seats[job]
-            seat.last_row_call = self.calls
+            seat.starved = 0
             served = (seat.priority, seat.client)
             self.rows_served[served] = self.rows_served.get(served, 0) + piece.count
             if piece.phase is Phase.INVERSION:

@@ -1,13 +1,15 @@
 // A thin C++ client for the Masquerade anonymization server, over the stub that
 // the CMake build generates from proto/: one deadline per call, retries of
 // UNAVAILABLE by gRPC itself (the channel's service config: the same retryPolicy
-// as the Python, TypeScript and Go clients), TLS / mutual TLS and a bearer token
-// from ClientOptions, and masquerade::RpcError thrown for every failure.
+// as the Python, TypeScript and Go clients), RESOURCE_EXHAUSTED with RetryInfo
+// retried after the server's delay, TLS / mutual TLS and a bearer token from
+// ClientOptions, and masquerade::RpcError thrown for every failure.
 #pragma once
 
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -24,7 +26,7 @@ namespace v1 = ::masquerade::v1;
 class RpcError : public std::runtime_error {
  public:
   RpcError(grpc::StatusCode code, const std::string& message);
-  explicit RpcError(const grpc::Status& status) : RpcError(status.error_code(), status.error_message()) {}
+  explicit RpcError(const grpc::Status& status);
 
   grpc::StatusCode code() const noexcept { return code_; }
   // The canonical name of the code, e.g. "INVALID_ARGUMENT".
@@ -32,11 +34,21 @@ class RpcError : public std::runtime_error {
   // The server's message, e.g. "image: not a decodable JPEG, PNG or WebP".
   const std::string& message() const noexcept { return message_; }
   grpc::Status status() const { return grpc::Status(code_, message_); }
+  // How long the server asked the caller to wait before retrying (the google.rpc.RetryInfo
+  // detail of RESOURCE_EXHAUSTED: a per-client quota, the queue); empty when it gave none.
+  std::optional<std::chrono::milliseconds> retry_delay() const noexcept { return retry_delay_; }
 
  private:
   grpc::StatusCode code_;
   std::string message_;
+  std::optional<std::chrono::milliseconds> retry_delay_;
 };
+
+// The RetryInfo delay in a status's details (grpc-status-details-bin, a serialized google.rpc.Status).
+std::optional<std::chrono::milliseconds> RetryDelayOf(const grpc::Status& status);
+
+// The longest RetryInfo delay a client waits before retrying by itself.
+constexpr std::chrono::milliseconds kMaxRetryDelay{30000};
 
 // "INVALID_ARGUMENT" for grpc::StatusCode::INVALID_ARGUMENT, as in the gRPC spec.
 const char* CodeName(grpc::StatusCode code) noexcept;
@@ -59,6 +71,11 @@ struct ClientOptions {
   std::string key_file;
   // Sent as "authorization: Bearer <token>" metadata on every call.
   std::string token;
+  // Attempts in all for an answer RESOURCE_EXHAUSTED carrying google.rpc.RetryInfo: the
+  // client waits the server's delay and sends again (the same in all four clients), only
+  // before the first event, never past the deadline, never for a delay over kMaxRetryDelay
+  // (then the RpcError, whose retry_delay() holds the advice, is thrown). 1 never retries.
+  int retry_info_attempts = 4;
 };
 
 // The channel credentials the options ask for: plaintext when ca_file, cert_file
@@ -102,6 +119,10 @@ class Client {
  private:
   // Sets the deadline and the token on a call's context.
   void Prepare(grpc::ClientContext& context) const;
+  void Prepare(grpc::ClientContext& context, std::chrono::system_clock::time_point deadline) const;
+  // One AnonymizeStream call; sets started once an event arrived.
+  v1::AnonymizeResponse AnonymizeStreamOnce(const v1::AnonymizeRequest& request, const EventCallback& on_event,
+                                            std::chrono::system_clock::time_point deadline, bool& started);
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
