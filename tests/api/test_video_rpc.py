@@ -475,3 +475,18 @@ def test_a_drain_ends_live_streams_with_unavailable(spool_root, scene):
             assert raised.value.code() is grpc.StatusCode.UNAVAILABLE and "draining" in raised.value.details()
     finally:
         running.stop()
+
+
+def test_readme_video_block_runs_as_written(video_server, clip, tmp_path):
+    from readme_support import code_blocks, section
+
+    (block,) = code_blocks(section("Video over gRPC"), "python")
+    assert '"127.0.0.1:50051"' in block
+    (tmp_path / "clip.mp4").write_bytes(clip.read_bytes())
+    program = block.replace('"127.0.0.1:50051"', repr(video_server.address))
+    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("1 tracks, complete:"), done.stdout
+    assert len(lines) == 31 and lines[-1].startswith("29 (480, 640, 3) []"), done.stdout
+    assert (tmp_path / "clip-anonymized.mp4").stat().st_size > 0

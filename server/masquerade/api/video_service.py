@@ -478,7 +478,6 @@ class VideoService:
         window = asyncio.Semaphore(window_size)
         # Bounded by the window: an entry is added only after a window slot is taken.
         in_order: asyncio.Queue = asyncio.Queue()
-        served = 0
 
         async def read_frames() -> None:
             last_sequence = -1
@@ -536,7 +535,6 @@ class VideoService:
                 result.latency_seconds = latency
                 await context.write(result)
                 window.release()  # only now: gRPC has taken the result, so the slot's bytes have left
-                served += 1
                 metrics.VIDEO_FRAMES.labels("AnonymizeFrames").inc()
                 metrics.FRAME_LATENCY_SECONDS.observe(latency)
             await reader
@@ -544,7 +542,6 @@ class VideoService:
             reader.cancel()
             stream.close()
             record.faces = stream.tracks_seen
-            record.durations_ms["frames"] = float(served)
 
     def _live_stream(self, options: pb2.FrameStreamOptions) -> LiveStream:
         info = self._ready_engine().info()
