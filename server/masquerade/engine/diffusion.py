@@ -80,11 +80,13 @@ class DiffusionCore:
         clean_latent: torch.Tensor,  # [C, h, w] x_0, float32
         identity: torch.Tensor,  # [512] unit ArcFace embedding e
         params: ReversePersonalizationParams,
+        noise_index: int | None = None,  # the noise stream, if not the face's index (a video track's)
     ) -> FaceJob:
         trajectory = self.trajectory(params.steps, params.skip)
         # Edit-friendly inversion: every x_{t_i} gets its own fresh Gaussian noise (engine/noise.py).
+        stream = face_index if noise_index is None else noise_index
         noise = inversion_noise(
-            params.seed, face_index, params.noise, trajectory.steps, tuple(clean_latent.shape), self.device
+            params.seed, stream, params.noise, trajectory.steps, tuple(clean_latent.shape), self.device
         )
         # Host tables travel through pinned memory without blocking (no wait for the UNet's queue).
         x0 = host_to_device(clean_latent.detach().float(), self.device)

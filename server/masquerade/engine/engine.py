@@ -536,7 +536,14 @@ class Engine:
     def _make_jobs(self, request: EngineRequest, works) -> list[FaceJob]:
         """On a preprocess thread: one FaceJob per face (noise draws, noisy latents, coefficients)."""
         return [
-            self.core.make_job(request.request_id, work.record.index, work.clean_latent, work.identity, request.params)
+            self.core.make_job(
+                request.request_id,
+                work.record.index,
+                work.clean_latent,
+                work.identity,
+                request.params,
+                noise_index=work.noise_index,
+            )
             for work in works
         ]
 

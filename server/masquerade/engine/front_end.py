@@ -68,6 +68,7 @@ class FaceWork:
     matrix: np.ndarray = field(repr=False)  # [2, 3] original -> crop
     five_points: np.ndarray = field(repr=False)  # [5, 2] in crop coordinates
     identity: torch.Tensor | None = field(default=None, repr=False)  # [512] unit embedding
+    noise_index: int | None = None  # GivenFace.noise_index: the inversion noise stream, if not the face index
     clean_latent: torch.Tensor | None = field(default=None, repr=False)
 
 
@@ -106,15 +107,21 @@ class FaceFrontEnd:
     # ---- preprocess ------------------------------------------------------------
 
     def prepare(self, request: EngineRequest) -> PreparedRequest:
-        decoded = decode_image(request.image, max_pixels=self.max_image_pixels)
-        rgb = decoded.rgb
-        output_format = request.output.format or decoded.format
+        if request.pixels is not None:  # a video frame: raw pixels in, raw pixels out
+            rgb, output_format = request.pixels, "raw"
+        else:
+            decoded = decode_image(request.image, max_pixels=self.max_image_pixels)
+            rgb = decoded.rgb
+            output_format = request.output.format or decoded.format
         options = request.detection
         threshold = self.defaults.threshold if options.score_threshold is None else options.score_threshold
         min_face_size = self.defaults.min_face_size if options.min_face_size is None else options.min_face_size
         max_faces = options.max_faces or self.defaults.max_faces
         mask_scale = self.defaults.mask_scale if getattr(options, "mask_scale", None) is None else options.mask_scale
-        detected_faces = [None] if options.aligned else self.detector.detect(rgb, score_threshold=threshold)
+        if request.given_faces is not None:
+            detected_faces = [DetectedFace(g.box, g.landmarks, g.score) for g in request.given_faces]
+        else:
+            detected_faces = [None] if options.aligned else self.detector.detect(rgb, score_threshold=threshold)
         records = [
             FaceRecord(
                 index=index,
@@ -147,6 +154,12 @@ class FaceFrontEnd:
             works.sort(key=lambda work: work.record.index)
         if works:
             self._encode_identities(rgb, works)
+            if request.given_faces is not None:
+                for work in works:
+                    given = request.given_faces[work.record.index]
+                    work.noise_index = given.noise_index
+                    if given.identity is not None and work.identity is not None:
+                        work.identity = work.identity.new_tensor(given.identity)
         return PreparedRequest(
             rgb=rgb,
             output_format=output_format,

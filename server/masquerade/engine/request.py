@@ -130,6 +130,19 @@ class OutputOptions:
             raise InvalidRequestError("output.quality", f"must be in [1, 100], got {self.quality}")
 
 
+@dataclass(frozen=True)
+class GivenFace:
+    """A face the caller already located (a video tracker), with what stays fixed along its track."""
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the request's pixels
+    landmarks: np.ndarray = field(repr=False)  # [68, 2] float32; [0, 2]: known by its box only (covered classically)
+    score: float = 1.0
+    # Generate with this [512] unit identity instead of the crop's own ArcFace (a track's mean).
+    identity: np.ndarray | None = field(default=None, repr=False)
+    # Draw the inversion noise from (params.seed, noise_index) instead of (seed, face index): a track's stream.
+    noise_index: int | None = None
+
+
 @dataclass
 class EngineRequest:
     request_id: str
@@ -144,9 +157,15 @@ class EngineRequest:
     priority: Priority = Priority.INTERACTIVE
     client: str = ""
     deadline: float | None = None  # time.monotonic() by which the caller needs the result; None: none
+    # Video frames (masquerade.video): pixels instead of encoded bytes (the result's image is then the raw
+    # RGB bytes, format "raw"), faces given by the caller's tracker instead of detected, and the
+    # self-check left to the caller's sampling.
+    pixels: np.ndarray | None = field(default=None, repr=False)  # [H, W, 3] uint8 RGB
+    given_faces: tuple[GivenFace, ...] | None = None
+    self_check: bool = True
 
     def __post_init__(self) -> None:
-        if not self.image:
+        if not self.image and self.pixels is None:
             raise InvalidRequestError("image", "is empty; send the encoded JPEG, PNG or WebP bytes")
         if not (math.isfinite(self.classical_strength) and 0.0 < self.classical_strength <= 10.0):
             raise InvalidRequestError(

@@ -353,7 +353,11 @@ class _Run:
 
         options = self.options
         processor = EngineFrameProcessor(
-            engine, options.params, max_faces=options.max_faces, classical_strength=options.classical_strength
+            engine,
+            options.params,
+            max_faces=options.max_faces,
+            classical_strength=options.classical_strength,
+            request_prefix=self.source.name,
         )
         self.seeds = {track_id: processor.seed_for(track_id) for frame in frames for track_id in _ids(frame)}
         reader = read_frames(self.info, options.limits)
