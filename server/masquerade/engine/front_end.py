@@ -237,9 +237,11 @@ class FaceFrontEnd:
                     output, record, record.method_applied, request.classical_strength, prepared.mask_scale
                 )
         self._identity_receipts(output, prepared, generated)
-        if self.defaults.self_check and not request.detection.aligned:
+        if self.defaults.self_check and request.self_check and not request.detection.aligned:
             output = self._check_and_recover(rgb, output, prepared, request.classical_strength)
         height, width = output.shape[:2]
+        if prepared.output_format == "raw":
+            return np.ascontiguousarray(output).tobytes(), width, height
         return encode_image(output, prepared.output_format, request.output.quality), width, height
 
     def _merge(self, output: np.ndarray, work: FaceWork, generated_crop: np.ndarray, others=()) -> np.ndarray:
