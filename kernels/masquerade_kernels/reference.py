@@ -25,8 +25,16 @@ from __future__ import annotations
 
 import torch
 
-NUM_COEFFS = 8
-GUIDANCE, X0_FROM_X, X0_FROM_EPS, MEAN_FROM_X, MEAN_FROM_M, MEAN_FROM_M1, NOISE_SCALE = range(7)
+from masquerade_kernels.coefficients import (  # noqa: F401  (re-exported: callers name the columns here)
+    GUIDANCE,
+    MEAN_FROM_M,
+    MEAN_FROM_M1,
+    MEAN_FROM_X,
+    NOISE_SCALE,
+    NUM_COEFFS,
+    X0_FROM_EPS,
+    X0_FROM_X,
+)
 
 
 def _per_row(coeffs: torch.Tensor, index: int, like: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from masquerade import __version__, metrics
-from masquerade.engine.diffusion import DiffusionCore
 from masquerade.engine.estimate import StepTimeModel, estimate_seconds
 from masquerade.engine.front_end import DetectionDefaults, FaceFrontEnd, PreparedRequest, detector_model_dir
-from masquerade.engine.job import FaceJob
 from masquerade.engine.job_state import JobStatus, Phase, Priority
 from masquerade.engine.memory import MemoryReturner
 from masquerade.engine.priority_pool import PriorityThreadPool
@@ -49,8 +46,11 @@ from masquerade.engine.request import (
     ReversePersonalizationParams,
     Timings,
 )
-from masquerade.engine.runner import SliceResult
 from masquerade.engine.scheduler import DEFAULT_AGING_CALLS, StepPlan, StepScheduler, StepUpdate
+
+if TYPE_CHECKING:  # torch-using modules: imported only when reverse personalization is loaded (design.md)
+    from masquerade.engine.job import FaceJob
+    from masquerade.engine.runner import SliceResult
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,10 @@ class RequestHandle:
 def _resolve_model_dir(models: str) -> tuple[Path | None, str]:
     """Where to load from, or (None, why not) for a classical-only server."""
     from masquerade.models.layout import ModelLayout, default_model_dir, tiny_model_dir
-    from masquerade.models.tiny import TINY_MARKER, make_tiny
 
     if models == "tiny":
+        from masquerade.models.tiny import TINY_MARKER, make_tiny
+
         root = tiny_model_dir()
         if not (root / TINY_MARKER).is_file():
             make_tiny(root)
@@ -205,6 +206,9 @@ class Engine:
     def __init__(self, config: EngineConfig, models=None, unavailable_reason: str = ""):
         self.config = config.validated()
         self.models = models
+        if models is not None:
+            # torch, the UNet runner and the VAE: only an engine with weights loads them.
+            from masquerade.engine.diffusion import DiffusionCore
         self.core = (
             DiffusionCore(
                 models,
@@ -255,12 +259,12 @@ class Engine:
     @classmethod
     def build(cls, config: EngineConfig) -> Engine:
         """Load models as configured (blocking: seconds for tiny, minutes for SDXL)."""
-        from masquerade.models.loader import load_models
-
         root, reason = _resolve_model_dir(config.models)
         if root is None:
             log.warning("serving classical methods only: %s", reason)
             return cls(config, None, reason)
+        from masquerade.models.loader import load_models  # torch and diffusers: only when there are weights
+
         models = load_models(root, device=config.device, attention=config.attention)
         return cls(config, models)
 
@@ -524,6 +528,8 @@ class Engine:
         decoded_jobs = [job for job in jobs if job.status is JobStatus.DECODED]
         generated = {}
         if decoded_jobs:
+            import torch  # already loaded: jobs exist only on an engine with weights
+
             latents = torch.stack([job.latent for job in decoded_jobs])
             for job in decoded_jobs:
                 job.finish()  # the stacked copy is all the decode needs

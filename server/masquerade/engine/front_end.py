@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from masquerade.engine.request import (
     EngineRequest,
@@ -26,6 +26,9 @@ from masquerade.face.classical import apply_classical, cover_region
 from masquerade.face.detect import DEFAULT_DETECTOR, DEFAULT_THRESHOLD, DetectedFace, FaceDetector
 from masquerade.face.image_io import decode_image, encode_image
 from masquerade.face.selfcheck import SelfCheck
+
+if TYPE_CHECKING:  # tensors exist only on an engine with weights; the classical path never loads torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +276,8 @@ class FaceFrontEnd:
         measured = [w for w in prepared.works if w.record.index in generated and w.identity is not None]
         if not measured:
             return
+        import torch  # already loaded with the DiffusionCore
+
         # Baseline: the VAE round trip of each face, i.e. what reconstruction alone keeps.
         round_trips = self.core.decode(torch.stack([w.clean_latent for w in measured]))
         crops = [arcface_crop(crop, w.five_points) for w, crop in zip(measured, round_trips)]

@@ -26,9 +26,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PER_FACE = "per_face"
-RESEARCH = "research"
-NOISE_MODES = (PER_FACE, RESEARCH)
+from masquerade.engine.request import NOISE_MODES
+
+PER_FACE, RESEARCH = NOISE_MODES
 
 
 def face_noise_seed(seed: int, face_index: int) -> int:

