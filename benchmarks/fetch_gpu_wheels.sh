@@ -4,8 +4,9 @@
 # triton, transformers 5, huggingface-hub 1.33, safetensors 0.8, accelerate, peft, onnx, onnxruntime,
 # numpy, Pillow, requests, regex, filelock, zipp, opencv, pytest, pytest-timeout):
 #   .whl/        diffusers (Requires-Dist: importlib_metadata, filelock, huggingface-hub>=1.32,
-#                numpy, regex, requests, safetensors>=0.8, Pillow) and importlib_metadata, the one
-#                requirement the image does not have
+#                numpy, regex, requests, safetensors>=0.8, Pillow). Installed --no-deps: its
+#                importlib_metadata requirement is not carried, as diffusers on Python 3.12 reads
+#                the standard library's importlib.metadata and never imports the backport
 #   .whl/maybe/  peft: the image's version is not recorded; gpu_check.sh installs this one only
 #                where the image's is missing or older
 # Usage: benchmarks/fetch_gpu_wheels.sh [python-version, default 3.12]
@@ -19,7 +20,7 @@ download() {
     --platform any "$@"
 }
 rm -rf .whl && mkdir -p .whl/maybe
-download -d .whl diffusers==0.42.1 importlib_metadata
+download -d .whl diffusers==0.42.1
 download -d .whl/maybe peft==0.21.2
 du -sh .whl
 ls .whl .whl/maybe

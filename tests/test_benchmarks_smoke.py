@@ -31,5 +31,7 @@ def test_engine_bench_smoke_writes_its_json(tmp_path: Path) -> None:
     # The last line is the summary object gpu_check.sh ends with; GPU-only figures are null on CPU.
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert last == report["summary"] and last["device"] == "cpu" and not last["measured_on_gpu"]
-    assert last["s_per_face_idle_default_params"] > 0 and last["peak_gpu_memory_gib"] is None
-    assert set(last["unet_ms_per_call"]) == {"2", "4"}
+    assert last["s_per_face_idle"] > 0 and last["peak_gpu_gib"] == "n/a: cpu"
+    assert set(last["ms_per_call_eager"]) == {"2", "4"}
+    assert set(last["tflop_per_face"]) == {"2", "4"} and all(v > 0 for v in last["tflop_per_face"].values())
+    assert last["ms_per_call"] == {"2": "off (--no-compile)", "4": "off (--no-compile)"}
