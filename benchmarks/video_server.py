@@ -25,6 +25,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-file", action="store_true", help="skip the AnonymizeVideo vs CLI comparison")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "video_server.json")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the spawned server is stopped too
     if args.quick:
         args.frames, args.seconds, args.clip_seconds = 30, 4.0, 3
 

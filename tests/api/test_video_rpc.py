@@ -490,3 +490,23 @@ def test_readme_video_block_runs_as_written(video_server, clip, tmp_path):
     assert lines[0].startswith("1 tracks, complete:"), done.stdout
     assert len(lines) == 31 and lines[-1].startswith("29 (480, 640, 3) []"), done.stdout
     assert (tmp_path / "clip-anonymized.mp4").stat().st_size > 0
+
+
+def test_reverse_personalization_on_live_frames_and_a_file_through_the_engine(client, scene, tmp_path):
+    """On the tiny models: the stream's faces go through the engine's step batching, one identity per track."""
+    frames = [scene.frame(i) for i in range(3)]
+    results = list(client.stream_frames(frames, method="reverse_personalization", steps=2, window=3))
+    assert [r.sequence for r in results] == [0, 1, 2]
+    for index, (frame, result) in enumerate(zip(frames, results)):
+        assert result.error is None and len(result.faces) == 1, result
+        face = result.faces[0]
+        assert face.method_applied == pb2.REVERSE_PERSONALIZATION and face.status == pb2.ANONYMIZED, face
+        assert region_changed(frame, result.image, scene.box(index)), f"frame {index}: the face is not covered"
+    assert len({r.faces[0].track_id for r in results}) == 1
+
+    short = write_clip(tmp_path / "short.mp4", Scene(frames=4))
+    result = client.anonymize_video(short, method="reverse_personalization", steps=2, detect_every=2)
+    assert result.summary.frames == 4
+    (track,) = result.tracks
+    assert track.method_applied == pb2.REVERSE_PERSONALIZATION and track.status == pb2.ANONYMIZED
+    assert result.report["tracks"][0]["seed"] is not None

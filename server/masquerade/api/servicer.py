@@ -107,7 +107,9 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         self.draining = False  # set by the server when shutdown starts: requests on open streams are refused
         self.clients = clients or ClientAdmission()  # priorities and per-client quotas (api/quota.py)
         # AnonymizeVideo and AnonymizeFrames (api/video_service.py): same engine, same readiness and drain.
-        self.video = VideoService(video or VideoConfig(), self._ready_engine, draining=lambda: self.draining)
+        self.video = VideoService(
+            video or VideoConfig(), self._ready_engine, draining=lambda: self.draining, admit=self.admit_video_call
+        )
         if engine is not None:
             self.attach(engine)
 
@@ -149,6 +151,16 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         if remaining is not None:
             request.deadline = time.monotonic() + remaining
         return engine.submit(request)
+
+    def admit_video_call(self, asked: int, context: grpc.aio.ServicerContext) -> Priority:
+        """A video call's effective priority (``asked``: the proto's value), counted once against the
+        caller's quota as one request; raises QuotaExceededError as ``_submit`` does."""
+        principal = current_principal()
+        token_policy = principal.policy if principal is not None else None
+        client = client_name(
+            principal.token_id if principal is not None else None, token_policy, _certificate_name(context)
+        )
+        return self.clients.admit(client, self.clients.policy_for(token_policy), convert.priority_from_proto(asked))
 
     @staticmethod
     def _access(rpc: str, message: pb2.AnonymizeRequest | None, context: grpc.aio.ServicerContext) -> AccessRecord:

@@ -30,10 +30,11 @@ import numpy as np
 from masquerade import metrics
 from masquerade.api import convert
 from masquerade.api.access_log import AccessRecord
-from masquerade.api.errors import code_number, status_for
+from masquerade.api.errors import code_number, status_for, status_trailers
 from masquerade.api.protos import pb2
 from masquerade.api.video_spool import DEFAULT_MAX_VIDEO_BYTES, SpoolEntry, VideoSpool
 from masquerade.engine import request as et
+from masquerade.engine.job_state import Priority
 from masquerade.errors import InvalidRequestError, MethodUnavailableError, QueueFullError
 
 if TYPE_CHECKING:
@@ -149,11 +150,18 @@ class VideoService:
     """Serves the two video RPCs for ``AnonymizerServicer`` (which owns the engine and its readiness)."""
 
     def __init__(
-        self, config: VideoConfig, ready_engine: Callable[[], Engine], *, draining: Callable[[], bool] = lambda: False
+        self,
+        config: VideoConfig,
+        ready_engine: Callable[[], Engine],
+        *,
+        draining: Callable[[], bool] = lambda: False,
+        admit: Callable[[int, grpc.aio.ServicerContext], Priority] | None = None,
     ):
         self.config = config
         self._ready_engine = ready_engine
         self._draining = draining
+        # The caller's effective priority, and one request counted against its quota (api/quota.py).
+        self._admit = admit or (lambda asked, context: Priority.INTERACTIVE)
         self.spool = VideoSpool(
             config.spool_dir, max_file_bytes=config.max_video_bytes, max_total_bytes=config.spool_bytes
         )
@@ -212,7 +220,7 @@ class VideoService:
         if failure is not None:
             code, details = _status(failure, record.request_id)
             record.finish(code)
-            await context.abort(code, details)
+            await context.abort(code, details, status_trailers(failure, code, details))
         record.finish(grpc.StatusCode.OK)
 
     async def _serve_video(
@@ -235,6 +243,7 @@ class VideoService:
         record.method = _method_label(start.method)
         options = self._video_options(start)
         engine = self._engine_for(options.method)
+        self._admit(start.priority, context)
         filename = start.filename or "video.mp4"
         self._check_container(filename)
         if start.HasField("size_bytes"):
@@ -451,7 +460,7 @@ class VideoService:
         if failure is not None:
             code, details = _status(failure, record.request_id)
             record.finish(code)
-            await context.abort(code, details)
+            await context.abort(code, details, status_trailers(failure, code, details))
         record.finish(grpc.StatusCode.OK)
 
     async def _serve_frames(
@@ -466,7 +475,8 @@ class VideoService:
         options = first.options
         record.request_id = options.stream_id[: convert.MAX_REQUEST_ID_CHARS]
         record.method = _method_label(options.method)
-        stream = self._live_stream(options)
+        priority = self._admit(options.priority, context)
+        stream = self._live_stream(options, priority)
         window_size = (
             options.window if options.HasField("window") else min(DEFAULT_FRAME_WINDOW, self.config.max_frame_window)
         )
@@ -543,7 +553,7 @@ class VideoService:
             stream.close()
             record.faces = stream.tracks_seen
 
-    def _live_stream(self, options: pb2.FrameStreamOptions) -> LiveStream:
+    def _live_stream(self, options: pb2.FrameStreamOptions, priority: Priority) -> LiveStream:
         info = self._ready_engine().info()
         method = convert.method_from_proto(options.method, info.default_method)
         engine = self._engine_for(method)
@@ -576,6 +586,7 @@ class VideoService:
             output_format=convert.FORMAT_FROM_PROTO[options.format],
             quality=quality,
             max_pixels=self.config.max_video_pixels,
+            priority=priority,
         )
 
 
@@ -615,6 +626,7 @@ class LiveStream:
         output_format: str | None,
         quality: int,
         max_pixels: int,
+        priority: Priority = Priority.INTERACTIVE,
     ):
         from masquerade.video.frames import ClassicalFrameProcessor
         from masquerade.video.tracking import LiveFaceTracker
@@ -624,6 +636,7 @@ class LiveStream:
         self.output_format = output_format
         self.quality = quality
         self.max_pixels = max_pixels
+        self.priority = priority  # the stream's turn in the engine's preprocess pool
         self.tracker = LiveFaceTracker(engine.front_end.detector, tracking, threshold=threshold)
         if method.is_classical:
             self._classical = ClassicalFrameProcessor(method.value, strength, mask_scale)
@@ -684,7 +697,7 @@ class LiveStream:
         return await self._in_pool(self._result, message, frame, covered, faces, outcomes)
 
     async def _in_pool(self, fn, *args):
-        return await self.engine.run_pixel_work(fn, *args)
+        return await self.engine.run_pixel_work(fn, *args, priority=self.priority)
 
     def _decode(self, message: pb2.FrameRequest) -> _DecodedFrame:
         from masquerade.face.image_io import decode_image
