@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=4, help="AnonymizeFrames window")
     parser.add_argument("--clip-seconds", type=int, default=10, help="length of the AnonymizeVideo/CLI clip")
     parser.add_argument("--skip-file", action="store_true", help="skip the AnonymizeVideo vs CLI comparison")
+    parser.add_argument(
+        "--live-detect-max-side", type=int, default=None, help="the server's flag (default: the server's default)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "video_server.json")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the spawned server is stopped too
@@ -244,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MASQUERADE_MODEL_DIR"] = str(workdir / "no-models")  # classical methods only
         print("building 720p frames ...", flush=True)
         frames = live_frames(90)
-        server = SpawnedServer(
-            "default", ["--max-frame-window", "16", "--video-spool-dir", str(workdir / "spool"), "--no-http"], "cpu"
-        )
+        server_args = ["--max-frame-window", "16", "--video-spool-dir", str(workdir / "spool"), "--no-http"]
+        if args.live_detect_max_side is not None:
+            server_args += ["--live-detect-max-side", str(args.live_detect_max_side)]
+        server = SpawnedServer("default", server_args, "cpu")
         try:
             load_before = os.getloadavg()
             print("live, one stream, 720p blur, detect_every 3:", flush=True)
@@ -269,7 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _machine(),
         "load_average_at_start": load_before,
         "quick": args.quick,
-        "config": {"width": WIDTH, "height": HEIGHT, "method": "blur", "detect_every": 3, "window": args.window},
+        "config": {
+            "width": WIDTH,
+            "height": HEIGHT,
+            "method": "blur",
+            "detect_every": 3,
+            "window": args.window,
+            "server_args": server_args,
+        },
         "live_single": single,
         "live_four": four,
         "file": file,

@@ -510,3 +510,12 @@ def test_reverse_personalization_on_live_frames_and_a_file_through_the_engine(cl
     (track,) = result.tracks
     assert track.method_applied == pb2.REVERSE_PERSONALIZATION and track.status == pb2.ANONYMIZED
     assert result.report["tracks"][0]["seed"] is not None
+
+
+def test_live_720p_frames_are_detected_on_the_bounded_copy(video_client):
+    """--live-detect-max-side (960 by default) still finds a 110 px face in a 1280x720 frame."""
+    wide = Scene(width=1280, height=720, frames=2, face_height=110)
+    results = list(video_client.stream_frames([wide.frame(0), wide.frame(1)], method="solid", detect_every=1))
+    for index, result in enumerate(results):
+        assert [face.detected for face in result.faces] == [True], result.faces
+        assert region_changed(wide.frame(index), result.image, wide.box(index))

@@ -65,6 +65,9 @@ class VideoConfig:
     """Largest FrameStreamOptions.window a client may ask for."""
     max_video_streams: int = 8
     """AnonymizeVideo and AnonymizeFrames calls served at once; one more is RESOURCE_EXHAUSTED."""
+    live_detect_max_side: int = 960
+    """Live frames: the detector runs on a copy whose longest side is at most this (0: the full frame, as
+    for files). Live streams trade the smallest faces for latency; files never do."""
     chunk_bytes: int = 1 * MIB
     """Size of the output chunks AnonymizeVideo sends."""
 
@@ -75,6 +78,10 @@ class VideoConfig:
             (self.max_video_pixels >= 1, f"max_video_pixels must be positive, got {self.max_video_pixels}"),
             (self.max_frame_window >= 1, f"max_frame_window must be at least 1, got {self.max_frame_window}"),
             (self.max_video_streams >= 1, f"max_video_streams must be at least 1, got {self.max_video_streams}"),
+            (
+                self.live_detect_max_side == 0 or self.live_detect_max_side >= 320,
+                f"live_detect_max_side must be 0 (full frame) or at least 320, got {self.live_detect_max_side}",
+            ),
             (4096 <= self.chunk_bytes <= 16 * MIB, f"chunk_bytes must be in [4 KiB, 16 MiB], got {self.chunk_bytes}"),
         ]
         for ok, message in checks:
@@ -166,6 +173,7 @@ class VideoService:
             config.spool_dir, max_file_bytes=config.max_video_bytes, max_total_bytes=config.spool_bytes
         )
         self._slots = _Slots(config.max_video_streams)
+        self._live_detector = None
 
     def close(self) -> None:
         self.spool.close()
@@ -553,6 +561,24 @@ class VideoService:
             stream.close()
             record.faces = stream.tracks_seen
 
+    def _detector_for_live(self, engine: Engine):
+        """The engine's detector at a bounded size: the coarse level at most ``live_detect_max_side`` and no
+        fine tiles (those find faces of a few pixels in large photos at several times the cost). Shared by
+        every stream (FaceDetector is thread-safe)."""
+        if not self.config.live_detect_max_side:
+            return engine.front_end.detector
+        if self._live_detector is None:
+            from masquerade.engine.front_end import detector_model_dir
+            from masquerade.face.detect import FaceDetector
+
+            self._live_detector = FaceDetector(
+                engine.front_end.detector.kind,
+                model_dir=detector_model_dir(engine.config.models),
+                max_side=self.config.live_detect_max_side,
+                fine_pixels=0,
+            )
+        return self._live_detector
+
     def _live_stream(self, options: pb2.FrameStreamOptions, priority: Priority) -> LiveStream:
         info = self._ready_engine().info()
         method = convert.method_from_proto(options.method, info.default_method)
@@ -576,6 +602,7 @@ class VideoService:
         defaults = engine.front_end.defaults
         return LiveStream(
             engine,
+            detector=self._detector_for_live(engine),
             method=method,
             params=convert.params_from_proto(options.params, info.defaults),
             strength=strength,
@@ -626,6 +653,7 @@ class LiveStream:
         output_format: str | None,
         quality: int,
         max_pixels: int,
+        detector=None,
         priority: Priority = Priority.INTERACTIVE,
     ):
         from masquerade.video.frames import ClassicalFrameProcessor
@@ -637,7 +665,7 @@ class LiveStream:
         self.quality = quality
         self.max_pixels = max_pixels
         self.priority = priority  # the stream's turn in the engine's preprocess pool
-        self.tracker = LiveFaceTracker(engine.front_end.detector, tracking, threshold=threshold)
+        self.tracker = LiveFaceTracker(detector or engine.front_end.detector, tracking, threshold=threshold)
         if method.is_classical:
             self._classical = ClassicalFrameProcessor(method.value, strength, mask_scale)
             self._generative = None
