@@ -74,16 +74,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics-host", default="127.0.0.1", help="interface for the HTTP port (it has no TLS and no tokens)"
     )
-    parser.add_argument(
-        "--http-port",
-        type=int,
-        default=8080,
-        help="HTTP/JSON API, OpenAPI docs and web page (same tokens, TLS and limits as gRPC); 0 picks a free port",
-    )
-    parser.add_argument("--http-host", default=None, help="interface for the HTTP API (default: --host)")
-    parser.add_argument(
-        "--no-http", action="store_true", help="no HTTP API or web page (the metrics and probe port stays)"
-    )
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", metavar="PEM", help="certificate chain; with --tls-key, serve TLS only")
     security.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -136,19 +126,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--grace-seconds", type=float, default=30.0, help="after the drain, time in-flight requests get to finish"
     )
     parser.add_argument("--max-message-mib", type=int, default=64, help="gRPC receive and send message limit, MiB")
-    parser.add_argument(
-        "--max-inflight-megapixels",
-        type=float,
-        default=64.0,
-        help="decoded megapixels admitted requests hold at once (sized for 24 GB); others wait holding only "
-        "their bytes, and a larger image is refused RESOURCE_EXHAUSTED",
-    )
-    parser.add_argument(
-        "--batch-window",
-        type=int,
-        default=32,
-        help="requests of one AnonymizeBatch stream in flight (answered but unsent count) before it stops being read",
-    )
     add_video_serve_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
     parser.add_argument(
@@ -247,10 +224,6 @@ def add_video_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_video_streams,
         help="AnonymizeVideo + AnonymizeFrames calls served at once; one more gets RESOURCE_EXHAUSTED",
     )
-
-
-def video_config_from_args(args: argparse.Namespace):
-    from masquerade.api.video_service import VideoConfig
     video.add_argument(
         "--live-detect-max-side",
         type=int,
@@ -258,6 +231,10 @@ def video_config_from_args(args: argparse.Namespace):
         help="AnonymizeFrames: detect on a copy at most this many pixels on its longest side, without the "
         "small-face tiles (latency over the smallest faces); 0: the full frame, as for files",
     )
+
+
+def video_config_from_args(args: argparse.Namespace):
+    from masquerade.api.video_service import VideoConfig
 
     return VideoConfig(
         spool_dir=args.video_spool_dir,
@@ -267,11 +244,11 @@ def video_config_from_args(args: argparse.Namespace):
         max_video_pixels=args.max_video_pixels,
         max_frame_window=args.max_frame_window,
         max_video_streams=args.max_video_streams,
+        live_detect_max_side=args.live_detect_max_side,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-        live_detect_max_side=args.live_detect_max_side,
     from masquerade.api.access_log import configure_logging
 
     configure_logging(args.log_level, args.log_format)
