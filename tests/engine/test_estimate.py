@@ -37,12 +37,12 @@ def test_the_estimate_is_the_sequential_depth_alone_and_the_backlog_when_it_domi
     model.observe_preprocess(0.5, generative=True)
     model.observe_postprocess(0.25, generative=True)
     common = {"steps": 10, "inversion_chunk": 8, "generative": True, "preprocess_ahead": 0, "preprocess_threads": 2}
-    alone = estimate_seconds(model, rows_ahead=0, ready_jobs=0, **common)
+    alone = estimate_seconds(model, rows_ahead=0, call_rows=lambda own: own, **common)
     # 2 inversion calls of 8 rows (0.8 s each) + 10 generation calls of 1 row (0.1 s) + pre + post.
     assert alone == pytest.approx(0.5 + 2 * 0.8 + 10 * 0.1 + 0.25)
     # 400 rows queued ahead at 8 rows a call: 53 full calls, more than its own depth.
-    crowded = estimate_seconds(model, rows_ahead=400, ready_jobs=8, **common)
+    crowded = estimate_seconds(model, rows_ahead=400, call_rows=lambda own: 8, **common)
     assert crowded == pytest.approx(0.5 + 53 * 0.8 + 0.25)
-    waiting = estimate_seconds(model, rows_ahead=0, ready_jobs=0, **{**common, "preprocess_ahead": 4})
+    waiting = estimate_seconds(model, rows_ahead=0, call_rows=lambda own: own, **{**common, "preprocess_ahead": 4})
     assert waiting == pytest.approx(alone + 2 * 0.5)  # 4 tasks ahead on 2 threads
-    assert estimate_seconds(StepTimeModel(8), rows_ahead=0, ready_jobs=0, **common) is None
+    assert estimate_seconds(StepTimeModel(8), rows_ahead=0, call_rows=lambda own: own, **common) is None

@@ -372,10 +372,22 @@ class Engine:
             inversion_chunk=self.config.inversion_chunk,
             generative=generative,
             rows_ahead=self.scheduler.rows_left(up_to),
-            ready_jobs=len(self.scheduler),
+            call_rows=lambda own_rows: self._expected_call_rows(up_to, own_rows),
             preprocess_ahead=self._preprocess_pool.waiting(up_to),
             preprocess_threads=self.config.preprocess_threads,
         )
+
+    def _expected_call_rows(self, priority: Priority, own_rows: int) -> int:
+        """Rows of the calls a new job with ``own_rows`` will share, by the scheduler's policy (scheduler.py)."""
+        ready = self.scheduler.ready_counts()
+        interactive, bulk = ready[Priority.INTERACTIVE], ready[Priority.BULK]
+        most = self.scheduler.max_rows
+        if priority is Priority.INTERACTIVE:
+            interactive_rows = own_rows + interactive
+            floor = -(-bulk // self.scheduler.aging_calls) if bulk else 0
+            budget = self.step_times.rows_within(interactive_rows, self.config.interactive_slack)
+            return min(most, max(interactive_rows + floor, min(budget, interactive_rows + bulk)))
+        return min(most, own_rows + interactive + bulk)
 
     def estimated_waits(self) -> dict[Priority, float | None]:
         """GetServerInfo's estimate per priority, for a one-face request with the default parameters."""

@@ -11,7 +11,8 @@ calls, not calls. The model (docs/design.md, "Honest admission"):
 
 *own calls* are the job's sequential calls (``ceil(N / inversion_chunk)`` inversion calls, then N
 generation calls), *rows ahead* the steps left of the jobs that run before it (same or more urgent
-priority), and *seconds per call* the measured time of a call as full as the calls it will share.
+priority), and *seconds per call* the measured time of a call as full as the calls it will share
+(for interactive work: its rows, the bulk floor and what the row budget adds; scheduler.py).
 Nothing measured yet means no estimate: admission never refuses on a guess.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 _EWMA = 0.2  # weight of the newest sample: follows a change of load within ~10 calls
 
@@ -103,11 +105,14 @@ def estimate_seconds(
     inversion_chunk: int,
     generative: bool,
     rows_ahead: int,
-    ready_jobs: int,
+    call_rows: Callable[[int], int],
     preprocess_ahead: int,
     preprocess_threads: int,
 ) -> float | None:
-    """Seconds from now to the result of a one-face request (None: nothing measured yet)."""
+    """Seconds from now to the result of a one-face request (None: nothing measured yet).
+
+    ``call_rows(own_rows)``: the rows of a call in which the request's job has ``own_rows`` (the
+    scheduler's policy at its priority, given the jobs ready now)."""
     pre, post = model.ends(generative)
     if pre is None or post is None:
         return None
@@ -120,9 +125,8 @@ def estimate_seconds(
     chunk = min(inversion_chunk, steps, rows)
     inversion_calls = math.ceil(steps / chunk)
     own_calls = inversion_calls + steps
-    # The calls it shares hold it and (up to the call's size) one row of each job ready now.
-    generation_call = model.call_seconds(min(rows, 1 + ready_jobs))
-    inversion_call = model.call_seconds(min(rows, chunk + ready_jobs))
+    generation_call = model.call_seconds(call_rows(1))
+    inversion_call = model.call_seconds(call_rows(chunk))
     alone = inversion_calls * inversion_call + steps * generation_call
     backlog_calls = math.ceil((rows_ahead + 2 * steps) / rows)
     crowded = backlog_calls * model.call_seconds(rows) if backlog_calls > own_calls else 0.0

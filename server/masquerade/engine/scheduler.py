@@ -266,6 +266,14 @@ class StepScheduler:
         self._jobs = staying
         return update
 
+    def ready_counts(self) -> dict[Priority, int]:
+        """Jobs that may get rows in the next call, by priority."""
+        counts = dict.fromkeys(Priority, 0)
+        for job in self._jobs:
+            if job.schedulable:
+                counts[self._seats[job].priority] += 1
+        return counts
+
     def rows_left(self, up_to: Priority) -> int:
         """Steps still to compute (inversion and generation) by ready jobs of priority ``up_to`` or more urgent."""
         return sum(
