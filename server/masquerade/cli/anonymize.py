@@ -49,7 +49,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 def add_anonymize_arguments(parser: argparse.ArgumentParser) -> None:
     """The `anonymize` flags this module owns; defaults show in --help (ArgumentDefaultsHelpFormatter)."""
     parser.add_argument(
-        "inputs", nargs="+", help="image files (JPEG, PNG, WebP), videos, or folders of them, searched recursively"
+        "inputs",
+        nargs="+",
+        help="image files (JPEG, PNG, WebP, BMP, TIFF), videos, or folders of them, searched recursively",
     )
     parser.add_argument(
         "-o",
@@ -70,7 +72,46 @@ def add_anonymize_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=("auto", *files.METHOD_NAMES),
         default="auto",
-        help="auto: reverse_personalization when its model weights are present, otherwise blur (a line says why)",
+        help="auto: reverse_personalization when its model weights are present, otherwise blur (a line says why); "
+        "mosaic is pixelate; image pastes --replace-with over each face",
+    )
+    covers = parser.add_argument_group("classical covers (command line only: the server's requests take a method)")
+    covers.add_argument(
+        "--shape", choices=("ellipse", "box"), default="ellipse", help="feathered face ellipse, or the box around it"
+    )
+    covers.add_argument(
+        "--mosaic-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="pixelate/mosaic: side of the squares in pixels (default: face width / 8, so any resolution looks alike)",
+    )
+    covers.add_argument(
+        "--replace-with",
+        metavar="FILE",
+        help="--method image: this picture (its alpha respected, over the solid grey) replaces each face",
+    )
+    covers.add_argument(
+        "--draw-boxes",
+        action="store_true",
+        help="do not cover: draw each detection's box, points and score (to check --threshold); NOT anonymized",
+    )
+    covers.add_argument(
+        "--keep-metadata",
+        action="store_true",
+        help="keep EXIF, ICC and XMP except GPS/location fields and any embedded thumbnail or preview "
+        "(without it, everything is stripped)",
+    )
+    throughput = parser.add_argument_group("throughput (classical methods)")
+    throughput.add_argument(
+        "--jobs", type=int, default=None, metavar="N", help="files processed at once (default: the number of cores)"
+    )
+    throughput.add_argument(
+        "--detect-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="detect on copies scaled by S (0.05-1): faster, misses more of the smallest faces; covers stay full size",
     )
     parser.add_argument(
         "--aligned", action="store_true", help="each input is one already-aligned face crop: detection is skipped"
@@ -104,8 +145,8 @@ def add_anonymize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report",
         metavar="FILE.json",
-        help="write a JSON list, one record per image: input, output, status (anonymized, skipped, failed), "
-        "error, complete, no_faces, and one record per face",
+        help="write a JSON list, one record per input: input, output, status (anonymized, drawn, skipped, "
+        "failed), reason (skipped), error (failed), complete, no_faces and one record per face (anonymized, drawn)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no method line")
 
@@ -126,7 +167,9 @@ def run(args) -> int:
     )
 
     plan = files.plan_files(args.inputs, args.output, overwrite=args.overwrite, skip_existing=args.skip_existing)
-    method = Method(files.choose_method(args.method, model_source(args), quiet=args.quiet))
+    requested = files.choose_method(args.method, model_source(args), quiet=args.quiet)
+    style = _cover_style(args, requested)
+    method = Method({"mosaic": "pixelate", "image": "solid"}.get(requested, requested))
     params = ReversePersonalizationParams(
         skip=args.skip,
         steps=args.steps,
@@ -144,14 +187,8 @@ def run(args) -> int:
         max_queue=IMAGES_IN_FLIGHT,
         **detection_config(args),
     )
-    if method is Method.REVERSE_PERSONALIZATION:
-        from masquerade.cli import quiet_model_libraries
-
-        quiet_model_libraries()
-        engine = Engine.build(config)
-    else:
-        engine = _classical_engine(config)
     records: list[dict] = [files.skipped_record(job) for job in plan.skipped]
+    records += [files.skipped_record(job, reason) for job, reason in plan.ignored]
     failures = 0
     # Videos go through masquerade.video (cli/video.py), after the images.
     videos = [job for job in plan.jobs if files.is_video(job.source)]
@@ -160,12 +197,23 @@ def run(args) -> int:
         from masquerade.cli.video import video_options
 
         options = video_options(args, method, params)
+    # Classical images take the worker pool (cli/pipeline.py): no engine, no model weights, no torch.
+    engine_images = [] if method.is_classical else plan.jobs
+    if method.is_classical and plan.jobs:
+        failures += _anonymize_classically(plan.jobs, args, method, style, records)
+    if method is Method.REVERSE_PERSONALIZATION:
+        from masquerade.cli import quiet_model_libraries
+
+        quiet_model_libraries()
+        engine = Engine.build(config)
+    elif videos:
+        engine = _classical_engine(config)
 
     async def run_all() -> None:
         nonlocal failures
         await engine.start()
-        total_steps = len(plan.jobs) * (2 * params.steps if method is Method.REVERSE_PERSONALIZATION else 1)
-        with tqdm(total=total_steps, desc="anonymizing", unit="step", disable=args.quiet) as bar:
+        total_steps = len(engine_images) * 2 * params.steps
+        with tqdm(total=total_steps, desc="anonymizing", unit="step", disable=args.quiet or not engine_images) as bar:
             progress: dict[str, int] = {}
 
             in_flight = asyncio.Semaphore(IMAGES_IN_FLIGHT)
@@ -202,7 +250,7 @@ def run(args) -> int:
                         records.append(files.failed_record(files.FileJob(source, target), str(event.error)))
                         tqdm.write(f"error: {source}: {event.error}", file=sys.stderr)
 
-            await asyncio.gather(*(one(job.source, job.target) for job in plan.jobs))
+            await asyncio.gather(*(one(job.source, job.target) for job in engine_images))
         if videos:
             from masquerade.cli.video import anonymize_videos
 
@@ -211,16 +259,92 @@ def run(args) -> int:
             failures += video_failures
         await engine.shutdown(grace_seconds=1)
 
-    if plan.jobs or videos:
+    if engine_images or videos:
         asyncio.run(run_all())
-    order = {str(job.source): i for i, job in enumerate([*plan.skipped, *plan.jobs, *videos])}
+    inputs = [*plan.skipped, *(job for job, _ in plan.ignored), *plan.jobs, *videos]
+    order = {str(job.source): i for i, job in enumerate(inputs)}
     records.sort(key=lambda record: order[record["input"]])
     files.summarize(records)
+    if len(records) > 1:
+        print(files.summary_line(records))
     if args.report:
         files.write_report(args.report, records)
     if failures and len(plan.jobs) + len(videos) == 1 and videos:
         return files.EXIT_NOTHING_DONE  # the only input, a video, could not be read: nothing was done
     return files.EXIT_SOME_FAILED if failures else files.EXIT_OK
+
+
+def _cover_style(args, method: str):
+    from masquerade.face.classical import CoverStyle
+
+    replacement = None
+    if method == "image":
+        if not args.replace_with:
+            raise files.PlanError("--method image needs --replace-with FILE (the picture put over each face)")
+        replacement = _read_rgba(args.replace_with)
+    elif args.replace_with:
+        raise files.PlanError("--replace-with is for --method image")
+    if args.mosaic_size is not None and method not in ("pixelate", "mosaic"):
+        raise files.PlanError("--mosaic-size is for --method mosaic (or pixelate)")
+    return CoverStyle(shape=args.shape, mosaic_size=args.mosaic_size, replacement=replacement)
+
+
+def _read_rgba(path: str):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGBA"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as error:
+        raise files.PlanError(f"--replace-with {path}: cannot read it as an image ({error})") from None
+
+
+def _anonymize_classically(jobs, args, method, style, records: list[dict]) -> int:
+    """Images through the worker pool; returns how many failed. Records are appended as files finish."""
+    from tqdm import tqdm
+
+    from masquerade.cli.pipeline import ClassicalRun, default_jobs, run_classical
+    from masquerade.engine.front_end import DetectionDefaults
+
+    run = ClassicalRun(
+        method=method,
+        strength=args.strength,
+        detection=DetectionDefaults(
+            detector=args.detector,
+            threshold=args.threshold,
+            min_face_size=args.min_face_size,
+            max_faces=args.max_faces,
+            mask_scale=args.mask_scale,
+        ).validated(),
+        models=model_source(args),
+        aligned=args.aligned,
+        quality=args.quality,
+        style=style,
+        detect_scale=args.detect_scale,
+        keep_metadata=args.keep_metadata,
+        draw_boxes=args.draw_boxes,
+    )
+    if args.jobs is not None and args.jobs < 1:
+        raise files.PlanError(f"--jobs must be at least 1, got {args.jobs}")
+    failures = 0
+    with tqdm(total=len(jobs), desc="anonymizing", unit="image", disable=args.quiet) as bar:
+
+        def done(job, result, error) -> None:
+            nonlocal failures
+            if error is not None:
+                failures += 1
+                records.append(files.failed_record(job, str(error)))
+                tqdm.write(f"error: {job.source}: {error}", file=sys.stderr)
+            else:
+                record = files.result_record(job, result)
+                if args.draw_boxes:
+                    record["status"] = "drawn"  # detections drawn, faces NOT covered
+                records.append(record)
+            bar.update(1)
+
+        run_classical(jobs, run, args.jobs or default_jobs(), lambda job: _format_for(job.target), done)
+    return failures
 
 
 def _classical_engine(config):
@@ -231,4 +355,4 @@ def _classical_engine(config):
 
 
 def _format_for(path: Path) -> str | None:
-    return {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}.get(path.suffix.lower())
+    return files.OUTPUT_FORMATS.get(path.suffix.lower())

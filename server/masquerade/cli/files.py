@@ -10,13 +10,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# What each image suffix is written as (face/image_io.py encode_image).
+OUTPUT_FORMATS = {
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".png": "png",
+    ".webp": "webp",
+    ".bmp": "bmp",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+}
+# Image and video files we cannot write: `-o out.gif` is an error, not a folder named out.gif.
+UNWRITABLE_SUFFIXES = (".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".svg", ".psd", ".tga", ".raw")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")  # masquerade.video.container reads and writes these
 MEDIA_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
-METHOD_NAMES = ("reverse_personalization", "blur", "pixelate", "solid")
+METHOD_NAMES = ("reverse_personalization", "blur", "pixelate", "mosaic", "solid", "image")
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -37,16 +49,26 @@ class FileJob:
 class Plan:
     jobs: list[FileJob]
     skipped: list[FileJob]  # targets that exist, left alone under --skip-existing
+    # Files in the input folders that are not images or videos we read, with the reason: listed in
+    # the report and counted in the summary line, never silently passed over.
+    ignored: list[tuple[FileJob, str]] = field(default_factory=list)
 
 
-def _images_under(folder: Path, exclude: Path | None) -> list[Path]:
-    found = []
+def _images_under(folder: Path, exclude: Path | None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    found, ignored = [], []
     for path in sorted(folder.rglob("*")):
         if exclude is not None and path.resolve().is_relative_to(exclude):
             continue  # earlier outputs inside the input folder are not inputs
-        if path.is_file() and path.suffix.lower() in MEDIA_SUFFIXES:
+        if not path.is_file():
+            continue
+        if path.suffix.lower() in MEDIA_SUFFIXES:
             found.append(path)
-    return found
+        elif path.name.startswith(".") and path.name.endswith(".partial"):
+            continue  # a stopped run's unfinished output (write_atomically)
+        else:
+            kind = f"{path.suffix.lower()} files" if path.suffix else "files without an extension"
+            ignored.append((path, f"not an image or video this reads ({kind}; it reads {', '.join(MEDIA_SUFFIXES)})"))
+    return found, ignored
 
 
 def plan_files(inputs: list[str], output: str, *, overwrite: bool = False, skip_existing: bool = False) -> Plan:
@@ -60,11 +82,18 @@ def plan_files(inputs: list[str], output: str, *, overwrite: bool = False, skip_
     )
     problems: list[str] = []
     pairs: list[FileJob] = []
+    ignored: list[tuple[FileJob, str]] = []
     out_root = output_path.resolve()
+    if output_path.suffix.lower() in UNWRITABLE_SUFFIXES and not output_path.is_dir():
+        problems.append(
+            f"-o {output}: cannot write {output_path.suffix} files; name a .jpg, .png, .webp, .bmp or .tif "
+            "file (one input) or a folder"
+        )
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            images = _images_under(path, exclude=out_root if out_root != path.resolve() else None)
+            images, others = _images_under(path, exclude=out_root if out_root != path.resolve() else None)
+            ignored.extend((FileJob(other, output_path / other.relative_to(path)), why) for other, why in others)
             if not images:
                 problems.append(f"{raw}: no JPEG, PNG or WebP images or videos in this folder")
             pairs.extend(FileJob(image, output_path / image.relative_to(path)) for image in images)
@@ -78,7 +107,8 @@ def plan_files(inputs: list[str], output: str, *, overwrite: bool = False, skip_
             pairs.append(FileJob(path, output_path if single_file else output_path / path.name))
         else:
             problems.append(f"{raw}: no such file or folder")
-    if not single_file and output_path.suffix.lower() in MEDIA_SUFFIXES and not output_path.is_dir():
+    several = len(inputs) > 1 or Path(inputs[0]).is_dir()  # a lone missing input is reported as missing
+    if several and output_path.suffix.lower() in MEDIA_SUFFIXES and not output_path.is_dir():
         problems.append(f"-o {output}: several images (or a folder) need an output folder, not an image file name")
     if output_path.exists() and not output_path.is_dir() and not single_file:
         problems.append(f"-o {output}: exists and is not a folder")
@@ -102,8 +132,8 @@ def plan_files(inputs: list[str], output: str, *, overwrite: bool = False, skip_
             f"or --skip-existing to leave them):\n  {names}"
         )
     if skip_existing:
-        return Plan([job for job in pairs if not job.target.exists()], existing)
-    return Plan(pairs, [])
+        return Plan([job for job in pairs if not job.target.exists()], existing, ignored)
+    return Plan(pairs, [], ignored)
 
 
 def is_video(path: Path) -> bool:
@@ -134,8 +164,8 @@ def choose_method(requested: str | None, model_source: str, *, quiet: bool = Fal
     return method
 
 
-def skipped_record(job: FileJob) -> dict:
-    return {"input": str(job.source), "output": str(job.target), "status": "skipped", "reason": "output exists"}
+def skipped_record(job: FileJob, reason: str = "output exists") -> dict:
+    return {"input": str(job.source), "output": str(job.target), "status": "skipped", "reason": reason}
 
 
 def failed_record(job: FileJob, error: str) -> dict:
@@ -153,6 +183,17 @@ def result_record(job: FileJob, result) -> dict:
     }
 
 
+def summary_line(records: list[dict]) -> str:
+    """One line counting every input by what happened to it."""
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    parts = [
+        f"{counts[status]} {status}" for status in ("anonymized", "drawn", "skipped", "failed") if status in counts
+    ]
+    return f"{len(records)} input(s): " + ", ".join(parts)
+
+
 def write_atomically(target: Path, data: bytes) -> None:
     """The output appears whole or not at all (a stopped run leaves no half-written image)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -168,8 +209,10 @@ def summarize(records: list[dict]) -> None:
         elif record["status"] == "anonymized":
             faces = record["faces"]
             what = "no faces" if record["no_faces"] else f"{len(faces)} face(s), complete={record['complete']}"
+        elif record["status"] == "drawn":
+            what = f"{len(record['faces'])} detection(s) drawn, NOT anonymized"
         elif record["status"] == "skipped":
-            what = "skipped (output exists)"
+            what = f"skipped ({record['reason']})"
         else:
             what = f"FAILED: {record['error']}"
         print(f"{record['input']} -> {record['output']}: {what}")

@@ -22,7 +22,7 @@ from masquerade.engine.request import (
     Method,
 )
 from masquerade.face.align import align_face, arcface_crop, arcface_five_points, paste_back, template_five_points
-from masquerade.face.classical import apply_classical, cover_region
+from masquerade.face.classical import DEFAULT_STYLE, CoverStyle, apply_classical, cover_region
 from masquerade.face.detect import DEFAULT_DETECTOR, DEFAULT_THRESHOLD, DetectedFace, FaceDetector
 from masquerade.face.image_io import decode_image, encode_image
 from masquerade.face.selfcheck import SelfCheck
@@ -97,11 +97,16 @@ class FaceFrontEnd:
         core=None,
         max_image_pixels: int,
         model_dir=None,
+        face_detector: FaceDetector | None = None,
+        cover_style: CoverStyle = DEFAULT_STYLE,
     ):
+        """``face_detector``: one made by the caller (the CLI's workers: a session each); ``cover_style``:
+        the CLI's --shape, --mosaic-size and --replace-with for every classical cover."""
         self.defaults = (
             detector if isinstance(detector, DetectionDefaults) else DetectionDefaults(detector)
         ).validated()
-        self.detector = FaceDetector(kind=self.defaults.detector, model_dir=model_dir)
+        self.detector = face_detector or FaceDetector(kind=self.defaults.detector, model_dir=model_dir)
+        self.cover_style = cover_style
         self.face_size = face_size
         self.core = core  # DiffusionCore, or None on a classical-only server
         self.max_image_pixels = max_image_pixels
@@ -260,8 +265,8 @@ class FaceFrontEnd:
     ) -> np.ndarray:
         if record.landmarks.shape[0] == 68:
             face = DetectedFace(box=record.box, landmarks=record.landmarks, score=record.score)
-            return apply_classical(output, face, method.value, strength, mask_scale=mask_scale)
-        return cover_region(output, record.box, method.value, strength, mask_scale=mask_scale)
+            return apply_classical(output, face, method.value, strength, mask_scale=mask_scale, style=self.cover_style)
+        return cover_region(output, record.box, method.value, strength, mask_scale=mask_scale, style=self.cover_style)
 
     @staticmethod
     def _mark_fallback(record: FaceRecord, reason: str) -> None:

@@ -9,6 +9,7 @@ the face's size, so a face is covered the same whatever the image resolution.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -25,10 +26,41 @@ BLUR_SIGMA_PER_FACE_WIDTH = 0.12
 PIXELATE_BLOCKS_PER_FACE_WIDTH = 8.0
 SOLID_COLOUR = (128, 128, 128)  # fixed, so the cover carries nothing of the face (not even its tone)
 FEATHER = 0.1  # soft edge, as a fraction of the ellipse radius (or of the box's smaller side)
+COVER_SHAPES = ("ellipse", "box")
+
+
+@dataclass(frozen=True)
+class CoverStyle:
+    """How covers look, beyond the method and strength (the CLI's --shape, --mosaic-size, --replace-with)."""
+
+    shape: str = "ellipse"
+    """"ellipse": the feathered face ellipse; "box": the rectangle around that ellipse."""
+    mosaic_size: int | None = None
+    """pixelate: side of the squares in pixels; None: the face width / 8 (times the strength)."""
+    replacement: np.ndarray | None = None
+    """[h, w, 4] uint8 RGBA drawn instead of the solid colour; its transparent parts show the solid
+    colour, never the face."""
+
+    def __post_init__(self) -> None:
+        if self.shape not in COVER_SHAPES:
+            raise ValueError(f"shape must be one of {COVER_SHAPES}, got {self.shape!r}")
+        if self.mosaic_size is not None and not 2 <= self.mosaic_size <= 4096:
+            raise ValueError(f"mosaic size must be in [2, 4096] pixels, got {self.mosaic_size}")
+        if self.replacement is not None and (self.replacement.ndim != 3 or self.replacement.shape[2] != 4):
+            raise ValueError("the replacement image must be [h, w, 4] RGBA")
+
+
+DEFAULT_STYLE = CoverStyle()
 
 
 def apply_classical(
-    rgb: np.ndarray, face: DetectedFace, method: str, strength: float = 1.0, *, mask_scale: float = 1.0
+    rgb: np.ndarray,
+    face: DetectedFace,
+    method: str,
+    strength: float = 1.0,
+    *,
+    mask_scale: float = 1.0,
+    style: CoverStyle = DEFAULT_STYLE,
 ) -> np.ndarray:
     """Cover ``face`` in ``rgb`` (uint8 [H,W,3]); pixels outside the feathered ellipse are unchanged.
 
@@ -48,8 +80,24 @@ def apply_classical(
     # The ellipse's width in pixels: the unit disc's x diameter mapped back.
     from_unit = invert(to_unit)
     face_width = 2.0 * math.hypot(from_unit[0, 0], from_unit[1, 0])
-    mask = ellipse_mask(rgb.shape, to_unit / _check_scale(mask_scale), FEATHER)
-    return _cover(rgb, mask, method, strength, face_width)
+    scaled = to_unit / _check_scale(mask_scale)
+    if style.shape == "box":
+        return cover_region(rgb, _ellipse_bounds(scaled), method, strength, style=style, face_width=face_width)
+    mask = ellipse_mask(rgb.shape, scaled, FEATHER)
+    return _cover(rgb, mask, method, strength, face_width, style)
+
+
+def _ellipse_bounds(to_unit: np.ndarray) -> tuple[float, float, float, float]:
+    """The axis-aligned box around the ellipse that ``to_unit`` maps onto the unit disc."""
+    from_unit = invert(to_unit)
+    centre = from_unit[:, 2]
+    half = np.hypot(from_unit[:, 0], from_unit[:, 1])  # extent of the mapped unit circle along x and y
+    return (
+        float(centre[0] - half[0]),
+        float(centre[1] - half[1]),
+        float(centre[0] + half[0]),
+        float(centre[1] + half[1]),
+    )
 
 
 def cover_region(
@@ -59,6 +107,8 @@ def cover_region(
     strength: float = 1.0,
     *,
     mask_scale: float = 1.0,
+    style: CoverStyle = DEFAULT_STYLE,
+    face_width: float | None = None,
 ) -> np.ndarray:
     """Cover the whole ``box`` (a face known only by its box; for an aligned input, the whole image).
 
@@ -91,7 +141,7 @@ def cover_region(
 
     mask = np.outer(profile(ys, y0, y1, height), profile(xs, x0, x1, width))
     mask = (mask * mask * (3.0 - 2.0 * mask)).astype(np.float32)
-    return _cover(rgb, mask, method, strength, x1 - x0)
+    return _cover(rgb, mask, method, strength, face_width or (x1 - x0), style)
 
 
 def _check_method(method: str, strength: float) -> None:
@@ -132,7 +182,9 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def _cover(rgb: np.ndarray, mask: np.ndarray, method: str, strength: float, face_width: float) -> np.ndarray:
+def _cover(
+    rgb: np.ndarray, mask: np.ndarray, method: str, strength: float, face_width: float, style: CoverStyle
+) -> np.ndarray:
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     if len(rows) == 0:
         return rgb.copy()
@@ -148,7 +200,11 @@ def _cover(rgb: np.ndarray, mask: np.ndarray, method: str, strength: float, face
         blurred = _gaussian_blur(context, sigma)
         covered = blurred[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0]
     elif method == "pixelate":
-        block = max(face_width * strength / PIXELATE_BLOCKS_PER_FACE_WIDTH, 2.0)
+        block = (
+            float(style.mosaic_size)
+            if style.mosaic_size is not None
+            else max(face_width * strength / PIXELATE_BLOCKS_PER_FACE_WIDTH, 2.0)
+        )
         region = rgb[y0:y1, x0:x1]
         small_w = max(int(round((x1 - x0) / block)), 1)
         small_h = max(int(round((y1 - y0) / block)), 1)
@@ -157,6 +213,10 @@ def _cover(rgb: np.ndarray, mask: np.ndarray, method: str, strength: float, face
     else:
         covered = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
         covered[:] = SOLID_COLOUR
+        if style.replacement is not None:
+            drawn = cv2.resize(style.replacement, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+            alpha = drawn[..., 3:].astype(np.float32) / 255.0
+            covered = np.rint(drawn[..., :3] * alpha + covered * (1.0 - alpha)).astype(np.uint8)
     out = rgb.copy()
     out[y0:y1, x0:x1] = blend_masked(rgb[y0:y1, x0:x1], covered, mask[y0:y1, x0:x1])
     return out

@@ -128,7 +128,12 @@ class FaceDetector:
         max_side: int = 2048,
         fine_pixels: int = 16_000_000,
         max_upscale: float = 1.0,
+        detect_scale: float = 1.0,
+        intra_op_threads: int | None = None,
     ):
+        """``detect_scale`` < 1 runs detection on smaller copies only (landmarks and covers stay at full
+        resolution): faster, at the cost of the smallest faces. ``intra_op_threads``: an ONNX session of
+        this detector's own with that many threads (one per worker of a pool), else the shared one."""
         if kind not in DETECTOR_KINDS:
             raise ValueError(f"detector kind must be one of {DETECTOR_KINDS}, got {kind!r}")
         if not 0 <= int(upsample) <= 2:
@@ -137,7 +142,10 @@ class FaceDetector:
         self.max_side = int(max_side)
         self.fine_pixels = int(fine_pixels)
         self.max_upscale = float(max_upscale)
-        self.backend = make_backend(kind, model_dir=model_dir, upsample=upsample)
+        if not (math.isfinite(detect_scale) and 0.05 <= detect_scale <= 1.0):
+            raise ValueError(f"detect_scale must be in [0.05, 1], got {detect_scale!r}")
+        self.detect_scale = float(detect_scale)
+        self.backend = make_backend(kind, model_dir=model_dir, upsample=upsample, intra_op_threads=intra_op_threads)
 
     # ---- detection ------------------------------------------------------------------
 
@@ -149,7 +157,7 @@ class FaceDetector:
         """
         rgb = _check_rgb(rgb)
         height, width = rgb.shape[:2]
-        coarse = min(1.0, self.max_side / max(height, width))
+        coarse = min(1.0, self.max_side / max(height, width)) * self.detect_scale
         found = [_scaled(self.backend.find(_resize(rgb, coarse), score_threshold), coarse)]
         # Large faces (a third of the image and up) are found more reliably at half that scale.
         if self.backend.native_min_face < 40 and min(height, width) * coarse >= 256:
@@ -158,7 +166,7 @@ class FaceDetector:
             found.append(_select(raw, sides * coarse >= 128))
         # Small faces: a finer copy in tiles, when the backend can use it (the dlib ones are
         # too slow per pixel). Only faces the coarse copy is too small to see are kept from it.
-        fine = min(self.max_upscale, math.sqrt(self.fine_pixels / (height * width)))
+        fine = min(self.max_upscale, math.sqrt(self.fine_pixels / (height * width))) * self.detect_scale
         if small_faces and self.backend.native_min_face < 40 and fine > 1.4 * coarse:
             small_limit = 3.0 * self.backend.native_min_face / coarse
             for tile, (x, y) in _tiles(_resize(rgb, fine), size=1024, overlap=128):

