@@ -40,6 +40,13 @@ if .venv/bin/python -m pip show -q torchvision >/dev/null 2>&1 && ! .venv/bin/py
   .venv/bin/python -m pip uninstall -y -q torchvision
 fi
 .venv/bin/python -m masquerade.api.codegen
+# The browser test (tests/api/test_web_page_browser.py) drives Debian's Chromium through Selenium with
+# Debian's matching chromedriver: nothing is downloaded at test time.
+if (( with_tests )) && ! [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then
+  apt=(apt-get)
+  (( $(id -u) == 0 )) || apt=(sudo -n apt-get)
+  "${apt[@]}" update -qq && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq chromium chromium-driver >/dev/null
+fi
 if (( with_tests )) && [[ "${MASQUERADE_SKIP_CLIENTS:-0}" != "1" ]]; then
   bash clients/build_all.sh
 fi

@@ -74,6 +74,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics-host", default="127.0.0.1", help="interface for the HTTP port (it has no TLS and no tokens)"
     )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8080,
+        help="HTTP/JSON API, OpenAPI docs and web page (same tokens, TLS and limits as gRPC); 0 picks a free port",
+    )
+    parser.add_argument("--http-host", default=None, help="interface for the HTTP API (default: --host)")
+    parser.add_argument(
+        "--no-http", action="store_true", help="no HTTP API or web page (the metrics and probe port stays)"
+    )
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", metavar="PEM", help="certificate chain; with --tls-key, serve TLS only")
     security.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -165,6 +175,8 @@ def config_from_args(args: argparse.Namespace):
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        http_host=args.http_host,
+        http_port=None if args.no_http else args.http_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -107,7 +107,7 @@ class _Gate:
                     grpc.StatusCode.UNAUTHENTICATED, f"{why}; send a token listed in the server's token file"
                 )
                 response.headers["WWW-Authenticate"] = 'Bearer realm="masquerade"'
-                await response(scope, receive, send)
+                await self._refuse(response, scope, receive, send)
                 return
         else:
             principal = None
@@ -116,7 +116,7 @@ class _Gate:
             response = problem_for_status(
                 grpc.StatusCode.UNAVAILABLE, "the server is draining for shutdown; retry on another replica"
             )
-            await response(scope, receive, send)
+            await self._refuse(response, scope, receive, send)
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limits.max_body_bytes:
@@ -147,6 +147,31 @@ class _Gate:
 
         with security.principal_scope(principal):
             await self.app(scope, receive_in_time, send)
+
+    async def _refuse(self, response: Response, scope, receive, send) -> None:
+        """Answers at once, then reads and drops whatever body the client is still sending (never keeping it).
+
+        Closing with unread bytes in flight makes the kernel reset the connection, and a client still
+        sending would lose the answer. A client that asked ``Expect: 100-continue`` sends no body at all.
+        """
+        if any(k == b"expect" and v.lower() == b"100-continue" for k, v in scope.get("headers", ())):
+            await response(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": True})
+        dropped = 0
+        try:
+            while dropped <= self.limits.max_body_bytes:
+                async with asyncio.timeout(self.limits.body_timeout_s):
+                    message = await receive()
+                if message["type"] != "http.request":
+                    break
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        except TimeoutError:
+            pass
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _content_length(scope) -> int | None:
@@ -315,7 +340,9 @@ def _report_json(response: pb2.AnonymizeResponse) -> bytes:
     report = pb2.AnonymizeResponse()
     report.CopyFrom(response)
     report.ClearField("image")
-    return json.dumps(schema.to_json(report), separators=(",", ":")).encode("utf-8")
+    document = schema.to_json(report)
+    del document["image"]  # the body holds it
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
 def _image_response(response: pb2.AnonymizeResponse) -> Response:
