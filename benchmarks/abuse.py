@@ -68,6 +68,7 @@ class Sizes:
     cancel_side: int = 6300
     health_seconds: float = 20.0
     health_target_ms: float = 250.0
+    health_load_side: int = 1500
     probe_connections: int = 400
     probe_target_threads: int = 32
 
@@ -150,7 +151,7 @@ def spawn_server(work_dir: Path, extra_args: list[str] = ()) -> SpawnedServer:
     token_file = work_dir / "tokens.txt"
     token_file.write_text(TOKEN + "\n")
     env = {"MASQUERADE_MODEL_DIR": str(work_dir / "no-models")}
-    args = ["--models", "default", "--device", "cpu", "--auth-token-file", str(token_file), *extra_args]
+    args = ["--models", "default", "--device", "cpu", "--auth-token-file", str(token_file), "--no-http", *extra_args]
     server = SpawnedServer(args, work_dir / "server.log", env)
     warm_up(server.address)
     return server
@@ -162,9 +163,46 @@ def warm_up(address: str) -> None:
 
     photo = png(np.ascontiguousarray(data.astronaut()))
     channel, stub, pb2 = stubs(address)
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda _: stub.Anonymize(blur_request(pb2, photo), metadata=AUTH, timeout=120), range(8)))
+    with ThreadPoolExecutor(2) as pool:  # one per preprocess thread
+        list(pool.map(lambda _: stub.Anonymize(blur_request(pb2, photo), metadata=AUTH, timeout=120), range(2)))
     channel.close()
+
+
+class GaugeWatcher:
+    """The highest value of the server's pixel-budget gauges, polled from /metrics while an attack runs."""
+
+    NAMES = ("masquerade_inflight_megapixels", "masquerade_pixel_budget_waiting")
+
+    def __init__(self, metrics_port: int, interval: float = 0.02):
+        self.url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.interval = interval
+        self.highest = dict.fromkeys(self.NAMES, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> GaugeWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join(5)
+        return dict(self.highest)
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as reply:
+                    text = reply.read().decode()
+            except OSError:
+                text = ""
+            for line in text.splitlines():
+                name, _, value = line.partition(" ")
+                if name in self.highest:
+                    self.highest[name] = max(self.highest[name], float(value))
+            time.sleep(self.interval)
 
 
 # ---------------------------------------------------------------------------------- requests
@@ -204,7 +242,7 @@ def blur_request(pb2, image: bytes, request_id: str = ""):
 # ---------------------------------------------------------------------------------- attacks
 
 
-def attack_memory(address: str, probe: ServerProbe, sizes: Sizes) -> Figure:
+def attack_memory(address: str, probe: ServerProbe, sizes: Sizes, metrics_port: int = 0) -> Figure:
     """Concurrent blank PNGs of side^2 pixels: tiny uploads that decode to 3 bytes a pixel each."""
     image = blank_png(sizes.memory_side)
     channel, stub, pb2 = stubs(address)
@@ -219,10 +257,12 @@ def attack_memory(address: str, probe: ServerProbe, sizes: Sizes) -> Figure:
         except grpc.RpcError as error:
             return error.code().name
 
+    gauges = GaugeWatcher(metrics_port).start() if metrics_port else None
     with ThreadPoolExecutor(sizes.memory_requests) as pool:
         codes = list(pool.map(one, range(sizes.memory_requests)))
     channel.close()
     growth = probe.peak_mb() - idle
+    highest = gauges.stop() if gauges else {}
     failed = [c for c in codes if c != "OK"]
     return Figure(
         "memory",
@@ -230,7 +270,7 @@ def attack_memory(address: str, probe: ServerProbe, sizes: Sizes) -> Figure:
         growth,
         f"<= {sizes.memory_target_mb:g}",
         growth <= sizes.memory_target_mb and not failed,
-        {"idle_mb": idle, "upload_bytes": len(image) * sizes.memory_requests, "codes": codes},
+        {"idle_mb": idle, "upload_bytes": len(image) * sizes.memory_requests, "codes": codes, "gauges_max": highest},
     )
 
 
@@ -346,14 +386,26 @@ def attack_health_under_load(address: str, probe: ServerProbe, sizes: Sizes) -> 
     """Health checks (1 s deadline, as Kubernetes sends) while concurrent requests keep the cores busy."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    images = [noise_png(1500, seed=3), blank_png(3000)]
+    images = [noise_png(sizes.health_load_side, seed=3), blank_png(2 * sizes.health_load_side)]
     channel, stub, pb2 = stubs(address)
+    info = stub.GetServerInfo(pb2.GetServerInfoRequest(), metadata=AUTH, timeout=30)
+    generative = any(m.method == pb2.REVERSE_PERSONALIZATION and m.available for m in info.methods)
+    face = noise_png(64, seed=4)
     stop = threading.Event()
 
     def load(i: int) -> None:
         while not stop.is_set():
+            if generative and i % 2:  # the step loop and UNet calls too, when the server has (tiny) models
+                request = pb2.AnonymizeRequest(
+                    image=face,
+                    method=pb2.REVERSE_PERSONALIZATION,
+                    detection=pb2.DetectionOptions(aligned=True),
+                    params=pb2.ReversePersonalizationParams(steps=10),
+                )
+            else:
+                request = blur_request(pb2, images[i % len(images)])
             try:
-                stub.Anonymize(blur_request(pb2, images[i % len(images)]), metadata=AUTH, timeout=60)
+                stub.Anonymize(request, metadata=AUTH, timeout=120)
             except grpc.RpcError:
                 pass
 
@@ -442,7 +494,7 @@ def run(sizes: Sizes, attacks: tuple[str, ...], extra_server_args: list[str]) ->
             try:
                 probe = ServerProbe(server.process.pid)
                 if name == "memory":
-                    figure = attack_memory(server.address, probe, sizes)
+                    figure = attack_memory(server.address, probe, sizes, server.metrics_port)
                 elif name == "batch":
                     figure = attack_non_reading_batch(server.address, probe, sizes)
                 elif name == "unauth":

@@ -44,3 +44,8 @@ class DeadlineUnmeetableError(RuntimeError):
     def __init__(self, message: str, estimated_s: float):
         super().__init__(message)
         self.estimated_s = estimated_s
+
+
+class ResourceLimitError(RuntimeError):
+    """The request needs more of a server resource than the server has at all (its message names the limit);
+    unlike QueueFullError, waiting would not help."""

@@ -52,6 +52,16 @@ PHASE_SECONDS = Histogram(
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
     registry=REGISTRY,
 )
+INFLIGHT_MEGAPIXELS = Gauge(
+    "masquerade_inflight_megapixels",
+    "Decoded megapixels held by admitted requests (bounded by --max-inflight-megapixels).",
+    registry=REGISTRY,
+)
+PIXEL_BUDGET_WAITING = Gauge(
+    "masquerade_pixel_budget_waiting",
+    "Requests waiting, holding only their compressed bytes, for room in the in-flight pixel budget.",
+    registry=REGISTRY,
+)
 AUTH_FAILURES = Counter(
     "masquerade_auth_failures",
     "RPCs refused UNAUTHENTICATED, by reason (missing or invalid bearer token).",

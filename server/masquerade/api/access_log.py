@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -142,6 +143,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
     if log_format == "json":
         _route_library_output_through_logging()
+        handler.setStream(_native_stderr_as_log_records())
 
 
 def _route_library_output_through_logging() -> None:
@@ -156,3 +158,45 @@ def _route_library_output_through_logging() -> None:
         library_logging.disable_default_handler()
         library_logging.enable_propagation()
         library_logging.disable_progress_bar()
+
+
+# gRPC core (absl) prefixes its lines with a severity letter: "E0000 00:00:00.000000 123 file.cc:45] text".
+_NATIVE_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+_native_capture: list = []  # the original stderr once captured (so a second call does not capture twice)
+
+
+def _native_stderr_as_log_records():
+    """Routes what native code writes to file descriptor 2 (gRPC core's own lines) through logging.
+
+    fd 2 becomes a pipe that a daemon thread reads line by line, emitting each as a record of the
+    ``native.stderr`` logger (level from gRPC's severity letter); the root handler writes to a copy
+    of the original stderr, returned here. faulthandler is pointed at that copy too, so a crash's
+    traceback is written directly, never lost in the pipe.
+    """
+    if _native_capture:
+        return _native_capture[0]
+    import faulthandler
+
+    sys.stderr.flush()
+    original = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    _native_capture.append(original)
+    if faulthandler.is_enabled():
+        faulthandler.enable(file=original)
+    native = logging.getLogger("native.stderr")
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                text = line.rstrip("\n")
+                if text.strip():
+                    native.log(
+                        _NATIVE_LEVELS.get(text[:1], logging.WARNING) if text[1:2].isdigit() else logging.WARNING,
+                        "%s",
+                        text,
+                    )
+
+    threading.Thread(target=pump, name="masquerade-native-stderr", daemon=True).start()
+    return original

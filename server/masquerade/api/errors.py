@@ -20,6 +20,7 @@ from masquerade.engine.request import (
     QueueFullError,
     RetryLaterError,
 )
+from masquerade.errors import ResourceLimitError
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,11 @@ def status_for(exc: BaseException, *, request_id: str = "") -> tuple[grpc.Status
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, DeadlineUnmeetableError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    if isinstance(exc, QueueFullError):
-        detail = str(exc) or "the server's queue is full"
+    if isinstance(exc, QueueFullError):  # the one place the advice is added: engine messages say only what is full
+        detail = (str(exc) or "the server's queue is full").removesuffix("; retry with backoff")
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{detail}; retry later with backoff"
+    if isinstance(exc, ResourceLimitError):  # can never fit: the message names the limit, retrying would not help
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, MethodUnavailableError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc) or "the requested method is not available on this server"
     if isinstance(exc, (ServerNotReadyError, EngineNotAcceptingError)):

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server, by gRPC health convention
 LOOPBACK = "127.0.0.1"
+HANDLER_ANSWER_SECONDS = 2.0  # after the engine's grace: time for handlers to answer what it cancelled
 
 
 def _default_engine_config() -> EngineConfig:
@@ -350,7 +351,9 @@ async def serve(
         # Stage 2: close the port; in-flight requests get the grace period while the engine drains.
         log.info("shutting down: in-flight requests get up to %gs", config.grace_seconds)
         await health_servicer.enter_graceful_shutdown()
-        waits = [server.stop(config.grace_seconds)]
+        # gRPC cuts the calls still open a moment after the engine's grace ends, so a request the engine
+        # cancels is first answered UNAVAILABLE (retry elsewhere) by its handler, not cut off at random.
+        waits = [server.stop(config.grace_seconds + HANDLER_ANSWER_SECONDS)]
         if http_api is not None:
             waits.append(http_api.stop(config.grace_seconds))
         if engine is not None:

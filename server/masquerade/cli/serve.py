@@ -136,6 +136,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--grace-seconds", type=float, default=30.0, help="after the drain, time in-flight requests get to finish"
     )
     parser.add_argument("--max-message-mib", type=int, default=64, help="gRPC receive and send message limit, MiB")
+    parser.add_argument(
+        "--max-inflight-megapixels",
+        type=float,
+        default=64.0,
+        help="decoded megapixels admitted requests hold at once (sized for 24 GB); others wait holding only "
+        "their bytes, and a larger image is refused RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
+        "--batch-window",
+        type=int,
+        default=32,
+        help="requests of one AnonymizeBatch stream in flight (answered but unsent count) before it stops being read",
+    )
     add_video_serve_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
     parser.add_argument(
@@ -167,6 +180,7 @@ def config_from_args(args: argparse.Namespace):
         vae_chunk=args.vae_chunk,
         inversion_chunk=args.inversion_chunk,
         aging_calls=args.aging_calls,
+        max_inflight_megapixels=args.max_inflight_megapixels,
         interactive_slack=args.interactive_slack,
         **detection_config(args),
     )
@@ -185,6 +199,7 @@ def config_from_args(args: argparse.Namespace):
         max_send_message_bytes=args.max_message_mib * MIB,
         drain_seconds=args.drain_seconds,
         grace_seconds=args.grace_seconds,
+        batch_window=args.batch_window,
         engine=engine,
         video=video_config_from_args(args),
         default_priority=parse_priority(args.default_priority, "--default-priority"),

@@ -12,6 +12,7 @@ marked, leave at the next update and free their rows for everyone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -19,13 +20,15 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from threading import Event
 from typing import TYPE_CHECKING
 
-from masquerade import __version__, metrics
+from masquerade import __version__, cancellation, metrics
 from masquerade.engine.estimate import StepTimeModel, estimate_seconds
 from masquerade.engine.front_end import DetectionDefaults, FaceFrontEnd, PreparedRequest, detector_model_dir
 from masquerade.engine.job_state import JobStatus, Phase, Priority
 from masquerade.engine.memory import MemoryReturner
+from masquerade.engine.pixel_budget import PixelBudget, header_pixels
 from masquerade.engine.priority_pool import PriorityThreadPool
 from masquerade.engine.request import (
     MAX_STEPS,
@@ -96,6 +99,10 @@ class EngineConfig:
     vae_chunk: int = 4
     """Faces per VAE encode/decode call: bounds the fp32 VAE's memory next to the UNet's."""
     preprocess_threads: int = 2
+    max_inflight_megapixels: float = 64.0
+    """Decoded megapixels admitted requests may hold at once (engine/pixel_budget.py); others wait, holding
+    only their bytes. At the ~27 bytes a pixel measured at post-processing's peak, 64 is ~1.7 GB of pixel
+    work: what a 24 GB machine spares beside its models. An image larger than this is refused."""
     aging_calls: int = DEFAULT_AGING_CALLS
     """K: calls holding interactive rows a ready bulk job may go without a row (engine/scheduler.py)."""
     interactive_slack: float = 1.25
@@ -111,6 +118,10 @@ class EngineConfig:
             (self.inversion_chunk >= 1, f"inversion_chunk must be at least 1, got {self.inversion_chunk}"),
             (self.max_faces >= 1, f"max_faces must be at least 1, got {self.max_faces}"),
             (self.vae_chunk >= 1, f"vae_chunk must be at least 1, got {self.vae_chunk}"),
+            (
+                self.max_inflight_megapixels > 0,
+                f"max_inflight_megapixels must be positive, got {self.max_inflight_megapixels}",
+            ),
             (self.aging_calls >= 1, f"aging_calls must be at least 1, got {self.aging_calls}"),
             (self.interactive_slack >= 1.0, f"interactive_slack must be >= 1, got {self.interactive_slack}"),
             (0.0 <= self.detection_threshold <= 1.0, f"threshold must be in [0, 1], got {self.detection_threshold}"),
@@ -159,6 +170,8 @@ class _RequestState:
         self.work_started: float | None = None  # when its first pool task started (set on a pool thread)
         self.joined: float | None = None  # when its jobs joined the step scheduler
         self.faces_held = 0  # its faces counted in the engine's per-client faces in flight
+        self.pixels = 0  # its decoded size, from the image header: what it holds of the pixel budget
+        self.cancelled = Event()  # set on cancel or deadline: its pixel work stops at the next check
 
 
 class RequestHandle:
@@ -247,6 +260,7 @@ class Engine:
         self._states: set[_RequestState] = set()
         self._owners: dict[int, _RequestState] = {}  # job id -> its request, while the job diffuses
         self._memory = MemoryReturner()
+        self._pixels = PixelBudget(int(config.max_inflight_megapixels * 1_000_000))
         self._accepting = False
         self._loop_task: asyncio.Task | None = None
         self._work_added: asyncio.Event | None = None
@@ -345,11 +359,14 @@ class Engine:
             raise MethodUnavailableError(f"REVERSE_PERSONALIZATION is unavailable: {self.unavailable_reason}")
         if self.queue_depth >= self.config.max_queue:
             raise QueueFullError(f"queue full ({self.config.max_queue} requests in flight); retry with backoff")
+        pixels = header_pixels(request.image)  # the header only: nothing is decoded before admission
+        self._pixels.check_fits(pixels)
         if request.deadline is not None:
             self._refuse_if_too_late(request)
         if not request.request_id:
             request.request_id = f"req-{next(_request_ids)}"
         state = _RequestState(request)
+        state.pixels = pixels
         self._states.add(state)
         metrics.QUEUE_DEPTH.set(self.queue_depth)
         state.events.put_nowait(QueuedEvent(request.request_id, position=self.queue_depth - 1))
@@ -455,6 +472,12 @@ class Engine:
         frames (api/video_service.py) take their turn there like images do, at ``priority``."""
         return await self._in_pool(priority, fn, *args)
 
+    @staticmethod
+    def _cancellable(flag: Event, fn, *args):
+        """``fn(*args)`` with ``flag`` as the thread's cancel flag (masquerade/cancellation.py)."""
+        with cancellation.scope(flag):
+            return fn(*args)
+
     def _then_trim(self, fn, *args):
         """Pixel and VAE work allocates hundreds of MB for a large image, and it runs to its end
         even when its request was cancelled meanwhile: ask for a trim whenever it finishes."""
@@ -465,9 +488,14 @@ class Engine:
 
     async def _run_request(self, state: _RequestState) -> None:
         request = state.request
+        pixels_held = contextlib.AsyncExitStack()
         try:
+            # Decoded only once its pixels fit the budget (docs/design.md section 7); until then it holds its bytes.
+            await pixels_held.enter_async_context(self._pixels.hold(state.pixels))
             prepare = self._prepare_started(state, self.front_end.prepare)
-            prepared: PreparedRequest = await self._in_pool(request.priority, prepare, request)
+            prepared: PreparedRequest = await self._in_pool(
+                request.priority, self._cancellable, state.cancelled, prepare, request
+            )
             state.timings.queued_seconds = state.work_started - state.submitted
             state.phase_started = state.work_started
             self._phase_done(state, Phase.PREPROCESS)
@@ -475,10 +503,25 @@ class Engine:
             self.step_times.observe_preprocess(state.timings.preprocess_seconds, generative)
             self._hold_faces(state, len(prepared.records))
             state.events.put_nowait(FacesFoundEvent(request.request_id, tuple(r.box for r in prepared.records)))
-            generated, failures = await self._diffuse(state, prepared) if prepared.works else ({}, {})
+            generated, failures = {}, {}
+            if prepared.works and request.image:
+                # Diffusion takes seconds to minutes: the image is dropped meanwhile and decoded again to
+                # finish (tens of ms a megapixel, measured in design.md section 7), so a waiting face holds no pixels.
+                prepared.rgb = None
+                await pixels_held.aclose()
+                generated, failures = await self._diffuse(state, prepared)
+                await pixels_held.enter_async_context(self._pixels.hold(state.pixels))
             encoded, width, height = await self._in_pool(
-                request.priority, self.front_end.finish, request, prepared, generated, failures
+                request.priority,
+                self._cancellable,
+                state.cancelled,
+                self.front_end.finish,
+                request,
+                prepared,
+                generated,
+                failures,
             )
+            await pixels_held.aclose()
             self._phase_done(state, Phase.POSTPROCESS)
             self.step_times.observe_postprocess(state.timings.postprocess_seconds, generative)
             state.timings.total_seconds = time.perf_counter() - state.submitted
@@ -499,6 +542,8 @@ class Engine:
             )
             state.events.put_nowait(ResultEvent(request.request_id, result))
         except asyncio.CancelledError:
+            # Pixel work on the pool stops at its next check (its budget is returned now, by the finally).
+            state.cancelled.set()
             # A cancel or deadline only marks the jobs: a UNet call in flight may be reading their
             # tensors. The scheduler's next update releases them; wake the loop in case it idles.
             for job in state.jobs:
@@ -514,6 +559,7 @@ class Engine:
             self._signal_work()
             state.events.put_nowait(FailedEvent(request.request_id, error))
         finally:
+            await pixels_held.aclose()
             state.finished = True
             state.jobs = []
             self._release_faces(state)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from masquerade.cancellation import check as check_cancelled
 from masquerade.engine.request import (
     EngineRequest,
     FaceRecord,
@@ -77,7 +78,9 @@ class FaceWork:
 
 @dataclass
 class PreparedRequest:
-    rgb: np.ndarray = field(repr=False)  # the decoded input, EXIF orientation applied
+    # The decoded input, EXIF orientation applied. None while its faces diffuse: the engine drops it
+    # then and ``finish`` decodes the request's bytes again (docs/design.md section 7).
+    rgb: np.ndarray | None = field(repr=False)
     output_format: str
     records: list[FaceRecord]  # every face found, in order
     works: list[FaceWork]  # faces going through diffusion (a subset of records)
@@ -158,6 +161,7 @@ class FaceFrontEnd:
                         record, f"beyond max_faces={max_faces} faces per request on the generative path"
                     )
                 else:
+                    check_cancelled()
                     works.append(self._align(rgb, face, record))
             works.sort(key=lambda work: work.record.index)
         if works:
@@ -226,10 +230,11 @@ class FaceFrontEnd:
 
         ``failures`` gives, by face index, why a face's diffusion failed; it goes in the record.
         """
-        rgb = prepared.rgb
+        rgb = prepared.rgb if prepared.rgb is not None else decode_image(request.image, self.max_image_pixels).rgb
         output = rgb.copy()
         works_by_index = {work.record.index: work for work in prepared.works}
         for record in prepared.records:
+            check_cancelled()
             work = works_by_index.get(record.index)
             if request.method.is_classical:
                 output = self._cover(output, record, request.method, request.classical_strength, prepared.mask_scale)
@@ -245,6 +250,7 @@ class FaceFrontEnd:
                     output, record, record.method_applied, request.classical_strength, prepared.mask_scale
                 )
         self._identity_receipts(output, prepared, generated)
+        check_cancelled()
         if self.defaults.self_check and request.self_check and not request.detection.aligned:
             output = self._check_and_recover(rgb, output, prepared, request.classical_strength)
         height, width = output.shape[:2]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..cancellation import check as check_cancelled
 from .detectors import DetectorUnavailableError, RawFaces, make_backend, nms
 
 DETECTOR_KINDS = ("centerface", "scrfd", "hog", "cnn")
@@ -158,9 +159,11 @@ class FaceDetector:
         rgb = _check_rgb(rgb)
         height, width = rgb.shape[:2]
         coarse = min(1.0, self.max_side / max(height, width)) * self.detect_scale
+        check_cancelled()
         found = [_scaled(self.backend.find(_resize(rgb, coarse), score_threshold), coarse)]
         # Large faces (a third of the image and up) are found more reliably at half that scale.
         if self.backend.native_min_face < 40 and min(height, width) * coarse >= 256:
+            check_cancelled()
             raw = _scaled(self.backend.find(_resize(rgb, coarse / 2), score_threshold), coarse / 2)
             sides = np.minimum(raw.boxes[:, 2] - raw.boxes[:, 0], raw.boxes[:, 3] - raw.boxes[:, 1])
             found.append(_select(raw, sides * coarse >= 128))
@@ -170,6 +173,7 @@ class FaceDetector:
         if small_faces and self.backend.native_min_face < 40 and fine > 1.4 * coarse:
             small_limit = 3.0 * self.backend.native_min_face / coarse
             for tile, (x, y) in _tiles(_resize(rgb, fine), size=1024, overlap=128):
+                check_cancelled()  # a cancelled request's detection stops between tiles
                 raw = _scaled(self.backend.find(tile, score_threshold), fine, (x, y))
                 sides = np.minimum(raw.boxes[:, 2] - raw.boxes[:, 0], raw.boxes[:, 3] - raw.boxes[:, 1])
                 found.append(_select(raw, sides < small_limit))
@@ -194,6 +198,7 @@ class FaceDetector:
         predictor = load_shape_predictor()
         faces = []
         for rank, i in enumerate(order):
+            check_cancelled()
             box = _clip_box(raw.boxes[i], rgb.shape)
             if box[2] - box[0] < 1 or box[3] - box[1] < 1:
                 continue

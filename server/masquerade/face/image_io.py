@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from ..cancellation import check as check_cancelled
 from ..errors import InvalidRequestError
 
 # Pillow's format names -> ours. Phones write multi-picture JPEGs, which Pillow calls MPO.
@@ -76,10 +77,12 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> DecodedImage:
                 f"is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
                 "downscale it before sending"
             )
+        check_cancelled()  # waiting for the pixel budget may have outlasted the request
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image.load()
+                check_cancelled()
                 rgb = _to_srgb(ImageOps.exif_transpose(image))
         except Image.DecompressionBombError as exc:
             raise _bad(f"declares too many pixels ({exc})") from exc
@@ -125,6 +128,7 @@ def encode_image(rgb: np.ndarray, format: str, quality: int = 95) -> bytes:
 
     ``format`` and ``quality`` come from an already-checked ``engine.request.OutputOptions``.
     """
+    check_cancelled()
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected a uint8 [H, W, 3] array, got {rgb.dtype} {rgb.shape}")
