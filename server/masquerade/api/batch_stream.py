@@ -1,7 +1,7 @@
 """The AnonymizeBatch stream's multiplexing, shared by the single-process servicer and the Ray front end.
 
 Requests are read as they arrive, run concurrently up to a window, and answered in completion
-order, matched by ``request_id``. Backpressure runs end to end (docs/design.md section 7): a
+order, matched by ``request_id``. Backpressure runs end to end (docs/design.md section 10): a
 window slot is held from the moment a request is read until its response has been written to
 the transport (grpc.aio's ``write`` returning), so a client that stops reading stops the server
 reading its stream once ``window`` responses are waiting; gRPC's flow control then stalls the

@@ -4,7 +4,7 @@ Health is always let through (load balancers' probes carry no token, and must se
 NOT_SERVING while the server drains); every other service, reflection included,
 needs a valid token when a token file is configured.
 
-Auth before work (docs/design.md section 7): the gate decides from the call's metadata
+Auth before work (docs/design.md section 10): the gate decides from the call's metadata
 alone. A refused call is answered by a handler that never asks gRPC for the request
 message, so its body is neither received past HTTP/2's flow-control window nor parsed.
 """

@@ -490,7 +490,7 @@ class Engine:
         request = state.request
         pixels_held = contextlib.AsyncExitStack()
         try:
-            # Decoded only once its pixels fit the budget (docs/design.md section 7); until then it holds its bytes.
+            # Decoded only once its pixels fit the budget (docs/design.md section 10); until then it holds its bytes.
             await pixels_held.enter_async_context(self._pixels.hold(state.pixels))
             prepare = self._prepare_started(state, self.front_end.prepare)
             prepared: PreparedRequest = await self._in_pool(
@@ -506,7 +506,7 @@ class Engine:
             generated, failures = {}, {}
             if prepared.works and request.image:
                 # Diffusion takes seconds to minutes: the image is dropped meanwhile and decoded again to
-                # finish (tens of ms a megapixel, measured in design.md section 7), so a waiting face holds no pixels.
+                # finish (tens of ms a megapixel, measured in design.md section 10), so a waiting face holds no pixels.
                 prepared.rgb = None
                 await pixels_held.aclose()
                 generated, failures = await self._diffuse(state, prepared)

@@ -79,7 +79,7 @@ class FaceWork:
 @dataclass
 class PreparedRequest:
     # The decoded input, EXIF orientation applied. None while its faces diffuse: the engine drops it
-    # then and ``finish`` decodes the request's bytes again (docs/design.md section 7).
+    # then and ``finish`` decodes the request's bytes again (docs/design.md section 10).
     rgb: np.ndarray | None = field(repr=False)
     output_format: str
     records: list[FaceRecord]  # every face found, in order

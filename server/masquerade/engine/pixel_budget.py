@@ -7,7 +7,7 @@ against ``EngineConfig.max_inflight_megapixels`` for as long as it holds them; a
 that does not fit waits, holding only its compressed bytes, and is decoded once it is
 admitted. One that can never fit is refused (``PixelBudgetError``, RESOURCE_EXHAUSTED
 naming the limit). Waiters are served first come, first served: a large request is not
-starved by a stream of small ones. See docs/design.md section 7.
+starved by a stream of small ones. See docs/design.md section 10.
 """
 
 from __future__ import annotations
