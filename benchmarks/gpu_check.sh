@@ -146,6 +146,8 @@ else
 fi
 export PYTHONDONTWRITEBYTECODE=1
 if [[ "${1:-}" == __setup ]]; then setup; exit $?; fi  # `timeout` runs programs, not functions
+# A result left in $OUT by an earlier run must not pass for this run's.
+rm -f "$OUT/gpu_check.json" "$OUT/engine_bench_gpu_check.json" "$OUT/engine_bench_gpu_check.md"
 
 {
 echo "== gpu_check: device $DEVICE, budget ${BUDGET_S}s, python $PY, out $OUT"
