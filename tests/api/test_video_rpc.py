@@ -519,3 +519,34 @@ def test_live_720p_frames_are_detected_on_the_bounded_copy(video_client):
     for index, result in enumerate(results):
         assert [face.detected for face in result.faces] == [True], result.faces
         assert region_changed(wide.frame(index), result.image, wide.box(index))
+
+
+def test_spool_budget_is_shared_and_returned_and_dead_servers_folders_are_swept(tmp_path):
+    from masquerade.api.video_spool import SpoolFullError, VideoSpool
+    from masquerade.errors import InvalidRequestError
+
+    stale = tmp_path / "pid999999999-abc"  # no such process
+    (stale / "video-1").mkdir(parents=True)
+    (stale / "video-1" / "clip.mp4").write_bytes(b"left by a killed server")
+    spool = VideoSpool(tmp_path, max_file_bytes=100, max_total_bytes=150)
+    assert not stale.exists()
+
+    first, second = spool.entry(), spool.entry()
+    first.open_input("a.mp4")
+    second.open_input("../../etc/b.mp4")
+    assert second.input_path.parent == second.directory  # the client's name never leaves the folder
+    first.append(b"x" * 100)
+    with pytest.raises(InvalidRequestError):
+        first.append(b"x")  # over the per-file limit
+    with pytest.raises(SpoolFullError):
+        second.append(b"y" * 60)  # 160 > 150 over both calls
+    (first.directory / ".a.mp4.partial").write_bytes(b"z" * 60)
+    with pytest.raises(SpoolFullError):
+        first.charge_output()  # the encoder's partial output counts too
+    first.close()
+    assert not first.directory.exists() and spool.used_bytes == 0
+    second.append(b"y" * 60)
+    assert spool.used_bytes == 60
+    second.close()
+    spool.close()
+    assert spool.used_bytes == 0 and not spool.directory.exists()

@@ -150,9 +150,16 @@ class SpoolEntry:
             self._input_file = None
 
     def charge_output(self) -> None:
-        """Charges the output file's size as it stands (called as the encoder writes it)."""
-        size = self.output_path.stat().st_size if self.output_path and self.output_path.exists() else 0
-        self._charge_to(self._input_bytes + size)
+        """Charges what the call's folder holds now besides the upload: the encoder's output, whatever
+        name it writes under while it works (a hidden partial file, renamed at the end)."""
+        held = 0
+        for path in self.directory.iterdir():
+            if path != self.input_path:
+                try:
+                    held += path.stat().st_size
+                except FileNotFoundError:  # renamed or removed between listing and stat
+                    pass
+        self._charge_to(self._input_bytes + held)
 
     def _charge_to(self, total: int) -> None:
         delta = total - self.charged
