@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 DEFAULT_FRAME_WINDOW = 4
 PROGRESS_INTERVAL_S = 0.1
+DEADLINE_MARGIN_S = 0.25  # the servicer's (api/servicer.py), which imports this module
 
 
 @dataclass
@@ -196,8 +197,10 @@ class VideoService:
 
     @staticmethod
     def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        # As the servicer's: a client cancels when its deadline passes on its own clock, a little before
+        # the server's copy of it, so a cancel that close to the deadline is the deadline.
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= DEADLINE_MARGIN_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
 
