@@ -103,3 +103,41 @@ def test_client_snippets_are_excerpts_of_the_example_sources(language, source):
             continue
         assert line in lines[position:], f"README's {language} line is not in {source} (in order): {line}"
         position = lines.index(line, position) + 1
+
+
+def test_http_examples_run_as_written(tmp_path):
+    """Every curl line of "HTTP API and web page", against a real server (classical methods: no model weights)."""
+    import subprocess
+    from dataclasses import replace
+
+    from masquerade.engine.engine import Engine, EngineConfig
+    from server_support import BackgroundServer, loopback_config
+
+    text = section("HTTP API")
+    serve = {a.dest: a.default for a in subparser("serve")._actions}
+    assert f"http://{serve['host']}:{serve['http_port']}" in text
+    (block,) = code_blocks(text, "bash")
+    engine_config = EngineConfig(models="tiny", device="cpu")
+    engine = Engine(engine_config, None, "README test: classical methods only")
+    running = BackgroundServer(replace(loopback_config(engine_config), http_port=0), engine).start()
+    shutil.copy(t1_image_path(), tmp_path / "photo.jpg")
+    try:
+        for line in block.strip().splitlines():
+            assert line.startswith("curl "), line
+            command = line.replace("127.0.0.1:8080", f"127.0.0.1:{running._state.http_port}")
+            done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}"
+    finally:
+        running.stop()
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert {m["method"]: m["available"] for m in info["methods"]}["BLUR"] is True
+    assert Image.open(tmp_path / "blurred.jpg").size == Image.open(tmp_path / "photo.jpg").size
+    assert "x-masquerade-report-size:" in (tmp_path / "headers.txt").read_text().lower()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["request_id"] == "a1" and report["format"] == "PNG" and len(report["faces"]) == 6
+    assert {face["method_applied"] for face in report["faces"]} == {"PIXELATE"}
+    solid = json.loads((tmp_path / "solid.json").read_text())
+    assert {face["method_applied"] for face in solid["faces"]} == {"SOLID"}
+    events = (tmp_path / "events.txt").read_text()
+    assert events.index("event: queued") < events.index("event: faces_found") < events.index("event: result")
+    assert "/v1/anonymize:stream" in json.loads((tmp_path / "openapi.json").read_text())["paths"]

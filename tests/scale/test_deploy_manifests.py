@@ -51,6 +51,7 @@ def test_single_process_deployment_matches_the_cli():
     grpc_port = _port(container, "grpc")
     assert grpc_port == config.port
     assert _port(container, "metrics") == config.metrics_port
+    assert _port(container, "http") == config.http_port  # the HTTP/JSON API and web page
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         _check_grpc_probe(container[kind], grpc_port)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -68,6 +69,7 @@ def test_single_process_deployment_matches_the_cli():
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     service_ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert service_ports["grpc"]["targetPort"] == "grpc" and service_ports["grpc"]["appProtocol"] == "grpc"
+    assert service_ports["http"]["targetPort"] == "http" and service_ports["http"]["port"] == config.http_port
 
 
 def test_rayservice_matches_the_application_it_imports():
