@@ -360,6 +360,8 @@ class Engine:
         if self.queue_depth >= self.config.max_queue:
             raise QueueFullError(f"queue full ({self.config.max_queue} requests in flight); retry with backoff")
         pixels = header_pixels(request.image)  # the header only: nothing is decoded before admission
+        if request.pixels is not None:  # a video frame, already decoded by its caller
+            pixels = int(request.pixels.shape[0] * request.pixels.shape[1])
         self._pixels.check_fits(pixels)
         if request.deadline is not None:
             self._refuse_if_too_late(request)
@@ -504,7 +506,7 @@ class Engine:
             self._hold_faces(state, len(prepared.records))
             state.events.put_nowait(FacesFoundEvent(request.request_id, tuple(r.box for r in prepared.records)))
             generated, failures = {}, {}
-            if prepared.works and request.image:
+            if prepared.works:
                 # Diffusion takes seconds to minutes: the image is dropped meanwhile and decoded again to
                 # finish (tens of ms a megapixel, measured in design.md section 10), so a waiting face holds no pixels.
                 prepared.rgb = None

@@ -230,7 +230,11 @@ class FaceFrontEnd:
 
         ``failures`` gives, by face index, why a face's diffusion failed; it goes in the record.
         """
-        rgb = prepared.rgb if prepared.rgb is not None else decode_image(request.image, self.max_image_pixels).rgb
+        rgb = prepared.rgb
+        if rgb is None:
+            rgb = (
+                request.pixels if request.pixels is not None else decode_image(request.image, self.max_image_pixels).rgb
+            )
         output = rgb.copy()
         works_by_index = {work.record.index: work for work in prepared.works}
         for record in prepared.records:
