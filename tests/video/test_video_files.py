@@ -241,3 +241,24 @@ def test_cancel_stops_and_leaves_no_output(tmp_path, hard_clip):
             anonymize_video(source, tmp_path / "c.mp4", VideoOptions(), detector=_detector(), cancelled=cancelled)
         )
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "suffix, codec, audio",
+    [(".mov", "h264", True), (".mkv", "vp9", True), (".webm", "vp9", False), (".avi", "h264", True)],
+)
+def test_every_container_round_trips(tmp_path, suffix, codec, audio):
+    source, target = tmp_path / "in.mp4", tmp_path / f"out{suffix}"
+    make_clip(source, ClipSpec(frames=4, width=160, height=96))
+    report = _run(source, target, encode=EncodeOptions(codec=codec, audio=audio), self_check_every=0)
+    frames, _, _ = _decode(target)
+    assert len(frames) == report.frames == 4 and frames[0].shape == (96, 160, 3)
+    assert (_audio_packets(target) == _audio_packets(source)) if audio else report.audio_packets_copied == 0
+
+
+def test_audio_a_container_cannot_hold_is_refused_by_name(tmp_path):
+    source = tmp_path / "in.mp4"
+    make_clip(source, ClipSpec(frames=2, width=160, height=96))
+    with pytest.raises(VideoError, match="aac audio cannot be copied into a .webm file.*--no-audio"):
+        _run(source, tmp_path / "out.webm", encode=EncodeOptions(codec="vp9"))
+    assert not list(tmp_path.glob("*out*"))

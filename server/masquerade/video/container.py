@@ -303,6 +303,8 @@ class VideoWriter:
         crf = str(options.effective_crf)
         if options.codec in ("vp9",):
             stream.codec_context.options = {"crf": crf, "b": "0", "row-mt": "1", "deadline": "good", "cpu-used": "4"}
+        elif options.codec == "hevc":
+            stream.codec_context.options = {"crf": crf, "x265-params": "log-level=error"}
         else:
             stream.codec_context.options = {"crf": crf}
         if not options.keep_metadata:

@@ -1,0 +1,338 @@
+"""Video files, measured: fps per method and resolution, coverage with and without tracking, deface
+side by side on the same clips in the same run, and peak memory over clip length.
+
+Clips are built on the spot (masquerade.video.synthetic): three real faces (insightface's t1.jpg)
+moving over a textured background, one of them walking out of the frame, with hard frames where a
+face is blurred (the detector finds nothing), softened (it scores under the threshold) or dark
+with sensor noise, and a 440 Hz sine-wave audio track.
+
+- fps: `anonymize_video` wall time (decode, detect, track, cover, encode, audio copy) per method at
+  720p and 1080p; deface (its own venv, benchmarks/deface_env.py) on the same clip, same run.
+- coverage: the fraction of (frame, face) pairs whose face is covered, judged on the pixels: both
+  tools replace faces with a solid colour (ours grey, deface's black) and a pair counts as covered
+  when >= 80 % of the face's inner pixels that differ from that colour in the input show it in the
+  output. Ours with tracking (default), ours per frame (no hold, no look-ahead, no low-score
+  continuation), and deface (its default threshold 0.2 and mask scale 1.3).
+- memory: peak RSS of a child process anonymizing a clip and one 10x as long (same content).
+
+    .venv/bin/python benchmarks/video.py              # full run (several minutes on 2 cores)
+    .venv/bin/python benchmarks/video.py --quick      # short clips, no 1080p, no deface: a smoke run
+
+Prints a table; writes benchmarks/results/video.json and video.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+SOLID_GREY = 128  # masquerade.face.classical.SOLID_COLOUR
+DEFACE_SOLID = 0  # deface fills a solid box black
+TARGETS = {"coverage_tracked": 0.99, "blur_720p_fps_vs_deface": 1.0, "memory_10x_ratio": 1.2}
+
+
+def clip_spec(width: int, height: int, seconds: float, fps: int = 24):
+    """Three faces at sizes proportional to the frame; about 8 % of (frame, face) pairs are hard."""
+    from masquerade.video.synthetic import ClipSpec, MovingFace
+
+    frames = int(seconds * fps)
+    unit = height / 720
+    faces = (
+        MovingFace(0, int(200 * unit), (0.05 * width, 0.25 * height), (2.5 * unit, 0.2 * unit)),
+        MovingFace(3, int(170 * unit), (0.55 * width, 0.1 * height), (-1.5 * unit, 0.8 * unit)),
+        # Walks right and out of the frame over the clip.
+        MovingFace(5, int(150 * unit), (0.70 * width, 0.55 * height), (0.45 * width / max(frames, 1), 0.0)),
+    )
+    rng = np.random.default_rng(7)
+    hard: dict[int, dict[int, str]] = {}
+    for start in range(6, frames - 3, 12):  # short runs of hard frames, as in real footage
+        face, kind, length = int(rng.integers(0, 3)), str(rng.choice(["blur", "soft", "dark"])), int(rng.integers(1, 4))
+        for index in range(start, min(start + length, frames)):
+            hard.setdefault(index, {})[face] = kind
+    return ClipSpec(width=width, height=height, frames=frames, fps=fps, faces=faces, hard=hard, audio=True)
+
+
+def decode(path: Path) -> list[np.ndarray]:
+    import av
+
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])]
+
+
+def coverage(source: Path, output: Path, truth, fill: int) -> dict:
+    """Pairs covered, judged on pixels (see the module doc)."""
+    originals, outputs = decode(source), decode(output)
+    if len(outputs) != len(originals):
+        return {"covered": 0, "pairs": 0, "fraction": None, "frames_out": len(outputs), "frames_in": len(originals)}
+    covered = pairs = hard_pairs = hard_covered = 0
+    for index, boxes in enumerate(truth.boxes):
+        for face, box in enumerate(boxes):
+            if box is None:
+                continue
+            x0, y0, x1, y1 = box
+            w, h = x1 - x0, y1 - y0
+            region = (slice(int(y0 + h / 4), int(y1 - h / 4)), slice(int(x0 + w / 4), int(x1 - w / 4)))
+            before = originals[index][region].astype(int)
+            after = outputs[index][region].astype(int)
+            informative = np.abs(before - fill).max(-1) >= 24
+            if informative.sum() < 0.1 * informative.size:
+                continue  # the face already looks like the fill colour: nothing to judge
+            shows_fill = np.abs(after - fill).max(-1) < 16
+            ok = shows_fill[informative].mean() >= 0.8
+            pairs += 1
+            covered += ok
+            if face in truth.hard[index]:
+                hard_pairs += 1
+                hard_covered += ok
+    return {
+        "covered": int(covered),
+        "pairs": int(pairs),
+        "fraction": round(covered / pairs, 4) if pairs else None,
+        "hard_pairs": int(hard_pairs),
+        "hard_covered": int(hard_covered),
+    }
+
+
+def run_ours(source: Path, target: Path, method: str, tracked: bool = True, **extra) -> dict:
+    from masquerade.engine.request import Method
+    from masquerade.face.detect import FaceDetector
+    from masquerade.video import TrackingOptions, VideoOptions, anonymize_video
+
+    tracking = TrackingOptions() if tracked else TrackingOptions(track_hold=0, look_ahead=0, low_score_ratio=1.0)
+    options = VideoOptions(method=Method(method), tracking=tracking, **extra)
+    detector = FaceDetector("centerface")
+    started = time.perf_counter()
+    report = asyncio.run(anonymize_video(source, target, options, detector=detector))
+    seconds = time.perf_counter() - started
+    return {
+        "frames": report.frames,
+        "seconds": round(seconds, 2),
+        "fps": round(report.frames / seconds, 2),
+        "tracks": len(report.tracks),
+        "frames_filled": sum(t.frames_filled for t in report.tracks),
+        "flicker": report.flicker,
+        "residual_recognisable": report.residual_recognisable,
+        "audio_packets_copied": report.audio_packets_copied,
+    }
+
+
+def run_deface(command: list[str], source: Path, target: Path, replace: str) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [*command, str(source), "-o", str(target), "--replacewith", replace, "--keep-audio"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:]}
+    frames = len(decode(target))
+    return {"frames": frames, "seconds": round(seconds, 2), "fps": round(frames / seconds, 2)}
+
+
+def deface_command() -> tuple[list[str] | None, str]:
+    """deface in its own venv (benchmarks/deface_env.py), or None and why not."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import deface_env
+    except ImportError:
+        return None, "benchmarks/deface_env.py is missing"
+    try:
+        return list(deface_env.deface_command()), ""
+    except Exception as error:  # offline, pip failure: the rest of the benchmark still runs
+        return None, f"deface could not be installed: {error}"
+
+
+def peak_memory_mb(source: Path, target: Path) -> float:
+    """Peak RSS of a fresh process anonymizing ``source`` with blur (its own interpreter: nothing shared)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child-memory", str(source), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def _child_memory(source: str, target: str) -> None:
+    run_ours(Path(source), Path(target), "blur")
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 s clips at 480p and 720p, no deface, short memory run")
+    parser.add_argument("--seconds", type=float, default=4.0, help="clip length for fps and coverage")
+    parser.add_argument("--no-deface", action="store_true")
+    parser.add_argument(
+        "--parts", nargs="+", choices=("fps", "memory"), default=["fps", "memory"], help="which measurements to run"
+    )
+    parser.add_argument("--child-memory", nargs=2, metavar=("SOURCE", "TARGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_memory:
+        _child_memory(*args.child_memory)
+        return
+
+    from masquerade.video.synthetic import make_clip
+
+    seconds = 2.0 if args.quick else args.seconds
+    resolutions = [(854, 480), (1280, 720)] if args.quick else [(1280, 720), (1920, 1080)]
+    deface, deface_note = (None, "skipped (--quick/--no-deface)") if args.quick or args.no_deface else deface_command()
+    results: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "clip_seconds": seconds,
+        "targets": TARGETS,
+        "runs": [],
+        "deface": deface_note or "installed in its own venv (benchmarks/deface_env.py)",
+    }
+    with tempfile.TemporaryDirectory(prefix="masquerade-video-bench-") as tmp:
+        work = Path(tmp)
+        for width, height in resolutions if "fps" in args.parts else []:
+            label = f"{height}p"
+            source = work / f"clip_{label}.mp4"
+            truth = make_clip(source, clip_spec(width, height, seconds))
+            pairs_total = sum(box is not None for boxes in truth.boxes for box in boxes)
+            methods = ["blur", "pixelate", "solid"] if height == 720 or args.quick else ["blur"]
+            for method in methods:
+                out = work / f"ours_{method}_{label}.mp4"
+                run = {"tool": "masquerade", "method": method, "resolution": label, **run_ours(source, out, method)}
+                if method == "solid":
+                    run["coverage"] = coverage(source, out, truth, SOLID_GREY)
+                results["runs"].append(run)
+                print(_line(run), flush=True)
+            if height == 720:
+                out = work / f"ours_solid_untracked_{label}.mp4"
+                run = {
+                    "tool": "masquerade (per frame, no tracking)",
+                    "method": "solid",
+                    "resolution": label,
+                    **run_ours(source, out, "solid", tracked=False),
+                }
+                run["coverage"] = coverage(source, out, truth, SOLID_GREY)
+                results["runs"].append(run)
+                print(_line(run), flush=True)
+                if deface is not None:
+                    for method, replace in (("blur", "blur"), ("solid", "solid")):
+                        out = work / f"deface_{method}_{label}.mp4"
+                        run = {
+                            "tool": "deface",
+                            "method": method,
+                            "resolution": label,
+                            **run_deface(deface, source, out, replace),
+                        }
+                        if method == "solid" and "error" not in run:
+                            run["coverage"] = coverage(source, out, truth, DEFACE_SOLID)
+                        results["runs"].append(run)
+                        print(_line(run), flush=True)
+            results.setdefault("pairs", {})[label] = pairs_total
+
+        # Memory over clip length: the same content, 1x and 10x as long (720p, blur).
+        short_seconds = 1.0 if args.quick else 2.0
+        memory = {}
+        for factor in (1, 10) if "memory" in args.parts else []:
+            source = work / f"memory_{factor}x.mp4"
+            make_clip(source, clip_spec(1280, 720, short_seconds * factor))
+            memory[f"{factor}x"] = round(peak_memory_mb(source, work / f"memory_{factor}x_out.mp4"), 1)
+            source.unlink()
+        if memory:
+            memory["ratio"] = round(memory["10x"] / memory["1x"], 3)
+            memory["seconds_1x"] = short_seconds
+            results["memory"] = memory
+            print(
+                f"peak RSS: {memory['1x']} MB for {short_seconds:g} s, {memory['10x']} MB for 10x: {memory['ratio']}x"
+            )
+
+    _summarize(results)
+    RESULTS.mkdir(exist_ok=True)
+    name = ("video_quick" if args.quick else "video") + ("" if len(args.parts) == 2 else "_" + args.parts[0])
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / (name + '.json')} and {name}.png")
+
+
+def _line(run: dict) -> str:
+    if "error" in run:
+        return f"{run['tool']:38s} {run['method']:9s} {run['resolution']:6s} FAILED: {run['error'][-300:]}"
+    text = f"{run['tool']:38s} {run['method']:9s} {run['resolution']:6s} {run['fps']:6.2f} fps"
+    if "coverage" in run and run["coverage"].get("fraction") is not None:
+        c = run["coverage"]
+        text += (
+            f"  coverage {c['fraction']:.4f} ({c['covered']}/{c['pairs']}; hard {c['hard_covered']}/{c['hard_pairs']})"
+        )
+    return text
+
+
+def _summarize(results: dict) -> None:
+    runs = results["runs"]
+
+    def find(tool, method, resolution="720p"):
+        return next(
+            (r for r in runs if r["tool"] == tool and r["method"] == method and r["resolution"] == resolution), None
+        )
+
+    ours, theirs = find("masquerade", "blur"), find("deface", "blur")
+    if ours and theirs and "fps" in theirs:
+        results["blur_720p_fps_vs_deface"] = round(ours["fps"] / theirs["fps"], 3)
+        print(f"blur 720p: {ours['fps']} fps vs deface {theirs['fps']} fps: {results['blur_720p_fps_vs_deface']}x")
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if "fps" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [
+        f"{r['tool'].split(' ')[0]}{' per-frame' if 'per frame' in r['tool'] else ''}\n{r['method']} {r['resolution']}"
+        for r in runs
+    ]
+    colours = ["tab:orange" if r["tool"] == "deface" else "tab:blue" for r in runs]
+    left.bar(range(len(runs)), [r["fps"] for r in runs], color=colours)
+    left.set_xticks(range(len(runs)), labels, fontsize=7)
+    left.set_ylabel("frames per second")
+    left.set_title("throughput (same clips, same run)")
+    covered = [r for r in runs if r.get("coverage", {}).get("fraction") is not None]
+    right.bar(
+        range(len(covered)),
+        [r["coverage"]["fraction"] for r in covered],
+        color=["tab:orange" if r["tool"] == "deface" else "tab:blue" for r in covered],
+    )
+    right.set_xticks(range(len(covered)), [r["tool"].replace(" (", "\n(") for r in covered], fontsize=7)
+    right.axhline(TARGETS["coverage_tracked"], color="grey", linestyle="--", linewidth=1)
+    right.set_ylim(min([0.8] + [r["coverage"]["fraction"] - 0.02 for r in covered]), 1.0)
+    right.set_ylabel("(frame, face) pairs covered")
+    right.set_title("coverage on clips with hard frames (720p)")
+    fig.suptitle(f"video files, {results['machine']['cpus']} CPUs, commit {results['commit']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
