@@ -43,3 +43,21 @@ def test_errors_reach_the_caller_and_a_cancelled_task_never_runs():
         assert ran == []
     finally:
         pool.shutdown()
+
+
+def test_a_reserved_thread_runs_interactive_work_while_bulk_work_holds_every_other_thread():
+    pool = PriorityThreadPool(1, "test-pool", reserved=1)
+    gate, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+    try:
+        pool.submit(Priority.BULK, lambda: (started.set(), gate.wait()))
+        assert started.wait(10)
+        second_bulk = pool.submit(Priority.BULK, ran.append, "bulk")
+        interactive = pool.submit(Priority.INTERACTIVE, ran.append, "interactive")
+        interactive.result(timeout=10)  # on the reserved thread, while bulk holds its one thread
+        assert ran == ["interactive"] and not second_bulk.done()  # bulk never takes the reserved thread
+        gate.set()
+        second_bulk.result(timeout=10)
+        assert ran == ["interactive", "bulk"]
+    finally:
+        pool.shutdown()

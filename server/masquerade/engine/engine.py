@@ -99,6 +99,9 @@ class EngineConfig:
     vae_chunk: int = 4
     """Faces per VAE encode/decode call: bounds the fp32 VAE's memory next to the UNet's."""
     preprocess_threads: int = 2
+    interactive_threads: int = 1
+    """Preprocess threads more than ``preprocess_threads`` that only interactive work uses: an interactive
+    request's pixel work never queues behind bulk pixel work already running (engine/priority_pool.py)."""
     max_inflight_megapixels: float = 64.0
     """Decoded megapixels admitted requests may hold at once (engine/pixel_budget.py); others wait, holding
     only their bytes. At the ~27 bytes a pixel measured at post-processing's peak, 64 is ~1.7 GB of pixel
@@ -124,6 +127,7 @@ class EngineConfig:
             ),
             (self.aging_calls >= 1, f"aging_calls must be at least 1, got {self.aging_calls}"),
             (self.interactive_slack >= 1.0, f"interactive_slack must be >= 1, got {self.interactive_slack}"),
+            (self.interactive_threads >= 0, f"interactive_threads must be >= 0, got {self.interactive_threads}"),
             (0.0 <= self.detection_threshold <= 1.0, f"threshold must be in [0, 1], got {self.detection_threshold}"),
             (self.min_face_size >= 0, f"min_face_size must be >= 0, got {self.min_face_size}"),
             (0.5 <= self.mask_scale <= 3.0, f"mask_scale must be in [0.5, 3], got {self.mask_scale}"),
@@ -265,7 +269,9 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._work_added: asyncio.Event | None = None
         # Interactive requests' pixel work runs before bulk work waiting for the same threads.
-        self._preprocess_pool = PriorityThreadPool(config.preprocess_threads, "masquerade-pre")
+        self._preprocess_pool = PriorityThreadPool(
+            config.preprocess_threads, "masquerade-pre", reserved=config.interactive_threads
+        )
         self._unet_pool = ThreadPoolExecutor(1, thread_name_prefix="masquerade-unet")
 
     # ---- construction ------------------------------------------------------------

@@ -4,8 +4,11 @@ Detection, alignment, VAE work and post-processing run on a few threads; a plain
 ThreadPoolExecutor serves them first come, first served, so one interactive photo
 arriving behind a bulk archive would wait for every bulk image's detection. Here
 waiting tasks are ordered by (priority, submission order): a running task is never
-interrupted, and among equals the order is FIFO. The queue is bounded by the engine's
-admission (``max_queue`` requests, each with at most one task waiting at a time).
+interrupted, and among equals the order is FIFO. ``reserved`` threads more than
+``threads`` run only interactive work, so an interactive task never queues behind bulk
+tasks that are already running: bulk work uses ``threads`` at most. The queue is bounded
+by the engine's admission (``max_queue`` requests, each with at most one task waiting at
+a time).
 """
 
 from __future__ import annotations
@@ -21,15 +24,18 @@ from masquerade.engine.job_state import Priority
 
 
 class PriorityThreadPool:
-    def __init__(self, threads: int, name: str):
-        if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
+    def __init__(self, threads: int, name: str, reserved: int = 0):
+        if threads < 1 or reserved < 0:
+            raise ValueError(f"threads must be at least 1 and reserved at least 0, got {threads} and {reserved}")
+        self.bulk_threads = threads
         self._heap: list[tuple[int, int, Future, Callable, tuple, float]] = []
         self._order = itertools.count()
         self._ready = threading.Condition()
         self._closed = False
+        self._bulk_running = 0
         self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True) for index in range(threads)
+            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
+            for index in range(threads + reserved)
         ]
         for thread in self._threads:
             thread.start()
@@ -49,23 +55,35 @@ class PriorityThreadPool:
         with self._ready:
             return sum(1 for entry in self._heap if entry[0] <= up_to)
 
+    def _runnable(self) -> bool:
+        """The most urgent waiting task may start now: interactive always, bulk below its thread count."""
+        return bool(self._heap) and (self._heap[0][0] < Priority.BULK or self._bulk_running < self.bulk_threads)
+
     def _work(self) -> None:
         while True:
             with self._ready:
-                while not self._heap and not self._closed:
+                while not self._runnable():
+                    if self._closed and not self._heap:
+                        return
                     self._ready.wait()
-                if not self._heap:
-                    return
                 priority, _order, future, fn, args, queued = heapq.heappop(self._heap)
-            if not future.set_running_or_notify_cancel():
-                continue  # cancelled while it waited: its request is gone
-            if self.on_start is not None:
-                self.on_start(Priority(priority), time.perf_counter() - queued)
+                bulk = priority >= Priority.BULK
+                self._bulk_running += bulk
             try:
-                future.set_result(fn(*args))
-            except BaseException as error:  # handed to the awaiting request, like ThreadPoolExecutor does
-                future.set_exception(error)
-            del future, fn, args  # drop the request's arrays before waiting for the next task
+                if not future.set_running_or_notify_cancel():
+                    continue  # cancelled while it waited: its request is gone
+                if self.on_start is not None:
+                    self.on_start(Priority(priority), time.perf_counter() - queued)
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:  # handed to the awaiting request, like ThreadPoolExecutor does
+                    future.set_exception(error)
+                del future, fn, args  # drop the request's arrays before waiting for the next task
+            finally:
+                if bulk:
+                    with self._ready:
+                        self._bulk_running -= 1
+                        self._ready.notify_all()
 
     def shutdown(self, cancel_futures: bool = True) -> None:
         """Stop taking tasks; cancel the waiting ones; running ones finish on their own (threads are daemons)."""
