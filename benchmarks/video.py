@@ -145,16 +145,29 @@ def run_deface(command: list[str], source: Path, target: Path, replace: str) -> 
 
 
 def deface_command() -> tuple[list[str] | None, str]:
-    """deface in its own venv (benchmarks/deface_env.py), or None and why not."""
+    """deface in its own venv (benchmarks/deface_env.py's when present), or None and why not."""
     sys.path.insert(0, str(Path(__file__).parent))
     try:
-        import deface_env
-    except ImportError:
-        return None, "benchmarks/deface_env.py is missing"
-    try:
-        return list(deface_env.deface_command()), ""
+        try:
+            import deface_env
+
+            return list(deface_env.deface_command()), ""
+        except ImportError:
+            return _own_deface_venv(), ""
     except Exception as error:  # offline, pip failure: the rest of the benchmark still runs
         return None, f"deface could not be installed: {error}"
+
+
+def _own_deface_venv() -> list[str]:
+    """deface 1.5.0 with its own dependencies (GUI OpenCV, imageio-ffmpeg) in a venv beside the results,
+    never in the project's venv (where its OpenCV would clash with the headless build)."""
+    venv = Path(__file__).parent / ".deface-venv"
+    executable = venv / "bin" / "deface"
+    if not executable.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "deface==1.5.0", "onnxruntime"], check=True, timeout=1800)
+    return [str(executable)]
 
 
 def peak_memory_mb(source: Path, target: Path) -> float:
