@@ -9,6 +9,12 @@ call: no cross-request batching) and prints the throughput ratio.
     python benchmarks/load.py --spawn tiny --steps 10
     python benchmarks/load.py --spawn tiny --compare-max-batch-1
     python benchmarks/load.py --server gpu-host:50051 --metrics-port 9090 --steps 50
+    python benchmarks/load.py --spawn tiny --http        # HTTP vs gRPC, unary blur of t1.jpg
+
+With --http it compares the HTTP/JSON API with gRPC instead of sweeping: p50 latency of the
+same unary blur request (t1.jpg, six faces) over each, interleaved in one run, and then 64
+concurrent HTTP requests whose images must equal the gRPC result (429/503 are the expected
+refusals of a full queue; anything else counts as an error).
 
 Writes JSON (machine, git commit, config, numbers) and a PNG under benchmarks/results/.
 """
@@ -122,6 +128,8 @@ def serve_command(metrics_port: int, server_args: list[str]) -> list[str]:
         "0",
         "--metrics-port",
         str(metrics_port),
+        "--http-port",  # a free port for the HTTP API (the log says which); 8080 may be taken
+        "0",
         "--grace-seconds",
         "5",
         "--drain-seconds",  # no load balancer to tell: stop at once
@@ -138,6 +146,7 @@ class SpawnedServer:
         self.args = ["--models", models, "--device", device, *extra_args]
         command = serve_command(self.metrics_port, self.args)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.http_url: str | None = None
         self.address = self._wait_for_address(timeout=600)
         # Keep draining the log so the server never blocks on a full pipe.
         threading.Thread(target=self.process.stdout.read, daemon=True).start()
@@ -150,6 +159,8 @@ class SpawnedServer:
                 raise RuntimeError(f"server exited with {self.process.wait()} before serving")
             match = re.search(r"masquerade serving on (\S+:\d+) \(", line)
             if match:
+                http = re.search(r"HTTP API and web page on (https?://\S+?)/?$", line.strip())
+                self.http_url = http.group(1) if http else None
                 return match.group(1)
         raise TimeoutError("server did not start serving in time")
 
@@ -241,6 +252,100 @@ def sweep(label: str, address: str, metrics_url: str | None, server_args: list[s
     return result
 
 
+def _t1_jpeg() -> bytes:
+    """insightface's six-person sample photo (installed by scripts/setup.sh --test)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("insightface")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--http needs insightface's t1.jpg: run scripts/setup.sh --test")
+    return (Path(spec.submodule_search_locations[0]) / "data" / "images" / "t1.jpg").read_bytes()
+
+
+def http_comparison(address: str, http_url: str, image: bytes, rounds: int, concurrent: int, timeout: float) -> dict:
+    """Unary blur over gRPC and HTTP, interleaved: p50 of each and their ratio; then ``concurrent`` HTTP calls."""
+    import requests
+
+    from masquerade_client import AnonymizerClient
+
+    url = f"{http_url}/v1/anonymize?method=BLUR"
+    headers = {"Content-Type": "image/jpeg"}
+
+    def http_call(accept: str) -> requests.Response:
+        reply = requests.post(url, data=image, headers={**headers, "Accept": accept}, timeout=timeout)
+        reply.raise_for_status()
+        return reply
+
+    with AnonymizerClient(address, timeout=timeout) as client:
+        client.wait_ready(timeout=600)
+        expected = client.anonymize(image, method="blur").image
+        for _ in range(2):  # warm-up: first calls pay for allocations and caches
+            client.anonymize(image, method="blur")
+            http_call("image/jpeg")
+        grpc_s, http_image_s, http_json_s = [], [], []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            client.anonymize(image, method="blur")
+            grpc_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            reply = http_call("image/jpeg")
+            http_image_s.append(time.perf_counter() - started)
+            if reply.content != expected:
+                raise SystemExit("HTTP returned other image bytes than gRPC for the same request")
+            started = time.perf_counter()
+            http_call("application/json")
+            http_json_s.append(time.perf_counter() - started)
+
+    statuses: dict[int, int] = {}
+    mismatched = 0
+    lock = threading.Lock()
+
+    def one(_: int) -> None:
+        nonlocal mismatched
+        reply = requests.post(url, data=image, headers={**headers, "Accept": "image/jpeg"}, timeout=timeout)
+        with lock:
+            statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+            if reply.status_code == 200 and reply.content != expected:
+                mismatched += 1
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrent) as pool:
+        list(pool.map(one, range(concurrent)))
+    concurrent_seconds = time.perf_counter() - started
+    unexpected = sum(n for status, n in statuses.items() if status not in (200, 429, 503))
+    return {
+        "image": "t1.jpg (1280x886, six faces)",
+        "rounds": rounds,
+        "grpc_p50_s": _percentile(grpc_s, 50),
+        "http_image_p50_s": _percentile(http_image_s, 50),
+        "http_json_p50_s": _percentile(http_json_s, 50),
+        "http_over_grpc_p50": _percentile(http_image_s, 50) / _percentile(grpc_s, 50),
+        "http_json_over_grpc_p50": _percentile(http_json_s, 50) / _percentile(grpc_s, 50),
+        "concurrent_requests": concurrent,
+        "concurrent_seconds": concurrent_seconds,
+        "concurrent_statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "concurrent_unexpected_errors": unexpected,
+        "concurrent_results_differing_from_grpc": mismatched,
+    }
+
+
+def _print_http(result: dict) -> None:
+    print(f"\nunary blur, {result['image']}, {result['rounds']} interleaved rounds:")
+    print(f"  gRPC p50              {result['grpc_p50_s'] * 1000:8.1f} ms")
+    print(
+        f"  HTTP p50 (image)      {result['http_image_p50_s'] * 1000:8.1f} ms  "
+        f"{result['http_over_grpc_p50']:.3f}x gRPC (target <= 1.15x)"
+    )
+    print(
+        f"  HTTP p50 (JSON)       {result['http_json_p50_s'] * 1000:8.1f} ms  {result['http_json_over_grpc_p50']:.3f}x gRPC"
+    )
+    print(
+        f"{result['concurrent_requests']} concurrent HTTP requests in {result['concurrent_seconds']:.1f} s: "
+        f"statuses {result['concurrent_statuses']}, unexpected errors {result['concurrent_unexpected_errors']}, "
+        f"results differing from gRPC {result['concurrent_results_differing_from_grpc']}"
+    )
+
+
 def _git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
@@ -324,10 +429,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--http", action="store_true", help="compare the HTTP API with gRPC (unary blur of t1.jpg) instead of sweeping"
+    )
+    parser.add_argument("--http-url", help="with --server --http: the server's HTTP API, e.g. http://gpu-host:8080")
+    parser.add_argument("--http-rounds", type=int, default=30, help="with --http: interleaved unary calls per protocol")
+    parser.add_argument("--http-concurrent", type=int, default=64, help="with --http: concurrent HTTP requests")
     args = parser.parse_args(argv)
     if args.compare_max_batch_1 and not args.spawn:
         parser.error("--compare-max-batch-1 needs --spawn (it starts both servers itself)")
 
+    if args.http:
+        return _main_http(args)
     image = _aligned_face_png(args.image)
     sweeps: list[SweepResult] = []
     if args.server:
@@ -373,6 +486,42 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     _plot(sweeps, stem.with_suffix(".png"))
     print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    return 0
+
+
+def _main_http(args) -> int:
+    image = args.image.read_bytes() if args.image else _t1_jpeg()
+    if args.server:
+        if not args.http_url:
+            raise SystemExit("--server --http needs --http-url")
+        result = http_comparison(
+            args.server, args.http_url.rstrip("/"), image, args.http_rounds, args.http_concurrent, args.timeout
+        )
+    else:
+        spawned = SpawnedServer(
+            args.spawn, [] if args.max_batch is None else ["--max-batch", str(args.max_batch)], args.device
+        )
+        try:
+            if spawned.http_url is None:
+                raise SystemExit("the spawned server did not log its HTTP API address")
+            result = http_comparison(
+                spawned.address, spawned.http_url, image, args.http_rounds, args.http_concurrent, args.timeout
+            )
+        finally:
+            spawned.stop()
+    _print_http(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"load-http-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    report = {
+        "benchmark": "load --http",
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "machine": _machine(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "http_vs_grpc": result,
+    }
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {path}")
     return 0
 
 
