@@ -12,6 +12,7 @@ import json
 import re
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -380,3 +381,21 @@ def test_grpc_status_mapping_is_complete():
     assert set(HTTP_STATUS) == set(grpc.StatusCode)
     assert HTTP_STATUS[grpc.StatusCode.RESOURCE_EXHAUSTED] == 429
     assert HTTP_STATUS[grpc.StatusCode.DEADLINE_EXCEEDED] == 504
+
+
+def test_a_client_that_leaves_cancels_its_request(base_url, face_png, caplog):
+    caplog.set_level("INFO", logger="masquerade.access")
+    query = "method=REVERSE_PERSONALIZATION&detection.aligned=true&params.steps=100&params.skip=0&request_id=leaver"
+    with socket_to(base_url) as sock:
+        sock.sendall(
+            f"POST /v1/anonymize?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(face_png)}\r\n\r\n".encode()
+            + face_png
+        )
+        time.sleep(1.0)  # queued or running: then the client goes away
+
+    def logged() -> list:
+        return [r.access for r in caplog.records if getattr(r, "access", None) and r.access["request_id"] == "leaver"]
+
+    wait_until(lambda: logged(), timeout=30, what="the access line of the request whose client left")
+    assert logged()[0]["code"] == "CANCELLED"
