@@ -373,14 +373,13 @@ class VideoService:
             ),
             name=f"video-{request_id}",
         )
+        task.add_done_callback(lambda _: changed.set())
         try:
             while not task.done():
-                waiter = asyncio.create_task(changed.wait())
-                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                await changed.wait()  # new progress, or the pipeline's end
+                changed.clear()
                 entry.charge_output()  # the encoder's partial file counts against the spool's budget
                 if latest and not task.done():
-                    changed.clear()
                     done, total, tracks = latest[0]
                     elapsed = time.perf_counter() - started
                     await context.write(
