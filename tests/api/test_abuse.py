@@ -29,7 +29,7 @@ BUDGET_MEGAPIXELS = 3  # one 1500x1500 image at a time
 def spawned(tmp_path_factory):
     work = tmp_path_factory.mktemp("abuse")
     args = ["--batch-window", str(BATCH_WINDOW), "--max-inflight-megapixels", str(BUDGET_MEGAPIXELS)]
-    server = abuse.spawn_server(work, args)
+    server = abuse.spawn_server(work, args, warm_requests=2)  # the tests bound no figure the warm-up moves
     yield server, abuse.ServerProbe(server.process.pid)
     assert server.stop() == 0
     log = server.log_path.read_text(errors="replace")

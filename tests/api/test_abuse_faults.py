@@ -62,6 +62,8 @@ def test_requests_cut_off_at_the_end_of_the_drain_get_unavailable(start_server_s
     assert codes == [grpc.StatusCode.UNAVAILABLE] * 4
     wait_until(lambda: len(_codes(access_caplog, "cut-")) == 4, what="the access lines")
     assert _codes(access_caplog, "cut-") == ["UNAVAILABLE"] * 4
+    errors = [r for r in access_caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]  # an expected end of the drain is not an error
 
 
 @pytest.mark.timeout(120)

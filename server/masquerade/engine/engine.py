@@ -157,6 +157,7 @@ class EngineInfo:
 
 
 _request_ids = itertools.count(1)
+POOL_JOIN_SECONDS = 15.0  # at shutdown, how long running pixel work gets to reach its cancellation check
 _TERMINAL = (ResultEvent, FailedEvent)
 
 
@@ -313,6 +314,10 @@ class Engine:
                 pass
         self._preprocess_pool.shutdown(cancel_futures=True)
         self._unet_pool.shutdown(wait=False, cancel_futures=True)
+        # Pixel work of the cancelled requests stops at its next check: wait for it, so that no native
+        # call is still running when the process exits (that aborts it).
+        if not await asyncio.to_thread(self._preprocess_pool.join, POOL_JOIN_SECONDS):
+            log.warning("pixel work still running %gs after shutdown; exiting anyway", POOL_JOIN_SECONDS)
 
     @property
     def ready(self) -> bool:

@@ -85,6 +85,17 @@ class PriorityThreadPool:
                         self._bulk_running -= 1
                         self._ready.notify_all()
 
+    def join(self, timeout: float) -> bool:
+        """After ``shutdown``: wait up to ``timeout`` s for the running tasks to end; True when all did.
+
+        A native call (onnxruntime, dlib) still running when the interpreter exits aborts the process
+        ("terminate called without an active exception"), so the engine waits for them; a cancelled
+        request's task ends at its next cancellation check (masquerade/cancellation.py)."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
     def shutdown(self, cancel_futures: bool = True) -> None:
         """Stop taking tasks; cancel the waiting ones; running ones finish on their own (threads are daemons)."""
         with self._ready:
