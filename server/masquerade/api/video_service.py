@@ -565,8 +565,10 @@ class VideoService:
 
     def _detector_for_live(self, engine: Engine):
         """The engine's detector at a bounded size: the coarse level at most ``live_detect_max_side`` and no
-        fine tiles (those find faces of a few pixels in large photos at several times the cost). Shared by
-        every stream (FaceDetector is thread-safe)."""
+        fine tiles (those find faces of a few pixels in large photos at several times the cost), in an ONNX
+        session of one thread: frames in flight are the parallelism, and a session spinning a thread per
+        core against the pool's other work measured twice the CPU per 720p frame (docs/design.md section 8).
+        Shared by every stream (FaceDetector is thread-safe)."""
         if not self.config.live_detect_max_side:
             return engine.front_end.detector
         if self._live_detector is None:
@@ -578,6 +580,7 @@ class VideoService:
                 model_dir=detector_model_dir(engine.config.models),
                 max_side=self.config.live_detect_max_side,
                 fine_pixels=0,
+                intra_op_threads=1,
             )
         return self._live_detector
 
