@@ -162,12 +162,15 @@ def test_a_folder_keeps_relative_paths_and_the_report_has_one_record_per_image(t
     written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert written == ["a/face.png", "b/face.png", "top.jpg"]
     records = json.loads((tmp_path / "r.json").read_text())
+    assert records[0]["reason"].startswith("not an image or video this reads (.txt files")
     assert [(r["input"], r["output"], r["status"]) for r in records] == [
+        ("in/notes.txt", "out/notes.txt", "skipped"),  # listed and counted, never silently passed over
         ("in/a/face.png", "out/a/face.png", "anonymized"),
         ("in/b/face.png", "out/b/face.png", "anonymized"),
         ("in/top.jpg", "out/top.jpg", "anonymized"),
     ]
-    assert all(r["faces"][0]["method_applied"] == "pixelate" for r in records)
+    assert all(r["faces"][0]["method_applied"] == "pixelate" for r in records[1:])
+    assert "4 input(s): 3 anonymized, 1 skipped" in result[1]
     with Image.open(tmp_path / "out" / "a" / "face.png") as a, Image.open(tmp_path / "out" / "b" / "face.png") as b:
         assert np.asarray(a).tobytes() != np.asarray(b).tobytes()  # two outputs, not one written twice
 

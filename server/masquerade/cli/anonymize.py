@@ -327,6 +327,8 @@ def _anonymize_classically(jobs, args, method, style, records: list[dict]) -> in
     )
     if args.jobs is not None and args.jobs < 1:
         raise files.PlanError(f"--jobs must be at least 1, got {args.jobs}")
+    if not 0.05 <= args.detect_scale <= 1.0:
+        raise files.PlanError(f"--detect-scale must be in [0.05, 1], got {args.detect_scale}")
     failures = 0
     with tqdm(total=len(jobs), desc="anonymizing", unit="image", disable=args.quiet) as bar:
 

@@ -82,7 +82,12 @@ def apply_classical(
     face_width = 2.0 * math.hypot(from_unit[0, 0], from_unit[1, 0])
     scaled = to_unit / _check_scale(mask_scale)
     if style.shape == "box":
-        return cover_region(rgb, _ellipse_bounds(scaled), method, strength, style=style, face_width=face_width)
+        x0, y0, x1, y1 = _ellipse_bounds(scaled)
+        # cover_region feathers inwards: widen by the feather so the fully covered part is the whole
+        # rectangle around the ellipse, not less than the ellipse covers.
+        rim = FEATHER * min(x1 - x0, y1 - y0) / (1.0 - 2.0 * FEATHER)
+        bounds = (x0 - rim, y0 - rim, x1 + rim, y1 + rim)
+        return cover_region(rgb, bounds, method, strength, style=style, face_width=face_width)
     mask = ellipse_mask(rgb.shape, scaled, FEATHER)
     return _cover(rgb, mask, method, strength, face_width, style)
 

@@ -39,9 +39,12 @@ _DROPPED_TAGS = {
     0x8773,  # InterColorProfile (the ICC profile travels separately, converted)
     0x02BC,  # XMP inside EXIF (filtered and written separately)
 }
-_XMP_DROPPED = re.compile(
-    r"(GPS\w*|Location\w*|City|State|Country\w*|Sublocation|ProvinceState|WorldRegion|Thumbnails?|PreviewImage)$"
+_XMP_DROPPED_NAMES = (
+    r"(?:GPS\w*|Location\w*|City|State|Country\w*|Sublocation|ProvinceState|WorldRegion|Thumbnails?|PreviewImage)"
 )
+# prefix:Name="..." attributes, and <prefix:Name ...>...</prefix:Name> or <prefix:Name .../> elements.
+_XMP_ATTRIBUTE = re.compile(r"\s[\w.-]+:" + _XMP_DROPPED_NAMES + r'\s*=\s*"[^"]*"')
+_XMP_ELEMENT = re.compile(r"<([\w.-]+):(" + _XMP_DROPPED_NAMES + r")\b[^>]*?(?:/>|>.*?</\1:\2\s*>)", re.S)
 
 
 def exif_kept(original: Image.Image) -> bytes | None:
@@ -67,19 +70,8 @@ def xmp_kept(original: Image.Image) -> bytes | None:
     if not xmp:
         return None
     text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp)
-    # Attributes: prefix:Name="..."
-    text = re.sub(
-        r'\s[\w.-]+:([\w.-]+)\s*=\s*"[^"]*"',
-        lambda m: "" if _XMP_DROPPED.match(m.group(1)) else m.group(0),
-        text,
-    )
-    # Elements: <prefix:Name ...>...</prefix:Name> and <prefix:Name .../>, repeated for nesting.
-    element = re.compile(r"<([\w.-]+):([\w.-]+)\b[^>]*?(/>|>.*?</\1:\2\s*>)", re.S)
-    while True:
-        stripped = element.sub(lambda m: "" if _XMP_DROPPED.match(m.group(2)) else m.group(0), text)
-        if stripped == text:
-            break
-        text = stripped
+    text = _XMP_ATTRIBUTE.sub("", text)
+    text = _XMP_ELEMENT.sub("", text)
     return text.encode("utf-8")
 
 
