@@ -49,6 +49,13 @@ def heavy_among(names: set[str]) -> list[str]:
     return sorted(name for name in names if name.split(".")[0] in HEAVY_PACKAGES or name in HEAVY_MODULES)
 
 
+def _serve_flags() -> set[str]:
+    from masquerade.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    return {flag for action in serve._actions for flag in action.option_strings}
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
 
@@ -88,6 +95,8 @@ def test_default_server_without_weights_imports_no_torch(tmp_path):
     stderr_path = tmp_path / "stderr.txt"
     command = [sys.executable, "-m", "masquerade.cli", "serve", "--port", "0", "--metrics-port", "0"]
     command += ["--drain-seconds", "0", "--grace-seconds", "1"]
+    if "--http-port" in _serve_flags():
+        command += ["--http-port", "0"]  # the HTTP API (and its imports) too, on a free port
     with open(stderr_path, "w") as stderr:
         process = subprocess.Popen(
             command,
