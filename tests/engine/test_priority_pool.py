@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -59,5 +60,23 @@ def test_a_reserved_thread_runs_interactive_work_while_bulk_work_holds_every_oth
         gate.set()
         second_bulk.result(timeout=10)
         assert ran == ["interactive", "bulk"]
+    finally:
+        pool.shutdown()
+
+
+def test_paused_bulk_work_waits_for_the_pause_to_end_or_at_most_its_bound():
+    paused = [True]
+    pool = PriorityThreadPool(1, "test-pool", bulk_paused=lambda: paused[0], max_bulk_pause_s=0.5)
+    try:
+        started = time.perf_counter()
+        delayed = pool.submit(Priority.BULK, time.perf_counter)
+        assert pool.submit(Priority.INTERACTIVE, lambda: "now").result(timeout=10) == "now"  # never paused
+        assert delayed.result(timeout=10) - started >= 0.5  # waited the bound, then ran: delayed, not starved
+        held = pool.submit(Priority.BULK, time.perf_counter)
+        time.sleep(0.1)
+        assert not held.done()
+        paused[0] = False
+        pool.poke()  # the engine's signal that interactive work left
+        assert held.result(timeout=10) - started < delayed.result() - started + 0.45
     finally:
         pool.shutdown()

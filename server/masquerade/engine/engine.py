@@ -262,6 +262,7 @@ class Engine:
             row_budget=lambda interactive_rows: self.step_times.rows_within(interactive_rows, config.interactive_slack),
         )
         self._client_faces: dict[str, int] = {}
+        self._interactive_diffusing = False  # set on the loop thread after every scheduler change
         self._states: set[_RequestState] = set()
         self._owners: dict[int, _RequestState] = {}  # job id -> its request, while the job diffuses
         self._memory = MemoryReturner()
@@ -271,7 +272,10 @@ class Engine:
         self._work_added: asyncio.Event | None = None
         # Interactive requests' pixel work runs before bulk work waiting for the same threads.
         self._preprocess_pool = PriorityThreadPool(
-            config.preprocess_threads, "masquerade-pre", reserved=config.interactive_threads
+            config.preprocess_threads,
+            "masquerade-pre",
+            reserved=config.interactive_threads,
+            bulk_paused=self._bulk_pixel_work_waits,
         )
         self._unet_pool = ThreadPoolExecutor(1, thread_name_prefix="masquerade-unet")
 
@@ -440,6 +444,12 @@ class Engine:
         """Detected faces of ``client``'s requests not yet answered (per-client quotas read this)."""
         return self._client_faces.get(client, 0)
 
+    def _bulk_pixel_work_waits(self) -> bool:
+        """On a CPU the UNet and the pixel work share the cores: bulk pixel work waits (up to the pool's
+        max_bulk_pause_s) while interactive jobs diffuse. A GPU's UNet shares nothing with it: no wait.
+        Read on pool threads: a flag the loop thread sets, never the scheduler's lists."""
+        return self._interactive_diffusing and (self.models is None or self.models.device.type == "cpu")
+
     def _hold_faces(self, state: _RequestState, faces: int) -> None:
         client = state.request.client
         state.faces_held = faces
@@ -592,6 +602,7 @@ class Engine:
             self._owners[job.job_id] = state
         self.scheduler.add(jobs, priority=request.priority, client=request.client)
         state.joined = time.perf_counter()
+        self._interactive_diffusing = self.scheduler.ready_counts()[Priority.INTERACTIVE] > 0
         metrics.ACTIVE_JOBS.set(len(self.scheduler))
         self._signal_work()
         await asyncio.gather(*state.job_done.values())
@@ -678,6 +689,11 @@ class Engine:
 
     async def _run_call(self, plan: StepPlan) -> list[SliceResult]:
         started = time.perf_counter()
+        for piece in plan.slices:  # a request's first call: its wait in the scheduler's queue ends
+            state = self._owners.get(piece.job.job_id)
+            if state is not None and state.joined is not None:
+                state.timings.queued_seconds += started - state.joined
+                state.joined = None
         outputs = await asyncio.get_running_loop().run_in_executor(self._unet_pool, self.core.runner.run, plan)
         seconds = time.perf_counter() - started
         metrics.UNET_BATCH_SIZE.observe(plan.samples)
@@ -691,9 +707,6 @@ class Engine:
         """Progress events for requests whose jobs moved; completion for jobs that left diffusion."""
         moved = {id(state): state for job in update.progressed if (state := self._owners.get(job.job_id))}
         for state in moved.values():
-            if state.joined is not None:  # its first row: the wait in the scheduler's queue ends
-                state.timings.queued_seconds += time.perf_counter() - state.joined
-                state.joined = None
             self._report_progress(state)
         for job in update.finished:
             state = self._owners.pop(job.job_id, None)
@@ -701,6 +714,9 @@ class Engine:
             if future is not None and not future.done():
                 future.set_result(job.status)
         metrics.ACTIVE_JOBS.set(len(self.scheduler))
+        self._interactive_diffusing = self.scheduler.ready_counts()[Priority.INTERACTIVE] > 0
+        if update.finished:
+            self._preprocess_pool.poke()  # bulk pixel work may have waited for these jobs
 
     def _preprocessing(self) -> bool:
         return any(not s.jobs and not s.finished for s in self._states)

@@ -6,7 +6,10 @@ arriving behind a bulk archive would wait for every bulk image's detection. Here
 waiting tasks are ordered by (priority, submission order): a running task is never
 interrupted, and among equals the order is FIFO. ``reserved`` threads more than
 ``threads`` run only interactive work, so an interactive task never queues behind bulk
-tasks that are already running: bulk work uses ``threads`` at most. The queue is bounded
+tasks that are already running: bulk work uses ``threads`` at most; and while ``bulk_paused()``
+says so (the engine: interactive jobs diffuse on a CPU, whose cores the UNet needs), no bulk
+task starts unless it has waited ``max_bulk_pause_s`` already, so bulk pixel work is delayed,
+never starved. The queue is bounded
 by the engine's admission (``max_queue`` requests, each with at most one task waiting at
 a time).
 """
@@ -24,10 +27,19 @@ from masquerade.engine.job_state import Priority
 
 
 class PriorityThreadPool:
-    def __init__(self, threads: int, name: str, reserved: int = 0):
+    def __init__(
+        self,
+        threads: int,
+        name: str,
+        reserved: int = 0,
+        bulk_paused: Callable[[], bool] = lambda: False,
+        max_bulk_pause_s: float = 1.0,
+    ):
         if threads < 1 or reserved < 0:
             raise ValueError(f"threads must be at least 1 and reserved at least 0, got {threads} and {reserved}")
         self.bulk_threads = threads
+        self._bulk_paused = bulk_paused
+        self.max_bulk_pause_s = max_bulk_pause_s
         self._heap: list[tuple[int, int, Future, Callable, tuple, float]] = []
         self._order = itertools.count()
         self._ready = threading.Condition()
@@ -57,7 +69,14 @@ class PriorityThreadPool:
 
     def _runnable(self) -> bool:
         """The most urgent waiting task may start now: interactive always, bulk below its thread count."""
-        return bool(self._heap) and (self._heap[0][0] < Priority.BULK or self._bulk_running < self.bulk_threads)
+        if not self._heap:
+            return False
+        if self._heap[0][0] < Priority.BULK:
+            return True
+        if self._bulk_running >= self.bulk_threads:
+            return False
+        waited = time.perf_counter() - self._heap[0][5]  # the oldest bulk task: FIFO among equals
+        return waited >= self.max_bulk_pause_s or not self._bulk_paused()
 
     def _work(self) -> None:
         while True:
@@ -65,7 +84,8 @@ class PriorityThreadPool:
                 while not self._runnable():
                     if self._closed and not self._heap:
                         return
-                    self._ready.wait()
+                    # A paused bulk task becomes runnable by waiting: recheck now and then.
+                    self._ready.wait(timeout=0.05 if self._heap else None)
                 priority, _order, future, fn, args, queued = heapq.heappop(self._heap)
                 bulk = priority >= Priority.BULK
                 self._bulk_running += bulk
@@ -95,6 +115,11 @@ class PriorityThreadPool:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
+
+    def poke(self) -> None:
+        """Recheck whether waiting bulk work may start (``bulk_paused`` changed)."""
+        with self._ready:
+            self._ready.notify_all()
 
     def shutdown(self, cancel_futures: bool = True) -> None:
         """Stop taking tasks; cancel the waiting ones; running ones finish on their own (threads are daemons)."""
