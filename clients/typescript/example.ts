@@ -11,7 +11,7 @@ import { parseArgs } from "node:util";
 import {
   type AnonymizeBatchResponse,
   type AnonymizeEvent,
-  type AnonymizeRequest,
+  AnonymizeRequest,
   DetectionOptions,
   MasqueradeClient,
   type MasqueradeClientOptions,
@@ -121,12 +121,12 @@ function parseCommandLine(argv: string[]): Args {
     token,
   };
 
-  const template = {
+  // fromPartial: fields the proto gains later (priority, ...) take their defaults.
+  const { requestId: _id, image: _image, ...template } = AnonymizeRequest.fromPartial({
     method,
-    // fromPartial: fields the proto gains later take their defaults.
     params: steps === undefined ? undefined : ReversePersonalizationParams.fromPartial({ steps }),
     detection: values.aligned ? DetectionOptions.fromPartial({ aligned: true }) : undefined,
-  };
+  });
   return {
     server: values.server,
     template,
