@@ -12,21 +12,33 @@ import argparse
 import logging
 import sys
 
+SUBCOMMANDS = {
+    "anonymize": "anonymize image files or folders",
+    "models": "fetch, build or check model sets",
+    "serve": "run the gRPC anonymization server",
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from masquerade.cli import anonymize, models, serve
 
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``argv``, only the sub-command it names gets its flags (some flags' defaults
+    import the video or server modules: a blur run need not pay for them)."""
+    import importlib
+
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None) if argv is not None else None
     parser = argparse.ArgumentParser(prog="masquerade", description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    anonymize.register(sub)
-    models.register(sub)
-    serve.register(sub)
+    for name, summary in SUBCOMMANDS.items():
+        if chosen is None or chosen == name or chosen not in SUBCOMMANDS:
+            importlib.import_module(f"masquerade.cli.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

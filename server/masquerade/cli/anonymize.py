@@ -102,6 +102,12 @@ def add_anonymize_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep EXIF, ICC and XMP except GPS/location fields and any embedded thumbnail or preview "
         "(without it, everything is stripped)",
     )
+    covers.add_argument(
+        "--no-self-check",
+        action="store_true",
+        help="skip the check of each output (detector and dlib descriptors again, re-covering what is still "
+        "recognisable): about 2x faster on photos, and `complete` then vouches only for the faces detected",
+    )
     throughput = parser.add_argument_group("throughput (classical methods)")
     throughput.add_argument(
         "--jobs", type=int, default=None, metavar="N", help="files processed at once (default: the number of cores)"
@@ -316,6 +322,7 @@ def _anonymize_classically(jobs, args, method, style, records: list[dict]) -> in
             min_face_size=args.min_face_size,
             max_faces=args.max_faces,
             mask_scale=args.mask_scale,
+            self_check=not args.no_self_check,
         ).validated(),
         models=model_source(args),
         aligned=args.aligned,

@@ -195,7 +195,8 @@ class FaceDetector:
         rgb = _check_rgb(rgb)
         raw = self.find(rgb, score_threshold, small_faces)
         order = np.argsort(-raw.scores, kind="stable")
-        predictor = load_shape_predictor()
+        # Loaded on the first face only: reading the 100 MB model is most of a face-free image's time.
+        predictor = load_shape_predictor() if len(order) else None
         faces = []
         for rank, i in enumerate(order):
             check_cancelled()
