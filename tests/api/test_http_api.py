@@ -399,3 +399,27 @@ def test_a_client_that_leaves_cancels_its_request(base_url, face_png, caplog):
 
     wait_until(lambda: logged(), timeout=30, what="the access line of the request whose client left")
     assert logged()[0]["code"] == "CANCELLED"
+
+
+def test_cors_only_for_the_origins_named(base_url):
+    # Without --http-cors-origin, no page of another origin may read a reply.
+    reply = requests.get(f"{base_url}/v1/info", headers={"Origin": "https://app.example"}, timeout=30)
+    assert reply.status_code == 200 and "access-control-allow-origin" not in reply.headers
+    engine_config = EngineConfig(models="tiny", device="cpu", max_queue=8)
+    config = replace(loopback_config(engine_config), http_port=0, http_cors_origins=("https://app.example",))
+    running = BackgroundServer(config, Engine(engine_config, None, "test: classical only")).start()
+    base = f"http://127.0.0.1:{running._state.http_port}"
+    try:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        allowed = requests.options(
+            f"{base}/v1/anonymize", headers={"Origin": "https://app.example", **preflight}, timeout=30
+        )
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+        refused = requests.options(
+            f"{base}/v1/anonymize", headers={"Origin": "https://evil.example", **preflight}, timeout=30
+        )
+        assert "access-control-allow-origin" not in refused.headers
+        reply = requests.get(f"{base}/v1/info", headers={"Origin": "https://app.example"}, timeout=30)
+        assert reply.headers["access-control-allow-origin"] == "https://app.example"
+    finally:
+        running.stop()

@@ -63,6 +63,8 @@ class ServerConfig:
     http_port: int | None = None
     """Port of the HTTP/JSON API and web page (api/http/); None turns it off, 0 picks a free one.
     Same tokens, TLS and limits as gRPC. The CLI's default is 8080."""
+    http_cors_origins: tuple[str, ...] = ()
+    """Web origins (``https://app.example``) whose pages may call the HTTP API from the browser; none by default."""
     tls_cert: str | None = None
     """PEM certificate chain; with ``tls_key`` the server speaks only TLS."""
     tls_key: str | None = None

@@ -82,6 +82,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--http-host", default=None, help="interface for the HTTP API (default: --host)")
     parser.add_argument(
+        "--http-cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (https://app.example) whose pages may call the HTTP API; repeat for more",
+    )
+    parser.add_argument(
         "--no-http", action="store_true", help="no HTTP API or web page (the metrics and probe port stays)"
     )
     security = parser.add_argument_group("security")
@@ -191,6 +198,7 @@ def config_from_args(args: argparse.Namespace):
         metrics_port=args.metrics_port,
         http_host=args.http_host,
         http_port=None if args.no_http else args.http_port,
+        http_cors_origins=tuple(args.http_cors_origin),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -49,6 +49,7 @@ async def start_http_api(
         tokens=tokens,
         draining=draining,
         limits=ApiLimits(max_body_bytes=config.max_receive_message_bytes),
+        cors_origins=config.http_cors_origins,
     )
     server = HttpServer(
         app,

@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import grpc
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import format_sse_event
 from fastapi.staticfiles import StaticFiles
@@ -387,8 +388,13 @@ def build_app(
     tokens: security.TokenStore | None,
     draining: Callable[[], bool],
     limits: ApiLimits,
+    cors_origins: tuple[str, ...] = (),
 ) -> FastAPI:
-    """The FastAPI app: /v1/ API, /openapi.json, /docs and /redoc (offline), and the web page at /."""
+    """The FastAPI app: /v1/ API, /openapi.json, /docs and /redoc (offline), and the web page at /.
+
+    ``cors_origins``: other web origins whose pages may call the API (Starlette's CORS middleware, outside
+    the gate, so a browser's preflight, which carries no token, is answered).
+    """
     app = FastAPIOffline(
         title="Masquerade",
         version=_version(),
@@ -400,6 +406,15 @@ def build_app(
         static_url="/docs-assets",
     )
     app.add_middleware(_Gate, tokens=tokens, draining=draining, limits=limits)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=[REPORT_HEADER, REPORT_SIZE_HEADER, "Retry-After"],
+            max_age=600,
+        )
     problem_responses = {
         status: {"description": text, "content": {PROBLEM_MEDIA_TYPE: {}}}
         for status, text in (
