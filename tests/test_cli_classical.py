@@ -272,3 +272,20 @@ def test_keep_metadata_keeps_exif_icc_xmp_but_never_location_or_thumbnail(tmp_pa
     assert cli("anonymize", "--method", "blur", "p.jpg", "-o", "plain.jpg", "-q")[0] == 0
     with Image.open(tmp_path / "plain.jpg") as plain:
         assert not plain.getexif() and "icc_profile" not in plain.info and "xmp" not in plain.info
+
+
+def test_readme_classical_examples_run_as_written(tmp_path, cli, people):
+    from readme_support import code_blocks, section
+
+    (block,) = code_blocks(section("Classical covers"), "bash")
+    Image.fromarray(people).save(tmp_path / "photo.jpg")
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(people[:, ::-1]).save(tmp_path / "photos" / "flipped.jpg")
+    Image.fromarray(np.full((32, 32, 4), (255, 200, 0, 255), np.uint8), "RGBA").save(tmp_path / "emoji.png")
+    for line in block.strip().splitlines():
+        argv = line.split()
+        assert argv[0] == "masquerade", line
+        code, _, err = cli(*argv[1:])
+        assert code == 0, f"{line}\n{err}"
+    for written in ("out.jpg", "covered/flipped.jpg", "check.jpg", "shared/flipped.jpg"):
+        assert (tmp_path / written).is_file(), written

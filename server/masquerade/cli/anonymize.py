@@ -176,6 +176,8 @@ def run(args) -> int:
     requested = files.choose_method(args.method, model_source(args), quiet=args.quiet)
     style = _cover_style(args, requested)
     method = Method({"mosaic": "pixelate", "image": "solid"}.get(requested, requested))
+    if method.is_classical:
+        _warn_unused_generative_flags(args, requested)
     params = ReversePersonalizationParams(
         skip=args.skip,
         steps=args.steps,
@@ -278,6 +280,30 @@ def run(args) -> int:
     if failures and len(plan.jobs) + len(videos) == 1 and videos:
         return files.EXIT_NOTHING_DONE  # the only input, a video, could not be read: nothing was done
     return files.EXIT_SOME_FAILED if failures else files.EXIT_OK
+
+
+GENERATIVE_FLAGS = {
+    "attribute_prompt": "--attribute-prompt",
+    "guidance_scale": "--guidance-scale",
+    "skip": "--skip",
+    "steps": "--steps",
+    "id_scale": "--id-scale",
+    "ip_adapter_scale": "--ip-adapter-scale",
+    "seed": "--seed",
+    "noise": "--noise",
+}
+
+
+def _warn_unused_generative_flags(args, method: str) -> None:
+    """A prompt or guidance given to a classical run would otherwise be ignored without a word."""
+    parser_defaults = {"attribute_prompt": None, "guidance_scale": -10.0, "skip": 0.7, "steps": 100}
+    parser_defaults |= {"id_scale": 1.0, "ip_adapter_scale": 1.0, "seed": 0, "noise": "per_face"}
+    given = [flag for dest, flag in GENERATIVE_FLAGS.items() if getattr(args, dest, None) != parser_defaults[dest]]
+    if given:
+        print(
+            f"note: {', '.join(given)} only steer reverse_personalization; the {method} run ignores them",
+            file=sys.stderr,
+        )
 
 
 def _cover_style(args, method: str):
