@@ -64,3 +64,22 @@ def test_client_names():
     assert client_name("abc123", None, "cn") == "token-abc123"
     assert client_name(None, None, "svc.example") == "cert:svc.example"
     assert client_name(None, None, None) == "anonymous"
+
+
+def test_serve_flags_reach_the_server_and_engine_config():
+    from masquerade.cli import build_parser
+    from masquerade.cli.serve import config_from_args
+
+    def config(*flags):
+        return config_from_args(build_parser().parse_args(["serve", *flags]))
+
+    default = config()
+    assert default.default_priority is Priority.INTERACTIVE and default.quotas == ClientPolicy()
+    assert default.engine.aging_calls == 32 and default.engine.interactive_slack == 1.25
+    chosen = config(
+        "--default-priority", "bulk", "--quota-rps", "2.5", "--quota-burst", "5", "--quota-faces", "16",
+        "--aging-calls", "8", "--interactive-slack", "1.5",
+    )  # fmt: skip
+    assert chosen.default_priority is Priority.BULK
+    assert chosen.quotas == ClientPolicy(requests_per_second=2.5, burst=5, max_faces=16)
+    assert chosen.engine.aging_calls == 8 and chosen.engine.interactive_slack == 1.5
