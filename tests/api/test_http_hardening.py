@@ -67,13 +67,17 @@ def _half_sent(port: int) -> socket.socket:
     return sock
 
 
-def test_400_half_sent_requests_start_no_thread_and_are_dropped(probes):
+def test_400_half_sent_requests_start_no_thread_and_do_not_lock_out_probes(probes):
     server, _ = probes
     before = _threads()
     sockets = [_half_sent(server.port) for _ in range(400)]
     try:
-        # Connections past the cap are answered 503 and closed at once; the rest wait for the header timeout.
+        # Past the cap of 64 each new connection evicts the oldest half-sent one; the last 64 wait for the
+        # header timeout. A probe arriving in the middle of the flood is served at once.
         assert _threads() <= before + 2, "the probe server started threads for idle connections"
+        started = time.monotonic()
+        assert http_get(server.port, "/livez") == (200, "ok\n")
+        assert time.monotonic() - started < 1.0
         replies: list[bytes] = []
         lock = threading.Lock()
 
@@ -92,10 +96,8 @@ def test_400_half_sent_requests_start_no_thread_and_are_dropped(probes):
         for reader in readers:
             reader.join(timeout=10)
         elapsed = time.monotonic() - started
-        refused = sum(reply.startswith(b"HTTP/1.1 503") for reply in replies)
         timed_out = sum(reply.startswith(b"HTTP/1.1 408") for reply in replies)
-        assert refused >= 400 - 64, f"only {refused} of 400 connections were refused past the cap of 64"
-        assert refused + timed_out == 400, replies[:3]
+        assert timed_out == 400, [reply[:40] for reply in replies if not reply.startswith(b"HTTP/1.1 408")][:3]
         assert elapsed < 8, f"half-sent requests were held {elapsed:.1f}s; the header timeout is 1.5s"
     finally:
         for sock in sockets:
@@ -130,7 +132,10 @@ def test_keep_alive_connection_is_closed_when_idle(probes):
     server, _ = probes
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        reply = b""
+        while not reply.endswith(b"\r\n\r\nok\n"):  # headers and body may come in separate reads
+            reply += sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 200")
         started = time.monotonic()
         assert sock.recv(4096) == b""  # closed by the server
         assert time.monotonic() - started < 4

@@ -8,7 +8,10 @@ connection the kernel hands it. ``_HardenedProtocol`` adds what it lacks:
 - a request's headers must arrive within ``header_timeout_s`` of its first byte (or of the
   connection's start), else 408 and the connection is closed;
 - headers larger than ``max_header_bytes`` get 431 and a close;
-- past ``max_connections`` open connections a new one gets a 503 and is closed at once.
+- past ``max_connections`` open connections, the oldest one with no request in progress (idle, or
+  still sending its headers) is closed to make room, so a flood of half-sent requests cannot lock
+  out a probe or a real client; only when every connection is serving a request is a new one
+  answered 503 and closed.
 
 Everything runs on one event loop, so no client can make the server start a thread.
 """
@@ -39,7 +42,7 @@ class HttpLimits:
     keep_alive_s: float = 5.0
     """An idle keep-alive connection is closed after this long."""
     max_connections: int = 256
-    """Open connections; a connection past this gets 503 and is closed."""
+    """Open connections; past this the oldest idle one is closed for a new one (503 when none is idle)."""
     max_header_bytes: int = 16 * 1024
     """Request line plus headers."""
 
@@ -57,16 +60,32 @@ def _canned(status: str) -> bytes:
 def _protocol_class(limits: HttpLimits) -> type[HttpToolsProtocol]:
     class _HardenedProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if len(self.connections) >= limits.max_connections:
+            if len(self.connections) >= limits.max_connections and not self._evict_oldest_idle():
                 self.transport = transport
                 transport.write(_canned("503 Service Unavailable"))
                 transport.close()
                 return
+            self._opened = self.loop.time()
             super().connection_made(transport)
             self._client_name = _client_common_name(transport)
             self._header_bytes = 0
             self._awaiting_headers = True
             self._header_timer = self.loop.call_later(limits.header_timeout_s, self._header_timeout)
+
+        def _idle(self) -> bool:
+            """No request in progress: waiting for (the rest of) a request's headers, or between requests."""
+            return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
+
+        def _evict_oldest_idle(self) -> bool:
+            idle = [c for c in self.connections if isinstance(c, _HardenedProtocol) and c._idle()]
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda c: c._opened)
+            oldest._disarm()
+            oldest.transport.write(_canned("408 Request Timeout"))
+            oldest.transport.close()
+            self.connections.discard(oldest)  # its connection_lost comes later; the room is needed now
+            return True
 
         def _header_timeout(self) -> None:
             self._header_timer = None
