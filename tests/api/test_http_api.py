@@ -291,7 +291,7 @@ def test_docs_pages_work_offline(base_url):
                 assert requests.get(f"{base_url}{url}", timeout=30).status_code == 200, url
 
 
-def test_tokens_tls_and_client_certificates(server, certificates, tmp_path, t1_bytes):
+def test_tokens_tls_and_client_certificates(server, certificates, tmp_path, corner_bytes):
     token_file = write_token_file(tmp_path, ["http-secret"])
     engine_config = EngineConfig(models="tiny", device="cpu", max_queue=8)
     config = secured(
@@ -313,11 +313,11 @@ def test_tokens_tls_and_client_certificates(server, certificates, tmp_path, t1_b
         assert reply.status_code == 401
         reply = session.post(
             f"{base}/v1/anonymize?method=BLUR",
-            data=t1_bytes,
-            headers={"Authorization": "Bearer http-secret", "Content-Type": "image/jpeg"},
+            data=corner_bytes,
+            headers={"Authorization": "Bearer http-secret", "Content-Type": "image/png"},
             timeout=120,
         )
-        assert reply.status_code == 200 and len(reply.json()["faces"]) == T1_FACES
+        assert reply.status_code == 200 and reply.json()["faces"], reply.text[:500]
         assert session.get(f"{base}/", timeout=30).status_code == 200  # the page itself needs no token
         # Without a client certificate the server ends the handshake (TLS 1.3 tells the client only then);
         # plain HTTP is not spoken at all.
