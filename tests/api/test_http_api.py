@@ -423,3 +423,32 @@ def test_cors_only_for_the_origins_named(base_url):
         assert reply.headers["access-control-allow-origin"] == "https://app.example"
     finally:
         running.stop()
+
+
+def test_server_timeout_header_is_a_deadline(base_url, face_png):
+    slow = "method=REVERSE_PERSONALIZATION&detection.aligned=true&params.steps=100&params.skip=0"
+    reply = requests.post(
+        f"{base_url}/v1/anonymize?{slow}",
+        data=face_png,
+        headers={"Content-Type": "image/png", "X-Server-Timeout": "0.5"},
+        timeout=60,
+    )
+    _assert_problem(reply, 504, None, "DEADLINE_EXCEEDED")
+    reply = requests.post(
+        f"{base_url}/v1/anonymize:stream?{slow}",
+        data=face_png,
+        headers={"Content-Type": "image/png", "X-Server-Timeout": "0.5"},
+        timeout=60,
+    )
+    if reply.status_code == 200:  # admitted, then cut off: the stream's last event says so
+        error = json.loads(reply.text.split("event: error\ndata: ", 1)[1].split("\n", 1)[0])
+        assert error["status"] == 504 and error["code"] == "DEADLINE_EXCEEDED"
+    else:  # refused at admission (the measured step times say it cannot finish in time)
+        _assert_problem(reply, 504, None, "DEADLINE_EXCEEDED")
+    _assert_problem(
+        requests.post(
+            f"{base_url}/v1/anonymize", data=face_png, headers={"Content-Type": "image/png", "X-Server-Timeout": "soon"}
+        ),
+        400,
+        "X-Server-Timeout",
+    )

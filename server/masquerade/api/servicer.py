@@ -206,13 +206,18 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
 
     # ------------------------------------------------------------ shared with the HTTP front end (api/http)
 
-    def submit(self, message: pb2.AnonymizeRequest, record: AccessRecord) -> RequestHandle:
-        """Validates and submits one request, exactly as the RPCs do."""
-        return self._submit(message, record)
+    # ``call`` stands where the RPCs pass their grpc context: an object with the two methods the servicer reads
+    # from one, ``time_remaining()`` (the caller's deadline) and ``auth_context()`` (a client certificate's name).
 
-    async def run_to_result(self, message: pb2.AnonymizeRequest, record: AccessRecord) -> pb2.AnonymizeResponse:
+    def submit(self, message: pb2.AnonymizeRequest, record: AccessRecord, call=None) -> RequestHandle:
+        """Validates and submits one request, exactly as the RPCs do."""
+        return self._submit(message, record, call)
+
+    async def run_to_result(
+        self, message: pb2.AnonymizeRequest, record: AccessRecord, call=None
+    ) -> pb2.AnonymizeResponse:
         """Runs one request to its result, exactly as Anonymize does; raises the request's error."""
-        return await self._run_to_result(message, record)
+        return await self._run_to_result(message, record, call)
 
     def server_info(self) -> pb2.ServerInfo:
         """GetServerInfo's answer; raises ServerNotReadyError while the models load."""

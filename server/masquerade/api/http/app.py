@@ -16,6 +16,7 @@ import binascii
 import inspect
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -256,6 +257,35 @@ class _UnsupportedMediaType(Exception):
     pass
 
 
+TIMEOUT_HEADER = "X-Server-Timeout"
+"""Seconds the caller will wait (Google's HTTP convention for an RPC deadline): admission refuses work that cannot
+finish in time, and a request still running then is cancelled and answered 504, like a gRPC deadline."""
+
+
+class _HttpCall:
+    """What the servicer reads from a gRPC call's context, taken from an HTTP request: its deadline and the name
+    on its client certificate (so quotas per certificate and honest admission apply to HTTP callers too)."""
+
+    def __init__(self, request: Request):
+        self.deadline: float | None = None
+        value = request.headers.get(TIMEOUT_HEADER)
+        if value is not None:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = float("nan")
+            if not (0 < seconds <= 86400):
+                raise InvalidRequestError(TIMEOUT_HEADER, f"must be a number of seconds in (0, 86400], got {value!r}")
+            self.deadline = time.monotonic() + seconds
+        self.client_name = request.scope.get(CLIENT_NAME_SCOPE_KEY, "")
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def auth_context(self) -> dict:
+        return {"x509_common_name": [self.client_name.encode()]} if self.client_name else {}
+
+
 async def _read_request(request: Request, query: dict[str, Any], max_body_bytes: int) -> pb2.AnonymizeRequest:
     """The AnonymizeRequest of an HTTP request: raw image body or multipart (image + params JSON), plus query fields."""
     unknown = sorted(set(request.query_params) - _KNOWN_QUERY)
@@ -483,6 +513,7 @@ def build_app(
     ) -> tuple[pb2.AnonymizeRequest | None, AccessRecord, Response | None]:
         record = _record(request.scope, rpc)
         try:
+            request.state.call = _HttpCall(request)
             message = await _read_request(request, query, limits.max_body_bytes)
         except InvalidRequestError as exc:
             return None, record, _failure(exc, record)
@@ -516,7 +547,10 @@ def build_app(
         wants_image, exact_format = _accept(request)
         if exact_format is not None and message.output.format == pb2.IMAGE_FORMAT_UNSPECIFIED:
             message.output.format = exact_format
-        work = asyncio.ensure_future(servicer.run_to_result(message, record))
+        call = request.state.call
+        work = asyncio.ensure_future(
+            asyncio.wait_for(servicer.run_to_result(message, record, call), call.time_remaining())
+        )
         gone = asyncio.ensure_future(_until_disconnected(request))
         try:
             await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -558,11 +592,11 @@ def build_app(
         if failed is not None:
             return failed
         try:
-            handle = servicer.submit(message, record)
+            handle = servicer.submit(message, record, request.state.call)
         except Exception as exc:
             return _failure(exc, record, message.request_id)
         return StreamingResponse(
-            _events(servicer, handle, message.request_id, record),
+            _events(servicer, handle, message.request_id, record, request.state.call),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -593,26 +627,29 @@ def build_app(
     return app
 
 
-async def _events(servicer: AnonymizerServicer, handle, request_id: str, record: AccessRecord):
-    """The SSE body: AnonymizeStream's events as JSON; the job is cancelled if the client leaves."""
+async def _events(servicer: AnonymizerServicer, handle, request_id: str, record: AccessRecord, call: _HttpCall):
+    """The SSE body: AnonymizeStream's events as JSON; the job is cancelled if the client leaves or its time is up."""
     throttle = ProgressThrottle(servicer.progress_interval_s)
     finished = False
     try:
-        async for event in handle:
-            if isinstance(event, et.FailedEvent):
-                finished = True
-                yield _error_event(engine_failure(event.error), record, request_id)
-                return
-            for to_send in throttle.offer(event):
-                proto = convert.event_to_proto(to_send, request_id=request_id)
-                yield format_sse_event(event=schema.event_name(proto), data_str=json.dumps(schema.to_json(proto)))
-            if isinstance(event, et.ResultEvent):
-                finished = True
-                record.set_result(proto.result)
-                record.finish(grpc.StatusCode.OK)
-                return
+        async with asyncio.timeout(call.time_remaining()):
+            async for event in handle:
+                if isinstance(event, et.FailedEvent):
+                    finished = True
+                    yield _error_event(engine_failure(event.error), record, request_id)
+                    return
+                for to_send in throttle.offer(event):
+                    proto = convert.event_to_proto(to_send, request_id=request_id)
+                    yield format_sse_event(event=schema.event_name(proto), data_str=json.dumps(schema.to_json(proto)))
+                if isinstance(event, et.ResultEvent):
+                    finished = True
+                    record.set_result(proto.result)
+                    record.finish(grpc.StatusCode.OK)
+                    return
         finished = True
         yield _error_event(RuntimeError("the engine's event stream ended without a result"), record, request_id)
+    except TimeoutError as exc:  # past X-Server-Timeout: as a gRPC deadline, DEADLINE_EXCEEDED
+        yield _error_event(exc, record, request_id)
     except asyncio.CancelledError:
         record.finish(grpc.StatusCode.CANCELLED)
         raise
