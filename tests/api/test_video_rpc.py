@@ -552,3 +552,25 @@ def test_spool_budget_is_shared_and_returned_and_dead_servers_folders_are_swept(
     second.close()
     spool.close()
     assert spool.used_bytes == 0 and not spool.directory.exists()
+
+
+def test_async_client_video_calls(video_server, clip, scene):
+    import asyncio
+
+    from masquerade_client import AsyncAnonymizerClient
+
+    async def camera():
+        for index in range(4):
+            await asyncio.sleep(0.01)  # frames arrive as a camera delivers them
+            yield scene.frame(index)
+
+    async def run():
+        async with AsyncAnonymizerClient(video_server.address, timeout=60) as client:
+            results = [r async for r in client.stream_frames(camera(), method="blur", window=2)]
+            video = await client.anonymize_video(clip, method="pixelate")
+        return results, video
+
+    results, video = asyncio.run(run())
+    assert [r.sequence for r in results] == [0, 1, 2, 3]
+    assert all(region_changed(scene.frame(i), r.image, scene.box(i)) for i, r in enumerate(results))
+    assert video.summary.frames == scene.frames and len(video.video) == video.summary.output_bytes

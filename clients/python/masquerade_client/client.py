@@ -603,6 +603,63 @@ class AsyncAnonymizerClient:
             self._stub.AnonymizeBatch(requests, timeout=self._timeout(timeout), metadata=self._metadata)
         )
 
+    async def anonymize_video(
+        self,
+        data_or_path: bytes | str | Path,
+        *,
+        method: int | str | None = None,
+        timeout: float | None = None,
+        on_progress: Callable[[pb2.VideoProgress], None] | None = None,
+        filename: str | None = None,
+        chunk_bytes: int = video.DEFAULT_CHUNK_BYTES,
+        **options: Any,
+    ) -> video.VideoResult:
+        """AnonymizerClient.anonymize_video, awaited (the result's ``.video`` holds the whole file)."""
+        chunks, size, name = video.video_source(data_or_path, filename, chunk_bytes)
+        start = video.video_start(method=method, size_bytes=size, filename=name, **options)
+        call = self._stub.AnonymizeVideo(
+            video.video_requests(start, chunks), timeout=self._timeout(timeout), metadata=self._metadata
+        )
+        try:
+            return video.collect_video([response async for response in call], on_progress)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def stream_frames(
+        self,
+        frames: Iterable[Any] | AsyncIterable[Any],
+        *,
+        method: int | str | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> AsyncIterator[video.FrameOutput]:
+        """AnonymizerClient.stream_frames for asyncio: ``frames`` may be an async iterable (a camera's
+        frames as they come); results are yielded in the order sent."""
+        stream_options = video.frame_options(method=method, window=window, **options)
+
+        async def requests():
+            sequence = 0
+            if isinstance(frames, AsyncIterable):
+                async for frame in frames:
+                    yield video.frame_request(stream_options, sequence, frame, time.time())
+                    sequence += 1
+            else:
+                for frame in frames:
+                    yield video.frame_request(stream_options, sequence, frame, time.time())
+                    sequence += 1
+
+        call = self._stub.AnonymizeFrames(requests(), timeout=timeout, metadata=self._metadata)
+        try:
+            async for result in call:
+                yield video.frame_output(result)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
     async def server_info(self, *, timeout: float | None = None) -> pb2.ServerInfo:
         try:
             return await self._stub.GetServerInfo(

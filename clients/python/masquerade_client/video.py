@@ -263,19 +263,24 @@ def raw_frame(image) -> pb2.RawFrame:
     return pb2.RawFrame(rgb=np.ascontiguousarray(array).tobytes(), width=width, height=height)
 
 
+def frame_request(options: pb2.FrameStreamOptions, sequence: int, frame: Any, timestamp: float) -> pb2.FrameRequest:
+    """Frame ``sequence`` (a numpy array is sent raw; bytes as an encoded image); the options go on the first."""
+    message = pb2.FrameRequest(sequence=sequence, timestamp=timestamp)
+    if sequence == 0:
+        message.options.CopyFrom(options)
+    if isinstance(frame, (bytes, bytearray)):
+        message.encoded = bytes(frame)
+    else:
+        message.raw.CopyFrom(raw_frame(frame))
+    return message
+
+
 def frame_requests(
     options: pb2.FrameStreamOptions, frames: Iterable[Any], clock: Callable[[], float]
 ) -> Iterator[pb2.FrameRequest]:
-    """One FrameRequest per frame (numpy arrays sent raw; bytes sent as encoded images), options on the first."""
+    """One FrameRequest per frame, read from ``frames`` only as gRPC can send."""
     for sequence, frame in enumerate(frames):
-        message = pb2.FrameRequest(sequence=sequence, timestamp=clock())
-        if sequence == 0:
-            message.options.CopyFrom(options)
-        if isinstance(frame, (bytes, bytearray)):
-            message.encoded = bytes(frame)
-        else:
-            message.raw.CopyFrom(raw_frame(frame))
-        yield message
+        yield frame_request(options, sequence, frame, clock())
 
 
 def frame_output(result: pb2.FrameResult) -> FrameOutput:
