@@ -408,10 +408,6 @@ async def _until_disconnected(request: Request) -> None:
 # ---------------------------------------------------------------- the app
 
 
-def _json_schema_response(model, description: str) -> dict:
-    return {"description": description, "model": model}
-
-
 def build_app(
     servicer: AnonymizerServicer,
     *,
