@@ -65,6 +65,11 @@ def clip_spec(width: int, height: int, seconds: float, fps: int = 24):
     return ClipSpec(width=width, height=height, frames=frames, fps=fps, faces=faces, hard=hard, audio=True)
 
 
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def decode(path: Path) -> list[np.ndarray]:
     import av
 
@@ -114,13 +119,15 @@ def run_ours(source: Path, target: Path, method: str, tracked: bool = True, **ex
     tracking = TrackingOptions() if tracked else TrackingOptions(track_hold=0, look_ahead=0, low_score_ratio=1.0)
     options = VideoOptions(method=Method(method), tracking=tracking, **extra)
     detector = FaceDetector("centerface")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds(resource.RUSAGE_SELF)
     report = asyncio.run(anonymize_video(source, target, options, detector=detector))
     seconds = time.perf_counter() - started
+    cpu = _cpu_seconds(resource.RUSAGE_SELF) - cpu_started
     return {
         "frames": report.frames,
         "seconds": round(seconds, 2),
         "fps": round(report.frames / seconds, 2),
+        "cpu_ms_per_frame": round(1000 * cpu / report.frames, 1),
         "tracks": len(report.tracks),
         "frames_filled": sum(t.frames_filled for t in report.tracks),
         "flicker": report.flicker,
@@ -129,30 +136,33 @@ def run_ours(source: Path, target: Path, method: str, tracked: bool = True, **ex
     }
 
 
-def deface_startup_seconds(command: list[str]) -> float:
-    """deface's import time (onnxruntime, OpenCV, imageio): subtracted from its wall time, as ours excludes its own."""
-    started = time.perf_counter()
+def deface_startup_seconds(command: list[str]) -> tuple[float, float]:
+    """deface's import time and CPU time (onnxruntime, OpenCV, imageio): subtracted from its run, as ours
+    excludes its own."""
+    started, cpu_started = time.perf_counter(), _cpu_seconds(resource.RUSAGE_CHILDREN)
     subprocess.run([*command, "--version"], capture_output=True, timeout=600)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_started
 
 
-def run_deface(command: list[str], source: Path, target: Path, replace: str, startup: float = 0.0) -> dict:
-    started = time.perf_counter()
+def run_deface(command: list[str], source: Path, target: Path, replace: str, startup=(0.0, 0.0)) -> dict:
+    started, cpu_started = time.perf_counter(), _cpu_seconds(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [*command, str(source), "-o", str(target), "--replacewith", replace, "--keep-audio"],
         capture_output=True,
         text=True,
         timeout=3600,
     )
-    seconds = time.perf_counter() - started - startup
+    seconds = time.perf_counter() - started - startup[0]
+    cpu = _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_started - startup[1]
     if done.returncode != 0:
         return {"error": done.stderr[-2000:]}
     frames = len(decode(target))
     return {
         "frames": frames,
         "seconds": round(seconds, 2),
-        "startup_seconds_excluded": round(startup, 2),
+        "startup_seconds_excluded": round(startup[0], 2),
         "fps": round(frames / seconds, 2),
+        "cpu_ms_per_frame": round(1000 * cpu / frames, 1),
     }
 
 
@@ -215,6 +225,8 @@ def main() -> None:
     parser.add_argument(
         "--parts", nargs="+", choices=("fps", "memory"), default=["fps", "memory"], help="which measurements to run"
     )
+    parser.add_argument("--memory-seconds", type=float, default=2.0, help="the short clip of the memory check")
+    parser.add_argument("--memory-height", type=int, default=720, help="frame height of the memory check (16:9)")
     parser.add_argument("--child-memory", nargs=2, metavar=("SOURCE", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
@@ -225,7 +237,8 @@ def main() -> None:
 
     seconds = 2.0 if args.quick else args.seconds
     resolutions = [(854, 480), (1280, 720)] if args.quick else [(1280, 720), (1920, 1080)]
-    deface, deface_note = (None, "skipped (--quick/--no-deface)") if args.quick or args.no_deface else deface_command()
+    skip_deface = args.quick or args.no_deface or "fps" not in args.parts
+    deface, deface_note = (None, "not run") if skip_deface else deface_command()
     results: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "commit": _git_commit(),
@@ -247,7 +260,7 @@ def main() -> None:
             if height == 720 or args.quick:
                 plan += [("deface", "blur"), ("masquerade", "solid"), ("deface", "solid")]
                 plan += [("masquerade (per frame, no tracking)", "solid"), ("masquerade", "pixelate")]
-            startup = deface_startup_seconds(deface) if deface is not None else 0.0
+            startup = deface_startup_seconds(deface) if deface is not None else (0.0, 0.0)
             for tool, method in plan:
                 out = (
                     work / f"{tool.split(' ')[0]}_{method}_{'tracked' if tool == 'masquerade' else 'other'}_{label}.mp4"
@@ -266,16 +279,18 @@ def main() -> None:
             results.setdefault("pairs", {})[label] = pairs_total
 
         # Memory over clip length: the same content, 1x and 10x as long (720p, blur).
-        short_seconds = 1.0 if args.quick else 2.0
+        short_seconds = 1.0 if args.quick else args.memory_seconds
+        memory_size = (args.memory_height * 16 // 9 // 2 * 2, args.memory_height)
         memory = {}
         for factor in (1, 10) if "memory" in args.parts else []:
             source = work / f"memory_{factor}x.mp4"
-            make_clip(source, clip_spec(1280, 720, short_seconds * factor))
+            make_clip(source, clip_spec(*memory_size, short_seconds * factor))
             memory[f"{factor}x"] = round(peak_memory_mb(source, work / f"memory_{factor}x_out.mp4"), 1)
             source.unlink()
         if memory:
             memory["ratio"] = round(memory["10x"] / memory["1x"], 3)
             memory["seconds_1x"] = short_seconds
+            memory["size"] = f"{memory_size[0]}x{memory_size[1]}"
             results["memory"] = memory
             print(
                 f"peak RSS: {memory['1x']} MB for {short_seconds:g} s, {memory['10x']} MB for 10x: {memory['ratio']}x"
@@ -293,6 +308,7 @@ def _line(run: dict) -> str:
     if "error" in run:
         return f"{run['tool']:38s} {run['method']:9s} {run['resolution']:6s} FAILED: {run['error'][-300:]}"
     text = f"{run['tool']:38s} {run['method']:9s} {run['resolution']:6s} {run['fps']:6.2f} fps"
+    text += f" {run['cpu_ms_per_frame']:7.1f} CPU-ms/frame"
     if "coverage" in run and run["coverage"].get("fraction") is not None:
         c = run["coverage"]
         text += (
@@ -312,7 +328,12 @@ def _summarize(results: dict) -> None:
     ours, theirs = find("masquerade", "blur"), find("deface", "blur")
     if ours and theirs and "fps" in theirs:
         results["blur_720p_fps_vs_deface"] = round(ours["fps"] / theirs["fps"], 3)
-        print(f"blur 720p: {ours['fps']} fps vs deface {theirs['fps']} fps: {results['blur_720p_fps_vs_deface']}x")
+        results["blur_720p_cpu_vs_deface"] = round(theirs["cpu_ms_per_frame"] / ours["cpu_ms_per_frame"], 3)
+        print(
+            f"blur 720p: {ours['fps']} fps vs deface {theirs['fps']} fps: {results['blur_720p_fps_vs_deface']}x; "
+            f"CPU per frame {ours['cpu_ms_per_frame']} vs {theirs['cpu_ms_per_frame']} ms: "
+            f"{results['blur_720p_cpu_vs_deface']}x"
+        )
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -322,6 +343,8 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in results["runs"] if "fps" in r]
+    if not runs:
+        return
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [
         f"{r['tool'].split(' ')[0]}{' per-frame' if 'per frame' in r['tool'] else ''}\n{r['method']} {r['resolution']}"
