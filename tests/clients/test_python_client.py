@@ -95,7 +95,8 @@ def test_build_generates_the_stubs_and_depends_only_on_grpc_and_protobuf(tmp_pat
         for line in metadata.splitlines()
         if line.startswith("Requires-Dist:")
     )
-    assert requires == ["grpcio", "grpcio-health-checking", "protobuf"]
+    # googleapis-common-protos: google.rpc.Status and RetryInfo, to read the server's retry advice.
+    assert requires == ["googleapis-common-protos", "grpcio", "grpcio-health-checking", "protobuf"]
 
 
 class FlakyServer:
