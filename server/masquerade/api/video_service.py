@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -206,24 +206,27 @@ class VideoService:
 
     # ------------------------------------------------------------------ AnonymizeVideo
 
+    @contextlib.contextmanager
+    def video_call(self, rpc: str = "AnonymizeVideo") -> Iterator[SpoolEntry]:
+        """One AnonymizeVideo call's slot (``--max-video-streams``) and spool entry: the slot is freed and the
+        call's files deleted on exit, whatever ended the call. gRPC holds it for the handler; HTTP until its
+        response has been sent."""
+        with self._slots.take(rpc), self.spool.entry() as entry:
+            yield entry
+
     async def anonymize_video(
         self, request_iterator: AsyncIterator[pb2.AnonymizeVideoRequest], context: grpc.aio.ServicerContext
     ) -> None:
         record = AccessRecord.from_context("AnonymizeVideo", context)
-        entry: SpoolEntry | None = None
         failure: BaseException | None = None
         try:
-            with self._slots.take("AnonymizeVideo"):
-                entry = self.spool.entry()
+            with self.video_call() as entry:
                 await self._serve_video(request_iterator, context, record, entry)
         except asyncio.CancelledError:
             record.finish(self._cancel_code(context))
             raise
         except Exception as exc:
             failure = exc
-        finally:
-            if entry is not None:
-                entry.close()
         if failure is not None and context.cancelled():
             # A write failing because the client went away (cancel, deadline, a dropped connection).
             record.finish(self._cancel_code(context))
@@ -241,8 +244,6 @@ class VideoService:
         record: AccessRecord,
         entry: SpoolEntry,
     ) -> None:
-        from masquerade.video.pipeline import anonymize_video
-
         messages = aiter(request_iterator)
         first = await anext(messages, None)
         if first is None or first.WhichOneof("part") != "start":
@@ -250,28 +251,61 @@ class VideoService:
                 "start", "the first AnonymizeVideo message must carry `start` (the options), before any chunk"
             )
         start = first.start
+
+        async def chunks() -> AsyncIterator[bytes]:
+            offset = 0
+            async for message in messages:
+                if message.WhichOneof("part") != "chunk":
+                    raise InvalidRequestError(
+                        "start", "only the first message may carry `start`; later ones carry `chunk`"
+                    )
+                chunk = message.chunk
+                if chunk.offset != offset:
+                    raise InvalidRequestError(
+                        "chunk.offset",
+                        f"expected {offset} (where the previous chunk ended), got {chunk.offset}: "
+                        "chunks must be sent in order",
+                    )
+                offset += len(chunk.data)
+                yield chunk.data
+
+        async def send_progress(progress: pb2.VideoProgress) -> None:
+            await context.write(pb2.AnonymizeVideoResponse(request_id=start.request_id, progress=progress))
+
+        report = await self.run_video(start, chunks(), entry, record, context, on_progress=send_progress)
+        await self._send_output(entry, context, start.request_id)
+        await context.write(pb2.AnonymizeVideoResponse(request_id=start.request_id, report=report))
+
+    async def run_video(
+        self,
+        start: pb2.VideoStart,
+        upload: AsyncIterator[bytes],
+        entry: SpoolEntry,
+        record: AccessRecord,
+        call,
+        *,
+        on_progress: Callable[[pb2.VideoProgress], Awaitable[None]] | None = None,
+    ) -> pb2.VideoReport:
+        """AnonymizeVideo's work, for gRPC and HTTP alike: checks ``start``, spools ``upload`` (the file's bytes,
+        in order) into ``entry`` within the limits, runs the file pipeline and returns the report; the output
+        is then at ``entry.output_path`` until the caller closes the entry. ``call`` is the gRPC context or
+        anything with its ``time_remaining`` and ``auth_context`` (quotas by certificate). ``on_progress`` gets
+        at most 10 VideoProgress a second. Cancelling this coroutine stops the pipeline."""
+        from masquerade.video.pipeline import anonymize_video
+
         record.request_id = start.request_id[: convert.MAX_REQUEST_ID_CHARS]
         record.method = _method_label(start.method)
         options = self._video_options(start)
         engine = self._engine_for(options.method)
-        self._admit(start.priority, context)
+        self._admit(start.priority, call)
         filename = start.filename or "video.mp4"
         self._check_container(filename)
         if start.HasField("size_bytes"):
             entry.check_size(start.size_bytes)
         entry.open_input(filename)
         upload_started = time.perf_counter()
-        async for message in messages:
-            if message.WhichOneof("part") != "chunk":
-                raise InvalidRequestError("start", "only the first message may carry `start`; later ones carry `chunk`")
-            chunk = message.chunk
-            if chunk.offset != entry.input_bytes:
-                raise InvalidRequestError(
-                    "chunk.offset",
-                    f"expected {entry.input_bytes} (where the previous chunk ended), got {chunk.offset}: "
-                    "chunks must be sent in order",
-                )
-            entry.append(chunk.data)
+        async for data in upload:
+            entry.append(data)
         entry.finish_input()
         record.durations_ms["upload"] = round((time.perf_counter() - upload_started) * 1000.0, 3)
         if start.HasField("size_bytes") and entry.input_bytes != start.size_bytes:
@@ -282,23 +316,19 @@ class VideoService:
             raise InvalidRequestError("chunk", "no video bytes were sent")
 
         processing_started = time.perf_counter()
-        report = await self._run_pipeline(anonymize_video, entry, options, engine, context, start.request_id)
+        report = await self._run_pipeline(anonymize_video, entry, options, engine, on_progress, start.request_id)
         processing_seconds = time.perf_counter() - processing_started
         record.durations_ms["process"] = round(processing_seconds * 1000.0, 3)
 
-        output_bytes = await self._send_output(entry, context, start.request_id)
+        entry.charge_output()
+        output_bytes = entry.output_path.stat().st_size
         metrics.VIDEO_FRAMES.labels("AnonymizeVideo").inc(report.frames)
         report_json = report.to_json()
         report_json["input"] = filename  # the client's name, never the spool's paths
         report_json.pop("output", None)
         record.faces = len(report_json.get("tracks", []))
         record.complete = bool(report_json.get("complete"))
-        await context.write(
-            pb2.AnonymizeVideoResponse(
-                request_id=start.request_id,
-                report=self._report_to_proto(report_json, output_bytes, processing_seconds),
-            )
-        )
+        return self._report_to_proto(report_json, output_bytes, processing_seconds)
 
     def _video_options(self, start: pb2.VideoStart):
         from masquerade.video.container import EncodeOptions, VideoLimits
@@ -351,14 +381,14 @@ class VideoService:
                 f"{suffix or 'no extension'} is not a supported container; use one of {', '.join(VIDEO_SUFFIXES)}",
             )
 
-    async def _run_pipeline(self, anonymize_video, entry: SpoolEntry, options, engine, context, request_id: str):
-        """Runs the file pipeline while PROGRESS events go out (at most 10 a second, the newest one)."""
+    async def _run_pipeline(self, anonymize_video, entry: SpoolEntry, options, engine, on_progress, request_id: str):
+        """Runs the file pipeline while progress goes to ``on_progress`` (at most 10 a second, the newest one)."""
         latest: list[tuple[int, int, int]] = []
         changed = asyncio.Event()
         started = time.perf_counter()
         stop = False
 
-        def on_progress(frames_done: int, frames_total: int, tracks: int) -> None:
+        def note_progress(frames_done: int, frames_total: int, tracks: int) -> None:
             latest[:] = [(frames_done, frames_total, tracks)]
             changed.set()
 
@@ -368,7 +398,7 @@ class VideoService:
                 entry.output_path,
                 options,
                 engine=engine,
-                progress=on_progress,
+                progress=note_progress,
                 cancelled=lambda: stop,
             ),
             name=f"video-{request_id}",
@@ -379,18 +409,15 @@ class VideoService:
                 await changed.wait()  # new progress, or the pipeline's end
                 changed.clear()
                 entry.charge_output()  # the encoder's partial file counts against the spool's budget
-                if latest and not task.done():
+                if on_progress is not None and latest and not task.done():
                     done, total, tracks = latest[0]
                     elapsed = time.perf_counter() - started
-                    await context.write(
-                        pb2.AnonymizeVideoResponse(
-                            request_id=request_id,
-                            progress=pb2.VideoProgress(
-                                frames_done=done,
-                                frames_total=total,
-                                fps=done / elapsed if elapsed > 0 else 0.0,
-                                tracks=tracks,
-                            ),
+                    await on_progress(
+                        pb2.VideoProgress(
+                            frames_done=done,
+                            frames_total=total,
+                            fps=done / elapsed if elapsed > 0 else 0.0,
+                            tracks=tracks,
                         )
                     )
                     await asyncio.sleep(PROGRESS_INTERVAL_S)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -34,6 +36,7 @@ from google.protobuf import json_format
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
 from masquerade import metrics
 from masquerade.api import convert, security
@@ -56,6 +59,23 @@ MAX_REPORT_HEADER_CHARS = 8192
 """Larger reports are left out of the image response (proxies cap header sizes): ask for JSON instead."""
 
 IMAGE_MEDIA_TYPES = {pb2.JPEG: "image/jpeg", pb2.PNG: "image/png", pb2.WEBP: "image/webp"}
+VIDEO_PATH = "/v1/anonymize-video"
+VIDEO_MEDIA_TYPES = {
+    ".mp4": "video/mp4",
+    ".mov": "video/quicktime",
+    ".mkv": "video/x-matroska",
+    ".webm": "video/webm",
+    ".avi": "video/x-msvideo",
+}
+SUFFIX_FOR_VIDEO_MEDIA_TYPE = {
+    **{media: suffix for suffix, media in VIDEO_MEDIA_TYPES.items()},
+    "video/matroska": ".mkv",
+    "video/avi": ".avi",
+    "video/msvideo": ".avi",
+}
+_VIDEO_FIELD_NAMES = {"chunk": "body", "chunk.offset": "body"}
+"""AnonymizeVideo's gRPC-only field names in errors, as the HTTP request names them (VideoStart's fields are
+query fields without the ``start.`` prefix)."""
 FORMAT_FOR_MEDIA_TYPE = {media: fmt for fmt, media in IMAGE_MEDIA_TYPES.items()}
 WEB_ROOT = resources.files("masquerade.api.http") / "web"
 PAGE_POLICY = (
@@ -70,6 +90,13 @@ class ApiLimits:
     """The largest request body (the image plus form overhead); the gRPC max receive message size."""
     body_timeout_s: float = 30.0
     """A request body must keep arriving: at most this long between two chunks."""
+    max_video_bytes: int | None = None
+    """The largest body of POST /v1/anonymize-video (``--max-video-bytes``); None: the servicer's video limit."""
+
+    def body_limit(self, path: str) -> int:
+        if path == VIDEO_PATH and self.max_video_bytes is not None:
+            return self.max_video_bytes
+        return self.max_body_bytes
 
 
 class BodyTimeoutError(Exception):
@@ -120,15 +147,16 @@ class _Gate:
             )
             await self._refuse(response, scope, receive, send)
             return
+        max_bytes = self.limits.body_limit(scope["path"])
         declared = _content_length(scope)
-        if declared is not None and declared > self.limits.max_body_bytes:
+        if declared is not None and declared > max_bytes:
             _record(scope, rpc).finish(grpc.StatusCode.INVALID_ARGUMENT)
-            await _too_large(self.limits.max_body_bytes)(scope, receive, send)
+            await _too_large(max_bytes)(scope, receive, send)
             return
 
         body_done = False
         received = 0
-        timeout_s, max_bytes = self.limits.body_timeout_s, self.limits.max_body_bytes
+        timeout_s = self.limits.body_timeout_s
 
         async def receive_in_time():
             nonlocal body_done, received
@@ -163,7 +191,7 @@ class _Gate:
         await send({"type": "http.response.body", "body": response.body, "more_body": True})
         dropped = 0
         try:
-            while dropped <= self.limits.max_body_bytes:
+            while dropped <= self.limits.body_limit(scope["path"]):
                 async with asyncio.timeout(self.limits.body_timeout_s):
                     message = await receive()
                 if message["type"] != "http.request":
@@ -200,6 +228,7 @@ _RPC_FOR_PATH = {
     "/v1/anonymize": "HTTP Anonymize",
     "/v1/anonymize:stream": "HTTP AnonymizeStream",
     "/v1/info": "HTTP GetServerInfo",
+    VIDEO_PATH: "HTTP AnonymizeVideo",
 }
 
 
@@ -226,9 +255,8 @@ def _record(scope, rpc: str, message: pb2.AnonymizeRequest | None = None) -> Acc
 # ---------------------------------------------------------------- request parsing
 
 
-def _query_dependency() -> Callable[..., Any]:
+def _query_dependency(fields: tuple[schema.QueryField, ...], message: str) -> Callable[..., Any]:
     """A FastAPI dependency whose parameters are the proto's query fields (so the OpenAPI document lists them)."""
-    fields = schema.request_query_fields()
     parameters = [
         inspect.Parameter(
             f"field_{index}",
@@ -236,7 +264,7 @@ def _query_dependency() -> Callable[..., Any]:
             default=None,
             annotation=Annotated[
                 field.annotation | None,
-                Query(alias=field.name, description=f"AnonymizeRequest.{field.name} (see the proto)"),
+                Query(alias=field.name, description=f"{message}.{field.name} (see the proto)"),
             ],
         )
         for index, field in enumerate(fields)
@@ -249,8 +277,10 @@ def _query_dependency() -> Callable[..., Any]:
     return query_fields
 
 
-QueryFields = Annotated[dict[str, Any], Depends(_query_dependency())]
+QueryFields = Annotated[dict[str, Any], Depends(_query_dependency(schema.request_query_fields(), "AnonymizeRequest"))]
 _KNOWN_QUERY = frozenset(field.name for field in schema.request_query_fields())
+VideoQueryFields = Annotated[dict[str, Any], Depends(_query_dependency(schema.video_query_fields(), "VideoStart"))]
+_KNOWN_VIDEO_QUERY = frozenset(field.name for field in schema.video_query_fields())
 
 
 class _UnsupportedMediaType(Exception):
@@ -326,6 +356,48 @@ async def _read_request(request: Request, query: dict[str, Any], max_body_bytes:
     return message
 
 
+def _read_video_start(request: Request, query: dict[str, Any]) -> pb2.VideoStart:
+    """The VideoStart of POST /v1/anonymize-video: its query fields; the file's name from Content-Type when unset."""
+    unknown = sorted(set(request.query_params) - _KNOWN_VIDEO_QUERY)
+    if unknown:
+        raise InvalidRequestError(unknown[0], "unknown query field; the fields are VideoStart's (see /openapi.json)")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (content_type.startswith("video/") or content_type == "application/octet-stream"):
+        raise _UnsupportedMediaType(
+            f"Content-Type {content_type or '(none)'!r}: send the video file's bytes as video/* or "
+            "application/octet-stream (options as query fields)"
+        )
+    start = pb2.VideoStart()
+    if query:
+        try:
+            schema.request_from_query(query, into=start)
+        except json_format.ParseError as exc:
+            raise InvalidRequestError("query", str(exc)) from None
+    if not start.filename:  # the container of the output; the content decides how the input is read
+        start.filename = "video" + SUFFIX_FOR_VIDEO_MEDIA_TYPE.get(content_type, ".mp4")
+    return start
+
+
+def _wants_video_json(request: Request) -> bool:
+    """Whether the client prefers the JSON report (with the video in base64) to the video itself."""
+    best_video, best_json = -1.0, -1.0
+    for item in request.headers.get("accept", "").split(","):
+        media, *options = (part.strip() for part in item.split(";"))
+        quality = 1.0
+        for option in options:
+            if option.startswith("q="):
+                try:
+                    quality = float(option[2:])
+                except ValueError:
+                    quality = 0.0
+        media = media.lower()
+        if media == "application/json":
+            best_json = max(best_json, quality)
+        elif media.startswith("video/") or media in ("*/*", "application/octet-stream"):
+            best_video = max(best_video, quality)
+    return best_json > 0 and best_json > best_video
+
+
 def _parse_params_json(text: str, message: pb2.AnonymizeRequest) -> None:
     try:
         document = json.loads(text)
@@ -387,10 +459,14 @@ def _image_response(response: pb2.AnonymizeResponse) -> Response:
     return Response(response.image, media_type=media_type, headers=headers)
 
 
-def _failure(exc: BaseException, record: AccessRecord, request_id: str = "") -> Response:
+def _failure(
+    exc: BaseException, record: AccessRecord, request_id: str = "", field_names: dict[str, str] | None = None
+) -> Response:
     code, details = status_for(exc, request_id=request_id)
     record.finish(code)
     field = exc.field if isinstance(exc, InvalidRequestError) else None
+    if field is not None and field_names is not None:
+        field = field_names.get(field, field.removeprefix("start."))
     return problem_for_status(
         code,
         details,
@@ -403,6 +479,64 @@ def _failure(exc: BaseException, record: AccessRecord, request_id: str = "") -> 
 async def _until_disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class _SpooledVideoResponse(StreamingResponse):
+    """Streams a video call's output from the spool, then frees the call (its slot and files) however the sending
+    ended: all sent, the client gone, or the server stopping."""
+
+    def __init__(self, content, *, release: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # closes the output file before its folder goes
+            self._release()
+
+
+async def _file_chunks(path, chunk_bytes: int, encode: Callable[[bytes], bytes] | None = None):
+    with open(path, "rb") as file:
+        while data := await asyncio.to_thread(file.read, chunk_bytes):
+            yield encode(data) if encode is not None else data
+
+
+def _video_response(
+    report: pb2.VideoReport, output_path, request_id: str, *, as_json: bool, chunk_bytes: int, release
+) -> Response:
+    """The output video with the report in a header (base64 JSON, when small), or a JSON document with the report
+    and the video in base64: streamed from the spool either way, never held whole in memory."""
+    media_type = VIDEO_MEDIA_TYPES.get(output_path.suffix.lower(), "application/octet-stream")
+    size = output_path.stat().st_size
+    document = schema.to_json(pb2.AnonymizeVideoResponse(request_id=request_id, report=report))
+    if as_json:
+        head = json.dumps({**document, "media_type": media_type}, separators=(",", ":"))[:-1].encode("utf-8")
+        head += b',"video":"'
+        tail = b'"}'
+        three = max(3, chunk_bytes - chunk_bytes % 3)  # whole base64 quanta per chunk: no padding mid-string
+
+        async def body():
+            yield head
+            async for encoded in _file_chunks(output_path, three, base64.b64encode):
+                yield encoded
+            yield tail
+
+        length = len(head) + 4 * ((size + 2) // 3) + len(tail)
+        return _SpooledVideoResponse(
+            body(), release=release, media_type="application/json", headers={"Content-Length": str(length)}
+        )
+    headers = {"Content-Length": str(size)}
+    encoded_report = base64.b64encode(json.dumps(document, separators=(",", ":")).encode("utf-8")).decode("ascii")
+    if len(encoded_report) <= MAX_REPORT_HEADER_CHARS:
+        headers[REPORT_HEADER] = encoded_report
+    else:
+        headers[REPORT_SIZE_HEADER] = str(len(json.dumps(document, separators=(",", ":")).encode("utf-8")))
+    return _SpooledVideoResponse(
+        _file_chunks(output_path, chunk_bytes), release=release, media_type=media_type, headers=headers
+    )
 
 
 # ---------------------------------------------------------------- the app
@@ -421,6 +555,8 @@ def build_app(
     ``cors_origins``: other web origins whose pages may call the API (Starlette's CORS middleware, outside
     the gate, so a browser's preflight, which carries no token, is answered).
     """
+    if limits.max_video_bytes is None:
+        limits = dataclasses.replace(limits, max_video_bytes=servicer.video.config.max_video_bytes)
     app = FastAPIOffline(
         title="Masquerade",
         version=_version(),
@@ -447,7 +583,7 @@ def build_app(
             (400, "a field is invalid (the problem's `field` names it)"),
             (401, "missing or invalid bearer token"),
             (413, "the body is larger than the server's limit"),
-            (415, "the body is neither image/* nor multipart/form-data"),
+            (415, "the body's Content-Type is not one the endpoint takes"),
             (422, "the method needs models this server has not loaded"),
             (429, "queue full or quota exceeded; see Retry-After"),
             (503, "loading, warming up or draining; see Retry-After"),
@@ -492,7 +628,7 @@ def build_app(
     @app.exception_handler(BodyTooLargeError)
     async def _body_too_large(request: Request, exc: BodyTooLargeError) -> Response:
         _record(request.scope, _rpc_name(request.scope)).finish(grpc.StatusCode.INVALID_ARGUMENT)
-        return _too_large(limits.max_body_bytes)
+        return _too_large(limits.body_limit(request.url.path))
 
     @app.exception_handler(BodyTimeoutError)
     async def _body_timeout(request: Request, exc: BodyTimeoutError) -> Response:
@@ -596,6 +732,103 @@ def build_app(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
+
+    video_report_model = schema.model_for(pb2.AnonymizeVideoResponse.DESCRIPTOR)
+
+    @app.post(
+        VIDEO_PATH,
+        summary="Anonymize the faces in a video file (AnonymizeVideo)",
+        description=(
+            "Body: the video file (`Content-Type: video/*` or `application/octet-stream`, at most the server's "
+            "`max_video_bytes`), with VideoStart's fields as query fields; `filename` (default from the Content-Type, "
+            "else video.mp4) names the output's container. Returns the anonymized video with the report (an "
+            f"AnonymizeVideoResponse with its `report`, base64 JSON) in `{REPORT_HEADER}`, or its size in "
+            f"`{REPORT_SIZE_HEADER}` when too large for a header. With `Accept: application/json`: that JSON plus "
+            "`media_type` and `video` (the file in base64). A client that disconnects cancels the work."
+        ),
+        responses={
+            200: {
+                "description": "the anonymized video, or (Accept: application/json) the report with the video",
+                "model": video_report_model,
+                "content": {media: {} for media in VIDEO_MEDIA_TYPES.values()},
+            },
+            **problem_responses,
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "video/*": {"schema": {"type": "string", "format": "binary"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def anonymize_video(request: Request, query: VideoQueryFields) -> Response:
+        record = _record(request.scope, "HTTP AnonymizeVideo")
+        video = servicer.video
+        try:
+            call = _HttpCall(request)
+            start = _read_video_start(request, query)
+        except InvalidRequestError as exc:
+            return _failure(exc, record, field_names=_VIDEO_FIELD_NAMES)
+        as_json = _wants_video_json(request)
+        held = contextlib.ExitStack()  # the call's slot and spool entry: released when the response is sent
+        handed_off = False
+        try:
+            try:
+                entry = held.enter_context(video.video_call())
+            except Exception as exc:
+                return _failure(exc, record, start.request_id, _VIDEO_FIELD_NAMES)
+            body_read = asyncio.Event()
+
+            async def upload():
+                async for data in request.stream():
+                    if data:
+                        yield data
+                body_read.set()
+
+            async def client_gone() -> None:
+                await body_read.wait()  # until then, the upload's reads see a disconnect (ClientDisconnect)
+                await _until_disconnected(request)
+
+            work = asyncio.ensure_future(
+                asyncio.wait_for(video.run_video(start, upload(), entry, record, call), call.time_remaining())
+            )
+            gone = asyncio.ensure_future(client_gone())
+            try:
+                await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                if not work.done():  # the client left (or the server is stopping): stop the pipeline for it
+                    work.cancel()
+                    await asyncio.gather(work, return_exceptions=True)
+            if work.cancelled():
+                record.finish(grpc.StatusCode.CANCELLED)
+                return Response(status_code=499)
+            try:
+                report = work.result()
+            except (BodyTooLargeError, BodyTimeoutError):
+                raise  # answered by their handlers (413, 408)
+            except ClientDisconnect:
+                record.finish(grpc.StatusCode.CANCELLED)
+                return Response(status_code=499)
+            except Exception as exc:
+                return _failure(exc, record, start.request_id, _VIDEO_FIELD_NAMES)
+            record.finish(grpc.StatusCode.OK)
+            response = _video_response(
+                report,
+                entry.output_path,
+                start.request_id,
+                as_json=as_json,
+                chunk_bytes=video.config.chunk_bytes,
+                release=held.close,
+            )
+            handed_off = True
+            return response
+        finally:
+            if not handed_off:
+                held.close()
 
     @app.get(
         "/v1/info",

@@ -103,8 +103,14 @@ def request_query_fields() -> tuple[QueryField, ...]:
     return tuple(_leaves(pb2.AnonymizeRequest.DESCRIPTOR))
 
 
-def request_from_query(values: dict[str, Any], into: pb2.AnonymizeRequest | None = None) -> pb2.AnonymizeRequest:
-    """Sets the given query fields (dotted names, already type-checked) on an AnonymizeRequest."""
+@functools.cache
+def video_query_fields() -> tuple[QueryField, ...]:
+    """Every query field of ``POST /v1/anonymize-video``: VideoStart's scalar leaves (the body is the file)."""
+    return tuple(_leaves(pb2.VideoStart.DESCRIPTOR))
+
+
+def request_from_query(values: dict[str, Any], into: Message | None = None) -> Message:
+    """Sets the given query fields (dotted names, already type-checked) on ``into`` (an AnonymizeRequest by default)."""
     nested: dict[str, Any] = {}
     for name, value in values.items():
         *parents, leaf = name.split(".")
