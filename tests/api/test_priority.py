@@ -98,17 +98,17 @@ def test_over_quota_is_resource_exhausted_with_retry_info_and_the_client_waits_f
         retry_info = error_details_pb2.RetryInfo()
         assert status.details[0].Unpack(retry_info)
         delay = retry_info.retry_delay.ToNanoseconds() / 1e9
-        assert 0.5 < delay <= 1.0
+        assert 0 < delay <= 1.0  # when the bucket holds a request again: 1 s after the first, less its time
         stub.Anonymize(request, metadata=_metadata("plain-token"), timeout=60)  # other clients are not affected
     assert metrics.QUOTA_REFUSALS.labels(client="limited")._value.get() == refusals_before + 1
 
-    # The Python client waits the server's delay and sends again: both calls succeed, ~1 s apart.
+    # The Python client waits the server's delay and sends again: both calls succeed, >= 1 s apart.
     with AnonymizerClient(priority_server.address, token="limited-token", timeout=60) as client:
         time.sleep(1.0)  # a full bucket again
-        client.anonymize_request(request)
         started = time.monotonic()
+        client.anonymize_request(request)
         assert client.anonymize_request(request).faces
-        assert time.monotonic() - started >= 0.5
+        assert time.monotonic() - started >= 0.95  # the second was admitted a second after the first
     # Told not to retry, it raises at once with the advice.
     no_retry = RetryPolicy(retry_info_attempts=1)
     with AnonymizerClient(priority_server.address, token="limited-token", timeout=60, retry=no_retry) as client:
@@ -116,7 +116,7 @@ def test_over_quota_is_resource_exhausted_with_retry_info_and_the_client_waits_f
         client.anonymize_request(request)
         with pytest.raises(ResourceExhausted) as error:
             client.anonymize_request(request)
-        assert error.value.retry_delay is not None and 0.5 < error.value.retry_delay <= 1.0
+        assert error.value.retry_delay is not None and 0 < error.value.retry_delay <= 1.0
 
 
 def test_a_client_at_its_faces_quota_is_refused_until_its_face_is_answered(priority_server, face_png):

@@ -254,14 +254,15 @@ def rate_limited_server_address():
 def test_over_quota_is_retried_after_the_retry_info_delay(
     language, built_clients, rate_limited_server_address, face_png, tmp_path
 ):
-    """The second call is refused RESOURCE_EXHAUSTED with RetryInfo (~2 s); the client waits that long and succeeds."""
+    """The second call is refused RESOURCE_EXHAUSTED with RetryInfo; the client waits the delay and succeeds."""
     address = rate_limited_server_address
+    started = time.monotonic()
     first = run_example(language, "--server", address, "--method", "blur", str(face_png), str(tmp_path / "1.png"))
     assert_events_then_result(first, tmp_path / "1.png")
-    started = time.monotonic()
     second = run_example(language, "--server", address, "--method", "blur", str(face_png), str(tmp_path / "2.png"))
     assert_events_then_result(second, tmp_path / "2.png")
-    assert time.monotonic() - started >= 0.8  # it waited for the quota, rather than being answered at once
+    # One request per 2 s: the second was admitted 2 s after the first, however long each run took to start.
+    assert time.monotonic() - started >= 1.95
 
 
 def tls_flags(secure) -> list[str]:
