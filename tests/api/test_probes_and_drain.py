@@ -11,9 +11,9 @@ import grpc
 import pytest
 from api_support import health_status, http_get, wait_until
 
-from masquerade.cli.serve import config_from_args, register
 from masquerade.api.protos import pb2, pb2_grpc
 from masquerade.api.server import ServerConfig
+from masquerade.cli.serve import config_from_args, register
 from masquerade.engine.engine import EngineConfig
 from masquerade_client import build_request
 from server_support import free_port, secured, write_token_file

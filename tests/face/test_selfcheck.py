@@ -123,8 +123,8 @@ def test_a_40_face_crowd_is_covered_16_generatively_and_the_rest_classically(tin
 
 
 def test_the_folder_cli_and_the_server_default_to_centerface(tmp_path, t1_rgb):
-    from masquerade.cli.serve import config_from_args
     from masquerade.cli import build_parser
+    from masquerade.cli.serve import config_from_args
 
     config = config_from_args(build_parser().parse_args(["serve", "--port", "0"]))
     assert config.engine.detector == "centerface" and config.engine.max_faces == 16

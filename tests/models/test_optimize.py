@@ -232,8 +232,8 @@ def test_ip_adapter_faceid_loads_from_an_in_memory_state_dict(tiny_model_dir):
 
 
 def test_serve_flags_reach_the_engine_config():
-    from masquerade.cli.serve import config_from_args
     from masquerade.cli import build_parser
+    from masquerade.cli.serve import config_from_args
 
     def engine_config(*flags):
         return config_from_args(build_parser().parse_args(["serve", *flags])).engine

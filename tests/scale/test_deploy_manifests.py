@@ -34,8 +34,8 @@ def _check_grpc_probe(probe: dict, port: int) -> None:
 
 
 def test_single_process_deployment_matches_the_cli():
-    from masquerade.cli.serve import config_from_args
     from masquerade.cli import build_parser
+    from masquerade.cli.serve import config_from_args
 
     docs = _documents(DEPLOY / "kubernetes" / "masquerade.yaml")
     deployment, service = docs["Deployment"], docs["Service"]
