@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import json
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import requests
 from api_support import wait_until
 from video_rpc_support import Scene, read_clip, region_changed, spool_files, write_clip
 
-from masquerade.api.http import schema
 from masquerade.api.http.app import REPORT_HEADER, VIDEO_PATH, decode_report_header
+from masquerade.api.protos import pb2
 from masquerade.api.video_service import VideoConfig
 from masquerade.engine.engine import Engine, EngineConfig
 from server_support import BackgroundServer, loopback_config
@@ -164,6 +165,39 @@ def test_a_client_that_leaves_mid_upload_frees_its_spool_files(base_url, clip, s
 def test_openapi_lists_video_starts_fields(base_url):
     document = requests.get(f"{base_url}/openapi.json", timeout=30).json()
     operation = document["paths"][VIDEO_PATH]["post"]
-    names = [parameter["name"] for parameter in operation["parameters"] if parameter["in"] == "query"]
-    assert names == [field.name for field in schema.video_query_fields()]
-    assert "video/*" in operation["requestBody"]["content"]
+    parameters = {parameter["name"]: parameter for parameter in operation["parameters"] if parameter["in"] == "query"}
+    expected, stack = set(), [((), pb2.VideoStart.DESCRIPTOR)]
+    while stack:  # every scalar leaf of VideoStart, walked here from the descriptor
+        prefix, message = stack.pop()
+        for field in message.fields:
+            if field.message_type is not None:
+                stack.append(((*prefix, field.name), field.message_type))
+            else:
+                expected.add(".".join((*prefix, field.name)))
+    assert set(parameters) == expected
+    assert all(value.name in json.dumps(parameters["method"]["schema"]) for value in pb2.Method.DESCRIPTOR.values)
+    assert set(operation["requestBody"]["content"]) == {"video/*", "application/octet-stream"}
+    report = document["components"]["schemas"]["VideoReport"]
+    assert set(report["properties"]) == {field.name for field in pb2.VideoReport.DESCRIPTOR.fields}
+
+
+def test_a_client_that_leaves_mid_processing_cancels_the_pipeline(base_url, tmp_path, spool_root, caplog):
+    caplog.set_level("INFO", logger="masquerade.access")
+    long_clip = write_clip(tmp_path / "long.mp4", Scene(width=480, height=360, frames=96), audio=False)
+    data = long_clip.read_bytes()
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"POST {VIDEO_PATH}?method=BLUR&request_id=leaver&tracking.detect_every=1 HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: video/mp4\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        wait_until(lambda: spool_files(spool_root), what="the upload to reach the spool")
+        time.sleep(1.0)  # the upload is done and the pipeline under way (it needs several seconds for this clip)
+
+    def logged() -> list:
+        return [r.access for r in caplog.records if getattr(r, "access", None) and r.access["request_id"] == "leaver"]
+
+    wait_until(lambda: logged(), timeout=30, what="the access line of the call whose client left")
+    assert logged()[0]["code"] == "CANCELLED"
+    wait_until(lambda: not spool_files(spool_root), what="the spool to empty after the client left")
