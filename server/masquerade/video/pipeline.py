@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,9 @@ from masquerade.video.tracking import FrameFaces, TrackingOptions, WindowedFaceT
 
 log = logging.getLogger(__name__)
 
+# Frames decoded ahead of, and encoded behind, the classical loop: each is one more frame held.
+DECODE_AHEAD = 2
+ENCODE_QUEUE = 2
 Progress = Callable[[int, int, int], None]  # (frames done, frames total or 0, tracks so far)
 
 
@@ -202,6 +206,9 @@ class _Run:
         self._checker = None
         self._checked: set[int] = set()  # frame indices already self-checked
         self._last_seen: dict[int, tuple[int, np.ndarray, np.ndarray, FrameFaces]] = {}
+        # Classical runs encode on their own thread, overlapping detection (FFmpeg releases the GIL).
+        self._encoder: ThreadPoolExecutor | None = None
+        self._encoding: deque[Future] = deque()
 
     # ---- shared pieces ---------------------------------------------------------------
 
@@ -224,13 +231,31 @@ class _Run:
         """A finished frame: self-check if sampled, report, encode (rotated back), progress."""
         self._self_check_sampled(original, output, frame)
         self.builder.add(frame, outcomes, original, output, self.seeds)
-        self.writer.write(stored(output, self.info.rotation), pts)
+        self._write(stored(output, self.info.rotation), pts)
         self.frames_done += 1
         self.progress(self.frames_done, self.info.frames, len(self.builder.tracks))
+
+    def _write(self, rgb: np.ndarray, pts: int) -> None:
+        if self._encoder is None:
+            self.writer.write(rgb, pts)
+            return
+        self._encoding.append(self._encoder.submit(self.writer.write, rgb, pts))
+        while len(self._encoding) > ENCODE_QUEUE or (self._encoding and self._encoding[0].done()):
+            self._encoding.popleft().result()  # in order; an encoder error surfaces here
+
+    def _stop_encoder(self) -> None:
+        """Every queued frame written (or dropped on an error) and the encoder thread gone."""
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=True)
+            self._encoder = None
+            pending, self._encoding = self._encoding, deque()
+            for future in pending:
+                future.result()
 
     def _finish(self) -> None:
         for track_id in list(self._last_seen):
             self._check_last(track_id)
+        self._stop_encoder()
         self.writer.finish()
 
     # ---- the sampled self-check --------------------------------------------------------
@@ -300,13 +325,19 @@ class _Run:
                     output, outcomes = processor.cover(original, frame)
                     self._emit(pts, original, output, frame, outcomes)
 
-            for decoded in read_frames(self.info, options.limits):
-                self._check_stop()
-                rgb = upright(decoded.rgb, rotation)
-                emit(tracker.push((decoded.pts, rgb), rgb, decoded.timestamp))
+            self._encoder = ThreadPoolExecutor(1, thread_name_prefix="masquerade-video-encode")
+            with ThreadPoolExecutor(1, thread_name_prefix="masquerade-video-decode") as decoder:
+                for decoded in _prefetched(read_frames(self.info, options.limits), decoder):
+                    self._check_stop()
+                    rgb = upright(decoded.rgb, rotation)
+                    emit(tracker.push((decoded.pts, rgb), rgb, decoded.timestamp))
             emit(tracker.flush())
             self._finish()
         except BaseException:
+            try:
+                self._stop_encoder()
+            except Exception:
+                pass  # the error that stopped the run is the one to report
             self.writer.abort()
             raise
 
@@ -417,6 +448,28 @@ class _Run:
             },
             frame_boxes=self.builder.frames,
         )
+
+
+def _prefetched(frames, pool: ThreadPoolExecutor, depth: int = DECODE_AHEAD):
+    """``frames`` decoded ``depth`` frames ahead on ``pool``'s one thread (FFmpeg releases the GIL)."""
+    pending = deque(pool.submit(next, frames, None) for _ in range(depth))
+    try:
+        while True:
+            item = pending.popleft().result()
+            if item is None:
+                return
+            pending.append(pool.submit(next, frames, None))
+            yield item
+    finally:
+        for future in pending:
+            future.cancel()
+        for future in pending:
+            if not future.cancelled():
+                try:
+                    future.result()
+                except Exception:
+                    pass
+        frames.close()
 
 
 def _ids(frame: FrameFaces) -> list[int]:
