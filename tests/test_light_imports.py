@@ -92,33 +92,34 @@ def test_classical_cli_imports_no_torch_diffusers_or_diffusion_engine(tmp_path):
 def test_default_server_without_weights_imports_no_torch(tmp_path):
     empty_models = tmp_path / "models"
     empty_models.mkdir()
-    stderr_path = tmp_path / "stderr.txt"
+    stderr_path, stdout_path = tmp_path / "stderr.txt", tmp_path / "stdout.txt"
     command = [sys.executable, "-m", "masquerade.cli", "serve", "--port", "0", "--metrics-port", "0"]
     command += ["--drain-seconds", "0", "--grace-seconds", "1"]
     if "--http-port" in _serve_flags():
         command += ["--http-port", "0"]  # the HTTP API (and its imports) too, on a free port
-    with open(stderr_path, "w") as stderr:
+    serving = False
+    with open(stderr_path, "w") as stderr, open(stdout_path, "w") as stdout:
         process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env={**_env(), "MASQUERADE_MODEL_DIR": str(empty_models)},
+            command, stdout=stdout, stderr=stderr, env={**_env(), "MASQUERADE_MODEL_DIR": str(empty_models)}
         )
         try:
             deadline = time.monotonic() + 120
-            serving = False
-            while time.monotonic() < deadline:
-                line = process.stdout.readline()
-                if not line:
+            while time.monotonic() < deadline and process.poll() is None:
+                # The log goes to stdout or stderr depending on the log handler: read both files.
+                lines = [
+                    line
+                    for path in (stdout_path, stderr_path)
+                    for line in path.read_text(errors="replace").splitlines()
+                    if "masquerade serving on" in line
+                ]
+                if lines:
+                    serving = "methods=[blur,pixelate,solid]" in lines[0]
                     break
-                if "masquerade serving on" in line:
-                    serving = "methods=[blur,pixelate,solid]" in line
-                    break
+                time.sleep(0.2)
         finally:
             process.terminate()
-            process.communicate(timeout=60)
-    assert serving, Path(stderr_path).read_text()[-3000:]
+            process.wait(timeout=60)
+    assert serving, stdout_path.read_text()[-2000:] + stderr_path.read_text()[-2000:]
     names = imported_modules(Path(stderr_path).read_text())
     assert "masquerade.api.server" in names
     assert heavy_among(names) == []
