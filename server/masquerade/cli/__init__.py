@@ -52,11 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # the user gets one line; -v gives the traceback
         from masquerade.cli.files import PlanError
         from masquerade.engine.request import InvalidRequestError, MethodUnavailableError
-        from masquerade.models.loader import ModelLoadError
 
-        if args.verbose or not isinstance(
-            error, (InvalidRequestError, MethodUnavailableError, ModelLoadError, PlanError, ValueError)
-        ):
+        expected = (InvalidRequestError, MethodUnavailableError, PlanError, ValueError)
+        # A ModelLoadError can only come from a loader already imported; importing it here would
+        # load torch just to print a classical run's error line.
+        loader = sys.modules.get("masquerade.models.loader")
+        if loader is not None:
+            expected += (loader.ModelLoadError,)
+        if args.verbose or not isinstance(error, expected):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
