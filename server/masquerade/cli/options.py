@@ -1,8 +1,19 @@
-"""Flags shared by more than one sub-command (`anonymize` and `serve`): model set and detection."""
+"""Flags shared by more than one sub-command (`anonymize` and `serve`): model set, detection, video limits."""
 
 from __future__ import annotations
 
 import argparse
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,3 +66,19 @@ def detection_config(args: argparse.Namespace) -> dict:
         "max_faces": args.max_faces,
         "mask_scale": args.mask_scale,
     }
+
+
+def add_video_limit_arguments(group: argparse._ArgumentGroup) -> None:
+    """--max-video-seconds and --max-video-pixels: one VideoLimits for `anonymize` on files and for `serve`."""
+    from masquerade.video.container import VideoLimits
+
+    limits = VideoLimits()
+    group.add_argument(
+        "--max-video-seconds", type=float, default=limits.max_seconds, help="longer clips are refused, seconds"
+    )
+    group.add_argument(
+        "--max-video-pixels",
+        type=int,
+        default=limits.max_pixels,
+        help="videos (and live frames) with larger frames, width x height, are refused",
+    )

@@ -11,9 +11,18 @@ import asyncio
 import logging
 import sys
 
-from masquerade.cli.options import add_detection_arguments, add_model_arguments, detection_config, model_source
+from masquerade.cli.options import (
+    add_detection_arguments,
+    add_model_arguments,
+    add_video_limit_arguments,
+    detection_config,
+    model_source,
+    non_negative_int,
+)
 
 log = logging.getLogger(__name__)
+
+HTTP_PORT = 8080
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -77,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--http-port",
         type=int,
-        default=8080,
+        default=HTTP_PORT,
         help="HTTP/JSON API, OpenAPI docs and web page (same tokens, TLS and limits as gRPC); 0 picks a free port",
     )
     parser.add_argument("--http-host", default=None, help="interface for the HTTP API (default: --host)")
@@ -122,6 +131,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=1.25,
         help="a call holding interactive work takes more bulk steps than the floor only while its measured "
         "cost stays within this factor of the interactive steps' alone",
+    )
+    clients.add_argument(
+        "--interactive-threads",
+        type=non_negative_int,
+        default=1,
+        help="pixel threads (decode, detection, covers) only interactive requests use, beside the shared ones, "
+        "so an interactive request's pixel work never queues behind bulk work; 0: none reserved",
     )
     clients.add_argument(
         "--quota-rps", type=float, default=None, help="requests per second per client (token bucket); default none"
@@ -189,6 +205,7 @@ def config_from_args(args: argparse.Namespace):
         aging_calls=args.aging_calls,
         max_inflight_megapixels=args.max_inflight_megapixels,
         interactive_slack=args.interactive_slack,
+        interactive_threads=args.interactive_threads,
         **detection_config(args),
     )
     return ServerConfig(
@@ -238,15 +255,7 @@ def add_video_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="bytes the spool may hold over all calls at once, uploads and outputs (default: 4 x --max-video-bytes); "
         "past it a call gets RESOURCE_EXHAUSTED",
     )
-    video.add_argument(
-        "--max-video-seconds", type=float, default=defaults.max_video_seconds, help="longest clip accepted, seconds"
-    )
-    video.add_argument(
-        "--max-video-pixels",
-        type=int,
-        default=defaults.max_video_pixels,
-        help="largest video frame accepted, width x height (files and live frames)",
-    )
+    add_video_limit_arguments(video)
     video.add_argument(
         "--max-frame-window",
         type=int,
@@ -298,6 +307,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"masquerade serve: {exc}", file=sys.stderr)
         return 2
     if scale is not None:  # README "Scaling out"
+        if config.http_port is not None:
+            set_by_hand = http_flags_set(args)
+            if set_by_hand:
+                print(
+                    f"masquerade serve: {', '.join(set_by_hand)}: the HTTP API is not served behind --ray-replicas "
+                    "(gRPC only); drop the HTTP flags or serve without Ray",
+                    file=sys.stderr,
+                )
+                return 2
+            log.warning(
+                "the HTTP API and web page are not served behind --ray-replicas (gRPC only; --no-http silences "
+                "this); /metrics, /livez and /readyz stay on --metrics-port"
+            )
         from masquerade.scale.server import run_ray_serve
 
         return run_ray_serve(config, scale)
@@ -315,6 +337,18 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def http_flags_set(args: argparse.Namespace) -> list[str]:
+    """The HTTP API's flags given a value other than their default (Ray Serve cannot honour them)."""
+    changed = []
+    if args.http_port != HTTP_PORT:
+        changed.append("--http-port")
+    if args.http_host is not None:
+        changed.append("--http-host")
+    if args.http_cors_origin:
+        changed.append("--http-cors-origin")
+    return changed
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
