@@ -10,6 +10,13 @@ Flags give the values a token line leaves out.
 Over quota, a request is refused at once with ``QuotaExceededError``, which carries when to
 come back; the servicer turns it into RESOURCE_EXHAUSTED with a ``google.rpc.RetryInfo``
 detail. Imports neither grpc nor torch.
+
+Video counts by frames, so that a camera costs the same live or recorded. A live stream is
+admitted as one request, which pays for its first frame; every later frame takes one more (a
+frame over the quota ends the stream with RESOURCE_EXHAUSTED and RetryInfo, after the frames
+before it were answered). A video file is admitted as one request, and its decoded frames
+after the first are charged as they are decoded, without refusing (``charge``: the bucket may
+go below zero, and the client's next call waits until the debt is paid back at its rate).
 """
 
 from __future__ import annotations
@@ -164,9 +171,29 @@ class QuotaBook:
                 )
             bucket.tokens -= 1.0
 
+    def charge(self, client: str, policy: ClientPolicy, count: float) -> None:
+        """Takes ``count`` more requests from ``client``'s bucket without refusing: work already admitted whose
+        size was known only once it ran (a video file's decoded frames). The bucket may go below zero; the
+        client's next request then waits until the debt is paid back at its rate."""
+        rate = policy.requests_per_second
+        if rate is None or count <= 0:
+            return
+        depth = float(policy.burst or max(1, math.ceil(rate)))
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.get(client)
+            if bucket is None:
+                if len(self._buckets) >= _MAX_TRACKED_CLIENTS:
+                    self._forget_idle(now)
+                bucket = self._buckets[client] = _Bucket(depth, now)
+            bucket.tokens = min(depth, bucket.tokens + (now - bucket.stamp) * rate) - count
+            bucket.stamp = now
+
     def _forget_idle(self, now: float) -> None:
-        """Drops buckets idle for a minute (refilled: they hold nothing worth keeping)."""
-        for name in [name for name, bucket in self._buckets.items() if now - bucket.stamp > 60.0]:
+        """Drops buckets idle for a minute that owe nothing (refilled, or nearly: nothing worth keeping)."""
+        for name in [
+            name for name, bucket in self._buckets.items() if now - bucket.stamp > 60.0 and bucket.tokens >= 0.0
+        ]:
             del self._buckets[name]
 
 
@@ -219,6 +246,10 @@ class ClientAdmission:
             metrics.QUOTA_REFUSALS.labels(client=self.labels(client)).inc()
             raise
         return policy.effective_priority(asked, self.server_priority)
+
+    def charge(self, client: str, policy: ClientPolicy, count: float) -> None:
+        """Counts ``count`` more requests against ``client`` without refusing (see ``QuotaBook.charge``)."""
+        self.quotas.charge(client, policy, count)
 
 
 def client_name(token_id: str | None, token_policy: ClientPolicy | None, certificate_name: str | None) -> str:

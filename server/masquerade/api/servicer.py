@@ -108,7 +108,11 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         self.clients = clients or ClientAdmission()  # priorities and per-client quotas (api/quota.py)
         # AnonymizeVideo and AnonymizeFrames (api/video_service.py): same engine, same readiness and drain.
         self.video = VideoService(
-            video or VideoConfig(), self._ready_engine, draining=lambda: self.draining, admit=self.admit_video_call
+            video or VideoConfig(),
+            self._ready_engine,
+            draining=lambda: self.draining,
+            admit=self.admit_video_call,
+            count_frames=self.count_video_frames,
         )
         if engine is not None:
             self.attach(engine)
@@ -155,12 +159,25 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
     def admit_video_call(self, asked: int, context: grpc.aio.ServicerContext) -> Priority:
         """A video call's effective priority (``asked``: the proto's value), counted once against the
         caller's quota as one request; raises QuotaExceededError as ``_submit`` does."""
+        client, policy = self._video_caller(context)
+        return self.clients.admit(client, policy, convert.priority_from_proto(asked))
+
+    def count_video_frames(self, context: grpc.aio.ServicerContext, frames: int, *, refuse: bool) -> None:
+        """Video frames against the caller's requests-per-second quota (api/quota.py): a live frame is
+        refused over it (``refuse``: QuotaExceededError, one frame); a file's decoded frames are charged."""
+        client, policy = self._video_caller(context)
+        if refuse:
+            self.clients.admit(client, policy, None)
+        else:
+            self.clients.charge(client, policy, frames)
+
+    def _video_caller(self, context: grpc.aio.ServicerContext):
         principal = current_principal()
         token_policy = principal.policy if principal is not None else None
         client = client_name(
             principal.token_id if principal is not None else None, token_policy, _certificate_name(context)
         )
-        return self.clients.admit(client, self.clients.policy_for(token_policy), convert.priority_from_proto(asked))
+        return client, self.clients.policy_for(token_policy)
 
     @staticmethod
     def _access(rpc: str, message: pb2.AnonymizeRequest | None, context: grpc.aio.ServicerContext) -> AccessRecord:

@@ -164,12 +164,15 @@ class VideoService:
         *,
         draining: Callable[[], bool] = lambda: False,
         admit: Callable[[int, grpc.aio.ServicerContext], Priority] | None = None,
+        count_frames: Callable[..., None] | None = None,
     ):
         self.config = config
         self._ready_engine = ready_engine
         self._draining = draining
         # The caller's effective priority, and one request counted against its quota (api/quota.py).
         self._admit = admit or (lambda asked, context: Priority.INTERACTIVE)
+        # Frames against the same quota: ``count_frames(call, n, refuse=...)`` (api/quota.py says the rule).
+        self._count_frames = count_frames or (lambda call, frames, *, refuse: None)
         self.spool = VideoSpool(
             config.spool_dir, max_file_bytes=config.max_video_bytes, max_total_bytes=config.spool_bytes
         )
@@ -316,7 +319,15 @@ class VideoService:
             raise InvalidRequestError("chunk", "no video bytes were sent")
 
         processing_started = time.perf_counter()
-        report = await self._run_pipeline(anonymize_video, entry, options, engine, on_progress, start.request_id)
+        report = await self._run_pipeline(
+            anonymize_video,
+            entry,
+            options,
+            engine,
+            on_progress,
+            start.request_id,
+            charge=lambda frames: self._count_frames(call, frames, refuse=False),
+        )
         processing_seconds = time.perf_counter() - processing_started
         record.durations_ms["process"] = round(processing_seconds * 1000.0, 3)
 
@@ -381,12 +392,22 @@ class VideoService:
                 f"{suffix or 'no extension'} is not a supported container; use one of {', '.join(VIDEO_SUFFIXES)}",
             )
 
-    async def _run_pipeline(self, anonymize_video, entry: SpoolEntry, options, engine, on_progress, request_id: str):
-        """Runs the file pipeline while progress goes to ``on_progress`` (at most 10 a second, the newest one)."""
+    async def _run_pipeline(
+        self, anonymize_video, entry: SpoolEntry, options, engine, on_progress, request_id: str, *, charge=None
+    ):
+        """Runs the file pipeline while progress goes to ``on_progress`` (at most 10 a second, the newest one).
+        ``charge(n)`` counts the frames decoded after the first (which the call's admission paid for) as they
+        are decoded, against the caller's quota."""
         latest: list[tuple[int, int, int]] = []
         changed = asyncio.Event()
         started = time.perf_counter()
         stop = False
+        charged = [1]
+
+        def settle(frames_done: int) -> None:
+            if charge is not None and frames_done > charged[0]:
+                charge(frames_done - charged[0])
+                charged[0] = frames_done
 
         def note_progress(frames_done: int, frames_total: int, tracks: int) -> None:
             latest[:] = [(frames_done, frames_total, tracks)]
@@ -409,6 +430,8 @@ class VideoService:
                 await changed.wait()  # new progress, or the pipeline's end
                 changed.clear()
                 entry.charge_output()  # the encoder's partial file counts against the spool's budget
+                if latest:
+                    settle(latest[0][0])
                 if on_progress is not None and latest and not task.done():
                     done, total, tracks = latest[0]
                     elapsed = time.perf_counter() - started
@@ -421,8 +444,12 @@ class VideoService:
                         )
                     )
                     await asyncio.sleep(PROGRESS_INTERVAL_S)
-            return task.result()
+            report = task.result()
+            settle(report.frames)
+            return report
         finally:
+            if latest:
+                settle(latest[0][0])  # a failed or cancelled run still decoded these
             if not task.done():
                 stop = True  # the pipeline polls it per frame; cancelling also wakes it from any await
                 task.cancel()
@@ -540,8 +567,13 @@ class VideoService:
                     async for message in messages:
                         yield message
 
+                paid = 1  # the stream's admission paid for its first frame; every later one takes a request
                 async for message in frames():
                     await window.acquire()
+                    if paid:
+                        paid -= 1
+                    else:
+                        self._count_frames(context, 1, refuse=True)  # QuotaExceededError ends the stream
                     if self._draining():
                         # A live stream has no end of its own: at a drain it ends here, after the frames
                         # already taken in, and the client reconnects (UNAVAILABLE is what clients retry).
