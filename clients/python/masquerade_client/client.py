@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from masquerade_client import video
 from masquerade_client.errors import MasqueradeError, Unavailable, from_rpc_error, retry_delay
+from masquerade_client.fields import FORMATS, detection_fields, enum_value, set_fields
 from masquerade_client.v1 import anonymizer_pb2 as pb2
 from masquerade_client.v1 import anonymizer_pb2_grpc as pb2_grpc
 
@@ -33,10 +34,6 @@ DEFAULT_TIMEOUT_S = 300.0
 """Deadline of a call when none is given: long enough for 100-step SDXL under load."""
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Matches the server's default; gRPC's own 4 MiB is too small for large photos."""
-
-_METHODS = {name.lower(): number for name, number in pb2.Method.items()}
-_FORMATS = {name.lower(): number for name, number in pb2.ImageFormat.items()}
-_PRIORITIES = {name.removeprefix("PRIORITY_").lower(): number for name, number in pb2.Priority.items()}
 
 
 @dataclass(frozen=True)
@@ -100,15 +97,6 @@ class RetryPolicy:
         )
 
 
-def _enum_value(field_name: str, value: int | str, table: dict[str, int]) -> int:
-    if isinstance(value, str):
-        try:
-            return table[value.lower()]
-        except KeyError:
-            raise ValueError(f"{field_name}: unknown value {value!r}; use one of {sorted(table)}") from None
-    return int(value)
-
-
 def build_request(
     image: bytes,
     *,
@@ -137,36 +125,28 @@ def build_request(
     ``priority``: "interactive" | "bulk" or a pb2.Priority value (unset: the token's or the server's default).
     """
     request = pb2.AnonymizeRequest(request_id=request_id, image=image)
-    if method is not None:
-        request.method = _enum_value("method", method, _METHODS)
-    for name, value in (
-        ("skip", skip),
-        ("steps", steps),
-        ("guidance_scale", guidance_scale),
-        ("id_emb_scale", id_emb_scale),
-        ("ip_adapter_scale", ip_adapter_scale),
-        ("attribute_prompt", attribute_prompt),
-        ("seed", seed),
-    ):
-        if value is not None:
-            setattr(request.params, name, value)
-    if strength is not None:
-        request.classical.strength = strength
-    if aligned:
-        request.detection.aligned = True
-    for name, value in (
-        ("score_threshold", score_threshold),
-        ("min_face_size", min_face_size),
-        ("max_faces", max_faces),
-    ):
-        if value is not None:
-            setattr(request.detection, name, value)
-    if output_format is not None:
-        request.output.format = _enum_value("output_format", output_format, _FORMATS)
-    if quality is not None:
-        request.output.quality = quality
-    if priority is not None:
-        request.priority = _enum_value("priority", priority, _PRIORITIES)
+    set_fields(
+        request,
+        method=method,
+        priority=priority,
+        params={
+            "skip": skip,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "id_emb_scale": id_emb_scale,
+            "ip_adapter_scale": ip_adapter_scale,
+            "attribute_prompt": attribute_prompt,
+            "seed": seed,
+        },
+        classical={"strength": strength},
+        detection=detection_fields(
+            aligned=aligned, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces
+        ),
+        output={
+            "format": None if output_format is None else enum_value("output_format", output_format, FORMATS),
+            "quality": quality,
+        },
+    )
     return request
 
 

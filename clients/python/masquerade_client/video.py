@@ -13,55 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from masquerade_client.fields import FORMATS, detection_fields, enum_value, set_fields
 from masquerade_client.v1 import anonymizer_pb2 as pb2
 
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 """Upload chunk size: well under the 64 MiB message limit, large enough that per-message cost is noise."""
-
-_METHODS = {name.lower(): number for name, number in pb2.Method.items()}
-_FORMATS = {name.lower(): number for name, number in pb2.ImageFormat.items()}
-
-
-def _enum_value(field_name: str, value: int | str, table: dict[str, int]) -> int:
-    if isinstance(value, str):
-        try:
-            return table[value.lower()]
-        except KeyError:
-            raise ValueError(f"{field_name}: unknown value {value!r}; use one of {sorted(table)}") from None
-    return int(value)
-
-
-def _apply_common(
-    message,
-    *,
-    method: int | str | None,
-    strength: float | None,
-    score_threshold: float | None,
-    min_face_size: int | None,
-    max_faces: int | None,
-    detect_every: int | None,
-    hold_frames: int | None,
-    params: dict[str, Any],
-) -> None:
-    if method is not None:
-        message.method = _enum_value("method", method, _METHODS)
-    for name, value in params.items():
-        if value is not None:
-            setattr(message.params, name, value)
-    if strength is not None:
-        message.classical.strength = strength
-    for name, value in (
-        ("score_threshold", score_threshold),
-        ("min_face_size", min_face_size),
-        ("max_faces", max_faces),
-    ):
-        if value is not None:
-            setattr(message.detection, name, value)
-    if detect_every is not None:
-        message.tracking.detect_every = detect_every
-    if hold_frames is not None:
-        message.tracking.hold_frames = hold_frames
-
 
 # ---------------------------------------------------------------- AnonymizeVideo
 
@@ -101,24 +57,22 @@ def video_start(
     steps: int | None = None,
     seed: int | None = None,
     attribute_prompt: str | None = None,
+    priority: int | str | None = None,
 ) -> pb2.VideoStart:
-    """AnonymizeVideo's first message. Unset (None) options take the server's defaults."""
+    """AnonymizeVideo's first message. Unset (None) options take the server's defaults; ``priority``:
+    "interactive" | "bulk" (as ``build_request``'s)."""
     start = pb2.VideoStart(request_id=request_id, filename=filename)
     if size_bytes is not None:
         start.size_bytes = size_bytes
-    _apply_common(
+    set_fields(
         start,
         method=method,
-        strength=strength,
-        score_threshold=score_threshold,
-        min_face_size=min_face_size,
-        max_faces=max_faces,
-        detect_every=detect_every,
-        hold_frames=hold_frames,
+        priority=priority,
         params={"steps": steps, "seed": seed, "attribute_prompt": attribute_prompt},
+        classical={"strength": strength},
+        detection=detection_fields(score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces),
+        tracking={"detect_every": detect_every, "hold_frames": hold_frames, "look_ahead_frames": look_ahead_frames},
     )
-    if look_ahead_frames is not None:
-        start.tracking.look_ahead_frames = look_ahead_frames
     if codec:
         start.output.codec = codec
     if crf is not None:
@@ -229,24 +183,23 @@ def frame_options(
     quality: int | None = None,
     steps: int | None = None,
     seed: int | None = None,
+    priority: int | str | None = None,
 ) -> pb2.FrameStreamOptions:
     """AnonymizeFrames' options (its first message). Unset (None) options take the server's defaults."""
     options = pb2.FrameStreamOptions(stream_id=stream_id)
-    _apply_common(
+    set_fields(
         options,
         method=method,
-        strength=strength,
-        score_threshold=score_threshold,
-        min_face_size=min_face_size,
-        max_faces=max_faces,
-        detect_every=detect_every,
-        hold_frames=hold_frames,
+        priority=priority,
         params={"steps": steps, "seed": seed},
+        classical={"strength": strength},
+        detection=detection_fields(score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces),
+        tracking={"detect_every": detect_every, "hold_frames": hold_frames},
     )
     if window is not None:
         options.window = window
     if output_format is not None:
-        options.format = _enum_value("output_format", output_format, _FORMATS)
+        options.format = enum_value("output_format", output_format, FORMATS)
     if quality is not None:
         options.quality = quality
     return options
