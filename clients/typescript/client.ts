@@ -5,6 +5,8 @@
 // TLS / mutual TLS and a bearer token from options, and MasqueradeError for
 // every failure.
 import { readFileSync } from "node:fs";
+import { open, rename, rm, stat } from "node:fs/promises";
+import { basename } from "node:path";
 import {
   type ClientDuplexStream,
   credentials as grpcCredentials,
@@ -18,8 +20,17 @@ import {
   type AnonymizeEvent,
   type AnonymizeRequest,
   type AnonymizeResponse,
+  type AnonymizeVideoRequest,
+  type AnonymizeVideoResponse,
   AnonymizerClient,
+  type FrameRequest,
+  type FrameResult,
+  FrameStreamOptions,
   type ServerInfo,
+  type TrackRecord,
+  type VideoProgress,
+  type VideoReport,
+  VideoStart,
 } from "./gen/masquerade/v1/anonymizer";
 import { MasqueradeError } from "./errors";
 
@@ -83,6 +94,32 @@ export interface CallOptions {
   timeoutMs?: number;
   metadata?: Metadata;
 }
+
+/** Upload chunk size of anonymizeVideo: well under the 64 MiB message limit. */
+export const VIDEO_CHUNK_BYTES = 1 << 20;
+/** Frames in flight of anonymizeFrames when the options set no window (the server's default too). */
+export const DEFAULT_FRAME_WINDOW = 4;
+
+export interface VideoCallOptions extends CallOptions {
+  /** Called with each progress event (frames done of total, fps, tracks) as it arrives. */
+  onProgress?: (progress: VideoProgress) => void;
+  /** Write the anonymized file here (through `<path>.partial`, renamed at the end) instead of returning it. */
+  outputPath?: string;
+  chunkBytes?: number;
+}
+
+export interface VideoResult {
+  /** The anonymized file; empty when `outputPath` was given (the file is there). */
+  video: Buffer;
+  tracks: TrackRecord[];
+  /** The final report: frames, tracks, self-check, `complete`, `reportJson` (the CLI's JSON document). */
+  report: VideoReport;
+}
+
+/** One live frame: encoded JPEG/PNG/WebP bytes, or raw RGB (height * width * 3 bytes, row by row). */
+export type LiveFrame =
+  | { encoded: Uint8Array; timestamp?: number }
+  | { rgb: Uint8Array; width: number; height: number; timestamp?: number };
 
 /** Channel credentials from the TLS options: plaintext when none is set. */
 export function channelCredentials(options: MasqueradeClientOptions): ChannelCredentials {
@@ -202,7 +239,7 @@ export class MasqueradeClient {
     const call = this.raw.anonymizeBatch(this.metadata(options), { deadline });
     // The iteration below reports errors; this listener keeps the one a cancel emits after it stopped from being uncaught.
     call.on("error", () => {});
-    const state: { finished: boolean; inputFailed: boolean; inputError?: unknown } = { finished: false, inputFailed: false };
+    const state: WriteState = { finished: false, inputFailed: false };
     // Writes on its own, so a slow reader never blocks writing and the reverse; never rejects.
     void writeAll(call, requests, state);
     try {
@@ -215,6 +252,182 @@ export class MasqueradeClient {
       call.cancel(); // no-op when finished; frees the server's slots when the caller stops early
     }
     if (state.inputFailed) throw state.inputError;
+  }
+
+  /**
+   * Anonymizes a whole video file over AnonymizeVideo: `start` (the options; `filename` and
+   * `sizeBytes` are filled in from `source` when unset) goes first, then the file in chunks, read
+   * from disk only as flow control lets them go, so a large clip is never held in memory. Progress
+   * events go to `options.onProgress`; the anonymized file arrives in order (each chunk's offset is
+   * checked) and the report last. One deadline (`timeoutMs`, else the client's) covers upload,
+   * processing and download. RESOURCE_EXHAUSTED with RetryInfo before any response is retried after
+   * the server's delay, as for images (the upload starts again). Throws MasqueradeError; an error
+   * reading `source` or writing the output cancels the call (the server deletes its copy) and is
+   * rethrown as is. With `outputPath`, a failed call leaves no file there.
+   */
+  async anonymizeVideo(
+    source: string | Uint8Array,
+    start: Partial<VideoStart> = {},
+    options: VideoCallOptions = {},
+  ): Promise<VideoResult> {
+    const chunkBytes = options.chunkBytes ?? VIDEO_CHUNK_BYTES;
+    const first = VideoStart.fromPartial({
+      filename: typeof source === "string" ? basename(source) : "video.mp4",
+      sizeBytes: typeof source === "string" ? (await stat(source)).size : source.length,
+      ...start,
+    });
+    const deadline = new Date(Date.now() + (options.timeoutMs ?? this.timeoutMs));
+    const partial = options.outputPath === undefined ? undefined : `${options.outputPath}.partial`;
+    for (let attempt = 1; ; attempt++) {
+      const sink = partial === undefined ? undefined : await open(partial, "w");
+      let started = false;
+      let waitMs: number | undefined;
+      try {
+        const result = await this.videoOnce(first, videoRequests(first, source, chunkBytes), deadline, options, sink, () => {
+          started = true;
+        });
+        if (sink !== undefined) await sink.close();
+        if (partial !== undefined && options.outputPath !== undefined) await rename(partial, options.outputPath);
+        return result;
+      } catch (err) {
+        await sink?.close().catch(() => {});
+        if (partial !== undefined) await rm(partial, { force: true });
+        if (!(err instanceof MasqueradeError) || started) throw err;
+        waitMs = this.waitBeforeRetry(err, attempt, deadline);
+        if (waitMs === undefined) throw err;
+      }
+      await new Promise((resolve) => setTimeout(resolve, waitMs)); // the server's RetryInfo delay
+    }
+  }
+
+  /** One AnonymizeVideo call; `onStarted` runs when the first response arrives. */
+  private async videoOnce(
+    start: VideoStart,
+    requests: AsyncIterable<AnonymizeVideoRequest>,
+    deadline: Date,
+    options: VideoCallOptions,
+    sink: Awaited<ReturnType<typeof open>> | undefined,
+    onStarted: () => void,
+  ): Promise<VideoResult> {
+    const call = this.raw.anonymizeVideo(this.metadata(options), { deadline });
+    call.on("error", () => {}); // the iteration below reports it
+    const state: WriteState = { finished: false, inputFailed: false };
+    void writeAll(call, requests, state);
+    const chunks: Buffer[] = [];
+    let received = 0;
+    try {
+      for await (const response of call as AsyncIterable<AnonymizeVideoResponse>) {
+        onStarted();
+        const event = response.event;
+        if (event?.$case === "progress") {
+          options.onProgress?.(event.value);
+        } else if (event?.$case === "output") {
+          if (event.value.offset !== received) {
+            throw new MasqueradeError(status.INTERNAL, `output chunk at ${event.value.offset}, expected ${received}`);
+          }
+          if (sink !== undefined) await sink.write(event.value.data);
+          else chunks.push(event.value.data);
+          received += event.value.data.length;
+        } else if (event?.$case === "report") {
+          if (event.value.outputBytes !== received) {
+            throw new MasqueradeError(status.INTERNAL, `received ${received} bytes, the report says ${event.value.outputBytes}`);
+          }
+          return { video: Buffer.concat(chunks), tracks: event.value.tracks, report: event.value };
+        }
+      }
+    } catch (err) {
+      if (state.inputFailed) throw state.inputError;
+      if (err instanceof MasqueradeError) throw err;
+      if (isCallError(err)) throw MasqueradeError.from(err);
+      throw err; // writing the output failed: the call is cancelled below
+    } finally {
+      state.finished = true;
+      call.cancel(); // no-op when finished; frees the server's spool at once otherwise
+    }
+    if (state.inputFailed) throw state.inputError;
+    throw new MasqueradeError(status.INTERNAL, "the stream ended without a report");
+  }
+
+  /**
+   * Streams live frames over AnonymizeFrames and yields each one covered, in the order sent, with its
+   * faces (track ids, boxes, detected or held) and server-side latency. `streamOptions` goes in the
+   * first message (`window`, `tracking.detectEvery`, `format`...). At most `window` frames (default 4)
+   * are sent and not yet answered: `frames` is read only as results come back, so a slow consumer of
+   * this generator slows the reading of frames and nothing queues without bound. Sequence numbers are
+   * 0, 1, 2...; a frame's timestamp defaults to now. No deadline unless `timeoutMs` is given: a live
+   * stream runs as long as its frames do. A stream refused RESOURCE_EXHAUSTED with RetryInfo before
+   * any result (the per-client quota) is reopened after the server's delay, resending the frames it
+   * held; a stream ended later (a frame over the quota, a drain's UNAVAILABLE) throws MasqueradeError
+   * and the caller reconnects. Stopping the iteration early cancels the stream.
+   */
+  async *anonymizeFrames(
+    frames: Iterable<LiveFrame> | AsyncIterable<LiveFrame>,
+    streamOptions: Partial<FrameStreamOptions> = {},
+    options: CallOptions = {},
+  ): AsyncGenerator<FrameResult> {
+    const optionsMessage = FrameStreamOptions.fromPartial(streamOptions);
+    const window = optionsMessage.window ?? DEFAULT_FRAME_WINDOW;
+    const source = asyncIterator(frames);
+    const unanswered: FrameRequest[] = []; // sent, no result yet: at most `window`
+    let sequence = 0;
+    let sourceDone = false;
+    const deadline = options.timeoutMs === undefined ? undefined : new Date(Date.now() + options.timeoutMs);
+    for (let attempt = 1; ; attempt++) {
+      const call = this.raw.anonymizeFrames(this.metadata(options), deadline === undefined ? {} : { deadline });
+      call.on("error", () => {});
+      const slots = new Window(window);
+      const replay = unanswered.splice(0); // a refused attempt's frames go again, first
+      const state: WriteState = { finished: false, inputFailed: false };
+      async function* requests(): AsyncGenerator<FrameRequest> {
+        let first = true;
+        while (true) {
+          await slots.acquire();
+          let message = replay.shift();
+          if (message === undefined) {
+            if (sourceDone) return;
+            const next = await source.next();
+            if (next.done) {
+              sourceDone = true;
+              return;
+            }
+            message = frameRequest(next.value, sequence++);
+          }
+          unanswered.push(message);
+          yield first ? { ...message, options: optionsMessage } : message;
+          first = false;
+        }
+      }
+      void writeAll(call, requests(), state);
+      let started = false;
+      let waitMs: number | undefined;
+      try {
+        for await (const result of call as AsyncIterable<FrameResult>) {
+          started = true;
+          const expected = unanswered.shift();
+          if (expected === undefined || result.sequence !== expected.sequence) {
+            throw new MasqueradeError(
+              status.INTERNAL,
+              `frame ${result.sequence} came back, expected ${expected === undefined ? "none" : expected.sequence}`,
+            );
+          }
+          slots.release();
+          yield result;
+        }
+        if (state.inputFailed) throw state.inputError;
+        return;
+      } catch (err) {
+        if (state.inputFailed) throw state.inputError;
+        const error = MasqueradeError.from(err);
+        waitMs = started ? undefined : this.waitBeforeRetry(error, attempt, deadline ?? new Date(Date.now() + MAX_RETRY_DELAY_MS + 1));
+        if (waitMs === undefined) throw error;
+      } finally {
+        state.finished = true;
+        slots.close();
+        call.cancel();
+        unanswered.push(...replay.splice(0)); // refused before they were resent: they go next time
+      }
+      await new Promise((resolve) => setTimeout(resolve, waitMs)); // the server's RetryInfo delay
+    }
   }
 
   /** Version, methods available, models loaded, limits and defaults. */
@@ -235,10 +448,10 @@ export class MasqueradeClient {
  * buffers too much, then half-closes the call. Stops when `state.finished` (the
  * reader is gone or the call ended); an error from `requests` cancels the call.
  */
-async function writeAll(
-  call: ClientDuplexStream<AnonymizeRequest, AnonymizeBatchResponse>,
-  requests: Iterable<AnonymizeRequest> | AsyncIterable<AnonymizeRequest>,
-  state: { finished: boolean; inputFailed: boolean; inputError?: unknown },
+async function writeAll<Request, Response>(
+  call: ClientDuplexStream<Request, Response>,
+  requests: Iterable<Request> | AsyncIterable<Request>,
+  state: WriteState,
 ): Promise<void> {
   let ended = false; // the call got its status: nothing more can be written
   const onEnd = () => (ended = true);
@@ -261,7 +474,7 @@ async function writeAll(
 }
 
 /** Resolves on 'drain', or when the call ends and no 'drain' will come. */
-function drainedOrEnded(call: ClientDuplexStream<AnonymizeRequest, AnonymizeBatchResponse>): Promise<void> {
+function drainedOrEnded<Request, Response>(call: ClientDuplexStream<Request, Response>): Promise<void> {
   return new Promise((resolve) => {
     const done = () => {
       call.off("drain", done);
@@ -273,4 +486,86 @@ function drainedOrEnded(call: ClientDuplexStream<AnonymizeRequest, AnonymizeBatc
     call.once("status", done);
     call.once("close", done);
   });
+}
+
+interface WriteState {
+  finished: boolean;
+  inputFailed: boolean;
+  inputError?: unknown;
+}
+
+function isCallError(err: unknown): boolean {
+  return err instanceof Error && typeof (err as { code?: unknown }).code === "number" && "details" in err;
+}
+
+/** AnonymizeVideo's requests: `start`, then the file in chunks with their offsets, read as they are sent. */
+async function* videoRequests(
+  start: VideoStart,
+  source: string | Uint8Array,
+  chunkBytes: number,
+): AsyncGenerator<AnonymizeVideoRequest> {
+  yield { part: { $case: "start", value: start } };
+  let offset = 0;
+  if (typeof source !== "string") {
+    for (; offset < source.length; offset += chunkBytes) {
+      const data = Buffer.from(source.subarray(offset, offset + chunkBytes));
+      yield { part: { $case: "chunk", value: { offset, data } } };
+    }
+    return;
+  }
+  const file = await open(source, "r");
+  try {
+    while (true) {
+      const buffer = Buffer.alloc(chunkBytes);
+      const { bytesRead } = await file.read(buffer, 0, chunkBytes, offset);
+      if (bytesRead === 0) return;
+      yield { part: { $case: "chunk", value: { offset, data: buffer.subarray(0, bytesRead) } } };
+      offset += bytesRead;
+    }
+  } finally {
+    await file.close();
+  }
+}
+
+function frameRequest(frame: LiveFrame, sequence: number): FrameRequest {
+  const timestamp = frame.timestamp ?? Date.now() / 1000;
+  if ("encoded" in frame) return { sequence, timestamp, pixels: { $case: "encoded", value: Buffer.from(frame.encoded) } };
+  const { rgb, width, height } = frame;
+  if (rgb.length !== width * height * 3) {
+    throw new RangeError(`raw frame ${sequence}: ${rgb.length} bytes; ${width}x${height} RGB needs ${width * height * 3}`);
+  }
+  return { sequence, timestamp, pixels: { $case: "raw", value: { rgb: Buffer.from(rgb), width, height } } };
+}
+
+function asyncIterator<T>(items: Iterable<T> | AsyncIterable<T>): AsyncIterator<T> {
+  if (Symbol.asyncIterator in items) return (items as AsyncIterable<T>)[Symbol.asyncIterator]();
+  const iterator = (items as Iterable<T>)[Symbol.iterator]();
+  return { next: async () => iterator.next() };
+}
+
+/** A counting semaphore of frames in flight; `close` wakes every waiter (the stream ended). */
+class Window {
+  private free: number;
+  private waiters: (() => void)[] = [];
+  private closed = false;
+
+  constructor(size: number) {
+    this.free = size;
+  }
+
+  async acquire(): Promise<void> {
+    while (this.free === 0 && !this.closed) await new Promise<void>((resolve) => this.waiters.push(resolve));
+    if (this.closed) throw new Error("the stream ended");
+    this.free--;
+  }
+
+  release(): void {
+    this.free++;
+    this.waiters.shift()?.();
+  }
+
+  close(): void {
+    this.closed = true;
+    for (const wake of this.waiters.splice(0)) wake();
+  }
 }

@@ -7,7 +7,9 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <functional>
+#include <ostream>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -46,6 +48,11 @@ class RpcError : public std::runtime_error {
 
 // The RetryInfo delay in a status's details (grpc-status-details-bin, a serialized google.rpc.Status).
 std::optional<std::chrono::milliseconds> RetryDelayOf(const grpc::Status& status);
+
+// Upload chunk size of AnonymizeVideo: well under the 64 MiB message limit.
+constexpr std::size_t kVideoChunkBytes = 1 << 20;
+// Frames in flight of AnonymizeFrames when the options set no window (the server's default too).
+constexpr std::uint32_t kDefaultFrameWindow = 4;
 
 // The longest RetryInfo delay a client waits before retrying by itself.
 constexpr std::chrono::milliseconds kMaxRetryDelay{30000};
@@ -110,6 +117,40 @@ class Client {
   // on it) and propagates. on_response runs on the calling thread.
   void AnonymizeBatch(const std::vector<v1::AnonymizeRequest>& requests, const BatchCallback& on_response);
 
+  using ProgressCallback = std::function<void(const v1::VideoProgress&)>;
+  // Fills `frame` with the next live frame's pixels (encoded or raw) and, if it has one, its
+  // capture timestamp; returns false when there are no more. The client sets the sequence.
+  using FrameSource = std::function<bool(v1::FrameRequest& frame)>;
+  using FrameCallback = std::function<void(const v1::FrameResult&)>;
+
+  // Sends the video file at input_path through AnonymizeVideo: `start` (the options;
+  // filename and size_bytes are filled in from the file when unset), then the file in
+  // chunks, read as flow control lets them go (a writer thread), so a large clip is never
+  // held in memory. Progress events go to on_progress; the anonymized file is written to
+  // `output` as it arrives (in order; each chunk's offset is checked); returns the final
+  // report. One deadline (options.timeout) covers upload, processing and download.
+  // RESOURCE_EXHAUSTED with RetryInfo before any response is retried after the server's
+  // delay, as for images (the upload starts again). Throws RpcError; std::runtime_error
+  // when the file cannot be read or `output` fails (the call is cancelled first, so the
+  // server deletes its copy); an exception from on_progress cancels the call and propagates.
+  v1::VideoReport AnonymizeVideo(v1::VideoStart start, const std::string& input_path, std::ostream& output,
+                                 const ProgressCallback& on_progress = {});
+
+  // Streams live frames through AnonymizeFrames: `options` go in the first message; frames
+  // come from next_frame, called on a writer thread only while fewer than options.window
+  // (default 4) frames are unanswered, so a slow on_result slows the reading of frames and
+  // nothing queues without bound. on_result gets every FrameResult in the order sent, on the
+  // calling thread (a result out of order is an INTERNAL RpcError). Sequence numbers are
+  // 0, 1, 2...; a frame's timestamp defaults to now. No deadline unless `timeout` is given:
+  // a live stream runs as long as its frames do. A stream refused RESOURCE_EXHAUSTED with
+  // RetryInfo before any result (the per-client quota) is reopened after the server's delay,
+  // resending the frames it held; a stream ended later (a frame over the quota, a drain's
+  // UNAVAILABLE) throws RpcError and the caller reconnects. An exception from next_frame or
+  // on_result cancels the stream and propagates.
+  void AnonymizeFrames(const v1::FrameStreamOptions& options, const FrameSource& next_frame,
+                       const FrameCallback& on_result,
+                       std::optional<std::chrono::milliseconds> timeout = std::nullopt);
+
   // Version, methods available, models loaded, limits and defaults.
   v1::ServerInfo GetServerInfo();
 
@@ -123,6 +164,13 @@ class Client {
   // One AnonymizeStream call; sets started once an event arrived.
   v1::AnonymizeResponse AnonymizeStreamOnce(const v1::AnonymizeRequest& request, const EventCallback& on_event,
                                             std::chrono::system_clock::time_point deadline, bool& started);
+  // One AnonymizeVideo call; sets started once a response arrived.
+  v1::VideoReport AnonymizeVideoOnce(const v1::VideoStart& start, const std::string& input_path, std::ostream& output,
+                                     const ProgressCallback& on_progress,
+                                     std::chrono::system_clock::time_point deadline, bool& started);
+  // Whether to retry a call that failed with `error` on `attempt` before any response, and after how long.
+  std::optional<std::chrono::milliseconds> RetryInfoDelay(
+      const RpcError& error, int attempt, std::optional<std::chrono::system_clock::time_point> deadline) const;
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
