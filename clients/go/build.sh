@@ -20,12 +20,12 @@ fi
 # directory cycle (build/ lives inside it) for tools that follow links.
 gosrc="$here/build/gopath/src/masquerade/clients/go"
 mkdir -p "$gosrc"
-for pkg in gen masquerade retryenv cmd; do ln -sfn "$here/$pkg" "$gosrc/$pkg"; done
+for pkg in gen masquerade retryenv cmdline cmd; do ln -sfn "$here/$pkg" "$gosrc/$pkg"; done
 
 export GO111MODULE=off GOFLAGS= GOPATH="$here/build/gopath:/usr/share/gocode"
 export GOCACHE="${GOCACHE:-$here/build/gocache}"
 cd "$gosrc"
-go vet ./masquerade ./retryenv ./cmd/...
+go vet ./masquerade ./retryenv ./cmdline ./cmd/...
 go build -o "$here/build/bin/masquerade-anonymize" ./cmd/masquerade-anonymize
 go build -o "$here/build/bin/masquerade-video" ./cmd/masquerade-video
 echo "built $here/build/bin/masquerade-anonymize and masquerade-video"

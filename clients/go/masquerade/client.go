@@ -250,41 +250,22 @@ func (c *Client) AnonymizeBatch(ctx context.Context, requests []*pb.AnonymizeReq
 	if err != nil {
 		return fromError(err)
 	}
-	sendFailed := make(chan error, 1) // buffered: the sender never waits on a receiver that left
-	go func() {
-		for _, req := range requests {
-			if err := stream.Send(req); err != nil {
-				if err != io.EOF { // io.EOF: the call ended; Recv below reports its status
-					sendFailed <- fromError(err) // e.g. a request that cannot be encoded
-					cancel()
+	_, err = duplex[*pb.AnonymizeRequest, *pb.AnonymizeBatchResponse](stream, cancel,
+		func(send func(*pb.AnonymizeRequest) error) error {
+			for _, req := range requests {
+				if err := send(req); err != nil {
+					return err
 				}
-				return
 			}
-		}
-		if err := stream.CloseSend(); err != nil {
-			sendFailed <- fromError(err)
-			cancel()
-		}
-	}()
-	for {
-		resp, err := stream.Recv()
-		if err == io.EOF {
 			return nil
-		}
-		if err != nil {
-			select {
-			case sendErr := <-sendFailed: // the cause of the cancellation, rather than CANCELLED
-				return sendErr
-			default:
-				return fromError(err)
+		},
+		func(resp *pb.AnonymizeBatchResponse) (bool, error) {
+			if onResponse == nil {
+				return false, nil
 			}
-		}
-		if onResponse != nil {
-			if err := onResponse(resp); err != nil {
-				return err
-			}
-		}
-	}
+			return false, onResponse(resp)
+		})
+	return err
 }
 
 // GetServerInfo returns the version, methods available, models loaded, limits and defaults.

@@ -30,78 +30,62 @@ func (c *Client) AnonymizeVideo(ctx context.Context, start *pb.VideoStart, src i
 	if err != nil {
 		return nil, fromError(err)
 	}
-	sendFailed := make(chan error, 1)
-	go func() {
-		fail := func(err error) {
-			if err != io.EOF { // io.EOF: the call ended; Recv reports its status
-				sendFailed <- err
-				cancel()
-			}
-		}
-		if err := stream.Send(&pb.AnonymizeVideoRequest{Part: &pb.AnonymizeVideoRequest_Start{Start: start}}); err != nil {
-			fail(fromError(err))
-			return
-		}
-		buffer := make([]byte, VideoChunkBytes)
-		var offset uint64
-		for {
-			n, readErr := io.ReadFull(src, buffer)
-			if n > 0 {
-				chunk := &pb.VideoChunk{Offset: offset, Data: append([]byte(nil), buffer[:n]...)}
-				if err := stream.Send(&pb.AnonymizeVideoRequest{Part: &pb.AnonymizeVideoRequest_Chunk{Chunk: chunk}}); err != nil {
-					fail(fromError(err))
-					return
-				}
-				offset += uint64(n)
-			}
-			if readErr == io.EOF || readErr == io.ErrUnexpectedEOF {
-				break
-			}
-			if readErr != nil {
-				fail(fmt.Errorf("reading the video: %w", readErr))
-				return
-			}
-		}
-		if err := stream.CloseSend(); err != nil {
-			fail(fromError(err))
-		}
-	}()
 	var received uint64
-	for {
-		resp, err := stream.Recv()
-		if err == io.EOF {
-			return nil, &Error{Code: codes.Internal, Message: "the stream ended without a report"}
-		}
-		if err != nil {
-			select {
-			case sendErr := <-sendFailed: // the cause of the cancellation, rather than CANCELLED
-				return nil, sendErr
-			default:
-				return nil, fromError(err)
+	var report *pb.VideoReport
+	ended, err := duplex[*pb.AnonymizeVideoRequest, *pb.AnonymizeVideoResponse](stream, cancel,
+		func(send func(*pb.AnonymizeVideoRequest) error) error {
+			if err := send(&pb.AnonymizeVideoRequest{Part: &pb.AnonymizeVideoRequest_Start{Start: start}}); err != nil {
+				return err
 			}
-		}
-		switch event := resp.Event.(type) {
-		case *pb.AnonymizeVideoResponse_Progress:
-			if onProgress != nil {
-				if err := onProgress(event.Progress); err != nil {
-					return nil, err
+			buffer := make([]byte, VideoChunkBytes)
+			var offset uint64
+			for {
+				n, readErr := io.ReadFull(src, buffer)
+				if n > 0 {
+					chunk := &pb.VideoChunk{Offset: offset, Data: append([]byte(nil), buffer[:n]...)}
+					if err := send(&pb.AnonymizeVideoRequest{Part: &pb.AnonymizeVideoRequest_Chunk{Chunk: chunk}}); err != nil {
+						return err
+					}
+					offset += uint64(n)
+				}
+				if readErr == io.EOF || readErr == io.ErrUnexpectedEOF {
+					return nil
+				}
+				if readErr != nil {
+					return fmt.Errorf("reading the video: %w", readErr)
 				}
 			}
-		case *pb.AnonymizeVideoResponse_Output:
-			if event.Output.GetOffset() != received {
-				return nil, &Error{Code: codes.Internal, Message: fmt.Sprintf("output chunk at %d, expected %d", event.Output.GetOffset(), received)}
+		},
+		func(resp *pb.AnonymizeVideoResponse) (bool, error) {
+			switch event := resp.Event.(type) {
+			case *pb.AnonymizeVideoResponse_Progress:
+				if onProgress != nil {
+					return false, onProgress(event.Progress)
+				}
+			case *pb.AnonymizeVideoResponse_Output:
+				if event.Output.GetOffset() != received {
+					return false, &Error{Code: codes.Internal, Message: fmt.Sprintf("output chunk at %d, expected %d", event.Output.GetOffset(), received)}
+				}
+				if _, err := dst.Write(event.Output.GetData()); err != nil {
+					return false, err
+				}
+				received += uint64(len(event.Output.GetData()))
+			case *pb.AnonymizeVideoResponse_Report:
+				if event.Report.GetOutputBytes() != received {
+					return false, &Error{Code: codes.Internal, Message: fmt.Sprintf("received %d bytes, the report says %d", received, event.Report.GetOutputBytes())}
+				}
+				report = event.Report
+				return true, nil
 			}
-			if _, err := dst.Write(event.Output.GetData()); err != nil {
-				return nil, err
-			}
-			received += uint64(len(event.Output.GetData()))
-		case *pb.AnonymizeVideoResponse_Report:
-			if event.Report.GetOutputBytes() != received {
-				return nil, &Error{Code: codes.Internal, Message: fmt.Sprintf("received %d bytes, the report says %d", received, event.Report.GetOutputBytes())}
-			}
-			return event.Report, nil
-		}
+			return false, nil
+		})
+	if err != nil {
+		return nil, err
 	}
+	if ended {
+		return nil, &Error{Code: codes.Internal, Message: "the stream ended without a report"}
+	}
+	return report, nil
 }
 
 // AnonymizeFrames streams live frames through AnonymizeFrames. options go in the
@@ -122,42 +106,20 @@ func (c *Client) AnonymizeFrames(ctx context.Context, options *pb.FrameStreamOpt
 	if err != nil {
 		return fromError(err)
 	}
-	sendFailed := make(chan error, 1)
-	go func() {
-		first := true
-		for frame := range frames {
-			if first {
-				frame.Options = options
-				first = false
-			}
-			if err := stream.Send(frame); err != nil {
-				if err != io.EOF {
-					sendFailed <- fromError(err)
-					cancel()
+	_, err = duplex[*pb.FrameRequest, *pb.FrameResult](stream, cancel,
+		func(send func(*pb.FrameRequest) error) error {
+			first := true
+			for frame := range frames {
+				if first {
+					frame.Options = options
+					first = false
 				}
-				return
+				if err := send(frame); err != nil {
+					return err
+				}
 			}
-		}
-		if err := stream.CloseSend(); err != nil {
-			sendFailed <- fromError(err)
-			cancel()
-		}
-	}()
-	for {
-		result, err := stream.Recv()
-		if err == io.EOF {
 			return nil
-		}
-		if err != nil {
-			select {
-			case sendErr := <-sendFailed:
-				return sendErr
-			default:
-				return fromError(err)
-			}
-		}
-		if err := onResult(result); err != nil {
-			return err
-		}
-	}
+		},
+		func(result *pb.FrameResult) (bool, error) { return false, onResult(result) })
+	return err
 }

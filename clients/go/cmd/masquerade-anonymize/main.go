@@ -20,12 +20,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"sort"
-	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
 
+	"masquerade/clients/go/cmdline"
 	pb "masquerade/clients/go/gen/masquerade/v1"
 	"masquerade/clients/go/masquerade"
 )
@@ -35,16 +34,9 @@ const usage = `usage: masquerade-anonymize --server HOST:PORT [--method blur|pix
        [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--token-file FILE] INPUT_IMAGE OUTPUT_IMAGE
        masquerade-anonymize --batch --server HOST:PORT [options as above] INPUT_IMAGE... OUTPUT_DIR`
 
-var methods = map[string]pb.Method{
-	"reverse_personalization": pb.Method_REVERSE_PERSONALIZATION,
-	"blur":                    pb.Method_BLUR,
-	"pixelate":                pb.Method_PIXELATE,
-	"solid":                   pb.Method_SOLID,
-}
-
 type args struct {
 	server    string
-	method    string
+	method    pb.Method
 	aligned   bool
 	steps     uint
 	timeout   float64
@@ -60,10 +52,11 @@ type args struct {
 
 func parseArgs(argv []string) (args, error) {
 	var a args
+	var method string
 	fs := flag.NewFlagSet("masquerade-anonymize", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&a.server, "server", "", "HOST:PORT of the server")
-	fs.StringVar(&a.method, "method", "", "blur|pixelate|solid|reverse_personalization (default: the server's)")
+	fs.StringVar(&method, "method", "", cmdline.MethodHelp)
 	fs.BoolVar(&a.aligned, "aligned", false, "the image is one aligned face; skip detection")
 	fs.UintVar(&a.steps, "steps", 0, "diffusion steps (default: the server's)")
 	fs.Float64Var(&a.timeout, "timeout", 300, "deadline in seconds, retries included")
@@ -73,17 +66,9 @@ func parseArgs(argv []string) (args, error) {
 	fs.StringVar(&a.tlsCert, "tls-cert", "", "PEM: this client's certificate, for mutual TLS")
 	fs.StringVar(&a.tlsKey, "tls-key", "", "PEM: this client's private key, for mutual TLS")
 	fs.StringVar(&a.tokenFile, "token-file", "", "file whose first line is the bearer token")
-	// flag stops at the first positional argument; go on past it so options may follow the files.
-	var positional []string
-	for {
-		if err := fs.Parse(argv); err != nil {
-			return a, err
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		positional = append(positional, fs.Arg(0))
-		argv = fs.Args()[1:]
+	positional, err := cmdline.Parse(fs, argv)
+	if err != nil {
+		return a, err
 	}
 	switch {
 	case a.server == "":
@@ -97,13 +82,8 @@ func parseArgs(argv []string) (args, error) {
 	case a.timeout <= 0:
 		return a, fmt.Errorf("--timeout %v: use a positive number of seconds", a.timeout)
 	}
-	if _, ok := methods[a.method]; a.method != "" && !ok {
-		names := make([]string, 0, len(methods))
-		for name := range methods {
-			names = append(names, name)
-		}
-		sort.Strings(names)
-		return a, fmt.Errorf("--method %s: use one of %s", a.method, strings.Join(names, ", "))
+	if a.method, err = cmdline.ParseMethod(method); err != nil {
+		return a, err
 	}
 	a.inputs, a.output = positional[:len(positional)-1], positional[len(positional)-1]
 	seen := map[string]bool{}
@@ -146,7 +126,7 @@ func describeBatch(resp *pb.AnonymizeBatchResponse) string {
 
 // newRequest builds the request the options describe, for image.
 func newRequest(a args, id string, image []byte) *pb.AnonymizeRequest {
-	req := &pb.AnonymizeRequest{RequestId: id, Image: image, Method: methods[a.method]}
+	req := &pb.AnonymizeRequest{RequestId: id, Image: image, Method: a.method}
 	if a.steps > 0 {
 		steps := uint32(a.steps)
 		req.Params = &pb.ReversePersonalizationParams{Steps: &steps}
@@ -157,31 +137,12 @@ func newRequest(a args, id string, image []byte) *pb.AnonymizeRequest {
 	return req
 }
 
-// usageError is a failure of the command line's files (exit 2).
-type usageError struct{ error }
-
-func readToken(path string) (string, error) {
-	if path == "" {
-		return "", nil
-	}
-	text, err := os.ReadFile(path)
-	if err != nil {
-		return "", usageError{fmt.Errorf("--token-file: %w", err)}
-	}
-	for _, line := range strings.Split(string(text), "\n") {
-		if line = strings.TrimSpace(line); line != "" {
-			return line, nil
-		}
-	}
-	return "", usageError{fmt.Errorf("--token-file %s: the file holds no token", path)}
-}
-
 func dial(a args) (*masquerade.Client, error) {
-	token, err := readToken(a.tokenFile)
+	token, err := cmdline.ReadToken(a.tokenFile)
 	if err != nil {
 		return nil, err
 	}
-	client, err := masquerade.Dial(a.server, masquerade.Options{
+	return cmdline.Dial(a.server, masquerade.Options{
 		Timeout:  time.Duration(a.timeout * float64(time.Second)),
 		TLS:      a.tls,
 		CAFile:   a.tlsCA,
@@ -189,11 +150,6 @@ func dial(a args) (*masquerade.Client, error) {
 		KeyFile:  a.tlsKey,
 		Token:    token,
 	})
-	var merr *masquerade.Error
-	if err != nil && !errors.As(err, &merr) {
-		return nil, usageError{err} // an unreadable PEM file, a bad token
-	}
-	return client, err
 }
 
 func run(a args) error {
@@ -277,38 +233,13 @@ func runBatch(a args) (int, error) {
 }
 
 func main() {
-	a, err := parseArgs(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
-		fmt.Println(usage)
-		return
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "error: %v\n%s\n", err, usage)
-		os.Exit(2)
-	}
+	a := cmdline.ParseOrExit(parseArgs, usage)
 	if a.batch {
-		var code int
-		if code, err = runBatch(a); err == nil {
-			os.Exit(code)
+		code, err := runBatch(a)
+		if err != nil {
+			code = cmdline.ExitCode(err)
 		}
-	} else {
-		err = run(a)
+		os.Exit(code)
 	}
-	var merr *masquerade.Error
-	var uerr usageError
-	switch {
-	case err == nil:
-	case errors.As(err, &uerr):
-		fmt.Fprintf(os.Stderr, "error: %v\n", err)
-		os.Exit(2)
-	case errors.As(err, &merr):
-		fmt.Fprintf(os.Stderr, "error: %s: %s\n", merr.CodeName(), merr.Message)
-		if errors.Is(err, masquerade.ErrInvalidArgument) {
-			os.Exit(3)
-		}
-		os.Exit(1)
-	default:
-		fmt.Fprintf(os.Stderr, "error: %v\n", err)
-		os.Exit(1)
-	}
+	os.Exit(cmdline.ExitCode(run(a)))
 }

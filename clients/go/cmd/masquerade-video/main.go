@@ -7,7 +7,8 @@
 //	                 [--no-audio] [--keep-metadata] [--timeout SECONDS] INPUT_VIDEO OUTPUT_VIDEO
 //
 // Exit codes: 0 done; 3 INVALID_ARGUMENT (a bad, truncated or oversized file;
-// the message names the problem); 2 bad command line; 1 any other failure.
+// the message names the problem); 2 bad command line (or an unusable --token-file
+// or PEM file); 1 any other failure.
 package main
 
 import (
@@ -21,9 +22,9 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
+	"masquerade/clients/go/cmdline"
 	pb "masquerade/clients/go/gen/masquerade/v1"
 	"masquerade/clients/go/masquerade"
 )
@@ -32,27 +33,22 @@ const usage = `usage: masquerade-video --server HOST:PORT [--method blur|pixelat
        [--detect-every K] [--codec h264|hevc|vp9|av1] [--crf N] [--no-audio] [--keep-metadata]
        [--timeout SECONDS] [--token-file FILE] [--tls] [--tls-ca PEM] INPUT_VIDEO OUTPUT_VIDEO`
 
-var methods = map[string]pb.Method{
-	"reverse_personalization": pb.Method_REVERSE_PERSONALIZATION,
-	"blur":                    pb.Method_BLUR,
-	"pixelate":                pb.Method_PIXELATE,
-	"solid":                   pb.Method_SOLID,
-}
-
 type args struct {
-	server, method, codec, tokenFile, tlsCA string
-	detectEvery, crf                        int
-	noAudio, keepMetadata, tls              bool
-	timeout                                 float64
-	input, output                           string
+	server, codec, tokenFile, tlsCA string
+	method                          pb.Method
+	detectEvery, crf                int
+	noAudio, keepMetadata, tls      bool
+	timeout                         float64
+	input, output                   string
 }
 
 func parseArgs(argv []string) (args, error) {
 	var a args
+	var method string
 	fs := flag.NewFlagSet("masquerade-video", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&a.server, "server", "", "HOST:PORT of the server")
-	fs.StringVar(&a.method, "method", "", "blur|pixelate|solid|reverse_personalization (default: the server's)")
+	fs.StringVar(&method, "method", "", cmdline.MethodHelp)
 	fs.IntVar(&a.detectEvery, "detect-every", 0, "run the detector on every K-th frame (default: the server's)")
 	fs.StringVar(&a.codec, "codec", "", "h264|hevc|vp9|av1 (default h264)")
 	fs.IntVar(&a.crf, "crf", -1, "encoder quality, lower is better (default: the server's)")
@@ -62,16 +58,9 @@ func parseArgs(argv []string) (args, error) {
 	fs.StringVar(&a.tokenFile, "token-file", "", "file whose first line is the bearer token")
 	fs.BoolVar(&a.tls, "tls", false, "TLS with the system's CA roots")
 	fs.StringVar(&a.tlsCA, "tls-ca", "", "PEM: the CA that signed the server's certificate (implies TLS)")
-	var positional []string
-	for {
-		if err := fs.Parse(argv); err != nil {
-			return a, err
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		positional = append(positional, fs.Arg(0))
-		argv = fs.Args()[1:]
+	positional, err := cmdline.Parse(fs, argv)
+	if err != nil {
+		return a, err
 	}
 	switch {
 	case a.server == "":
@@ -81,8 +70,8 @@ func parseArgs(argv []string) (args, error) {
 	case a.timeout <= 0:
 		return a, fmt.Errorf("--timeout %v: use a positive number of seconds", a.timeout)
 	}
-	if _, ok := methods[a.method]; a.method != "" && !ok {
-		return a, fmt.Errorf("--method %s: use blur, pixelate, solid or reverse_personalization", a.method)
+	if a.method, err = cmdline.ParseMethod(method); err != nil {
+		return a, err
 	}
 	a.input, a.output = positional[0], positional[1]
 	return a, nil
@@ -93,7 +82,7 @@ func startMessage(a args, size int64) *pb.VideoStart {
 	start := &pb.VideoStart{
 		Filename:  filepath.Base(a.input),
 		SizeBytes: &sizeBytes,
-		Method:    methods[a.method],
+		Method:    a.method,
 		Output:    &pb.VideoOutputOptions{Codec: a.codec, DropAudio: a.noAudio, KeepMetadata: a.keepMetadata},
 	}
 	if a.crf >= 0 {
@@ -107,22 +96,6 @@ func startMessage(a args, size int64) *pb.VideoStart {
 	return start
 }
 
-func readToken(path string) (string, error) {
-	if path == "" {
-		return "", nil
-	}
-	text, err := os.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	for _, line := range strings.Split(string(text), "\n") {
-		if line = strings.TrimSpace(line); line != "" {
-			return line, nil
-		}
-	}
-	return "", fmt.Errorf("--token-file %s: the file holds no token", path)
-}
-
 func run(a args) error {
 	input, err := os.Open(a.input)
 	if err != nil {
@@ -133,11 +106,11 @@ func run(a args) error {
 	if err != nil {
 		return err
 	}
-	token, err := readToken(a.tokenFile)
+	token, err := cmdline.ReadToken(a.tokenFile)
 	if err != nil {
 		return err
 	}
-	client, err := masquerade.Dial(a.server, masquerade.Options{
+	client, err := cmdline.Dial(a.server, masquerade.Options{
 		Timeout: time.Duration(a.timeout * float64(time.Second)),
 		TLS:     a.tls,
 		CAFile:  a.tlsCA,
@@ -177,27 +150,5 @@ func run(a args) error {
 }
 
 func main() {
-	a, err := parseArgs(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
-		fmt.Println(usage)
-		return
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "error: %v\n%s\n", err, usage)
-		os.Exit(2)
-	}
-	err = run(a)
-	var merr *masquerade.Error
-	switch {
-	case err == nil:
-	case errors.As(err, &merr):
-		fmt.Fprintf(os.Stderr, "error: %s: %s\n", merr.CodeName(), merr.Message)
-		if errors.Is(err, masquerade.ErrInvalidArgument) {
-			os.Exit(3)
-		}
-		os.Exit(1)
-	default:
-		fmt.Fprintf(os.Stderr, "error: %v\n", err)
-		os.Exit(1)
-	}
+	os.Exit(cmdline.ExitCode(run(cmdline.ParseOrExit(parseArgs, usage))))
 }
