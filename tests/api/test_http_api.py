@@ -452,3 +452,15 @@ def test_server_timeout_header_is_a_deadline(base_url, face_png):
         400,
         "X-Server-Timeout",
     )
+
+
+def test_openapi_documents_the_server_timeout_header_the_server_enforces(base_url, corner_bytes):
+    document = requests.get(f"{base_url}/openapi.json", timeout=30).json()
+    for path in ("/v1/anonymize", "/v1/anonymize:stream", "/v1/anonymize-video"):
+        headers = [p for p in document["paths"][path]["post"]["parameters"] if p["in"] == "header"]
+        assert [p["name"] for p in headers] == ["X-Server-Timeout"], path
+    bounds = headers[0]["schema"]
+    assert (bounds["type"], bounds["exclusiveMinimum"], bounds["maximum"]) == ("number", 0, 86400)
+    for value, status in (("0", 400), (str(bounds["maximum"] + 1), 400), (str(bounds["maximum"]), 200)):
+        reply = _post(base_url, "?method=BLUR", corner_bytes, **{"X-Server-Timeout": value})
+        assert reply.status_code == status, (value, reply.text[:300])

@@ -19,7 +19,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any
@@ -292,6 +292,17 @@ TIMEOUT_HEADER = "X-Server-Timeout"
 finish in time, and a request still running then is cancelled and answered 504, like a gRPC deadline."""
 
 
+TIMEOUT_PARAMETER = {
+    "name": TIMEOUT_HEADER,
+    "in": "header",
+    "required": False,
+    "description": "Seconds the caller will wait, as a gRPC deadline: a request that cannot finish in time is "
+    "refused at once, and one still running then is cancelled; both are answered 504 (DEADLINE_EXCEEDED).",
+    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+}
+"""The OpenAPI parameter of TIMEOUT_HEADER (read by _HttpCall, not by FastAPI, so one check gives one error)."""
+
+
 class _HttpCall:
     """What the servicer reads from a gRPC call's context, taken from an HTTP request: its deadline and the name
     on its client certificate (so quotas per certificate and honest admission apply to HTTP callers too)."""
@@ -378,9 +389,8 @@ def _read_video_start(request: Request, query: dict[str, Any]) -> pb2.VideoStart
     return start
 
 
-def _wants_video_json(request: Request) -> bool:
-    """Whether the client prefers the JSON report (with the video in base64) to the video itself."""
-    best_video, best_json = -1.0, -1.0
+def _accepted_media(request: Request) -> Iterator[tuple[str, float]]:
+    """The Accept header's (media type in lower case, quality) pairs; a malformed q= counts as 0."""
     for item in request.headers.get("accept", "").split(","):
         media, *options = (part.strip() for part in item.split(";"))
         quality = 1.0
@@ -390,7 +400,13 @@ def _wants_video_json(request: Request) -> bool:
                     quality = float(option[2:])
                 except ValueError:
                     quality = 0.0
-        media = media.lower()
+        yield media.lower(), quality
+
+
+def _wants_video_json(request: Request) -> bool:
+    """Whether the client prefers the JSON report (with the video in base64) to the video itself."""
+    best_video, best_json = -1.0, -1.0
+    for media, quality in _accepted_media(request):
         if media == "application/json":
             best_json = max(best_json, quality)
         elif media.startswith("video/") or media in ("*/*", "application/octet-stream"):
@@ -416,16 +432,7 @@ def _parse_params_json(text: str, message: pb2.AnonymizeRequest) -> None:
 def _accept(request: Request) -> tuple[bool, int | None]:
     """(whether the client prefers an image to JSON, the output format an exact image type asks for)."""
     best_image, best_json, exact = -1.0, -1.0, None
-    for item in request.headers.get("accept", "").split(","):
-        media, *options = (part.strip() for part in item.split(";"))
-        media = media.lower()
-        quality = 1.0
-        for option in options:
-            if option.startswith("q="):
-                try:
-                    quality = float(option[2:])
-                except ValueError:
-                    quality = 0.0
+    for media, quality in _accepted_media(request):
         if media.startswith("image/"):
             best_image = max(best_image, quality)
             if media in FORMAT_FOR_MEDIA_TYPE and exact is None and quality > 0:
@@ -593,6 +600,7 @@ def build_app(
     info_model = schema.model_for(pb2.ServerInfo.DESCRIPTOR)
     event_model = schema.model_for(pb2.AnonymizeEvent.DESCRIPTOR)
     upload_body = {
+        "parameters": [TIMEOUT_PARAMETER],
         "requestBody": {
             "required": True,
             "content": {
@@ -611,7 +619,7 @@ def build_app(
                     }
                 },
             },
-        }
+        },
     }
 
     @app.exception_handler(RequestValidationError)
@@ -755,13 +763,14 @@ def build_app(
             **problem_responses,
         },
         openapi_extra={
+            "parameters": [TIMEOUT_PARAMETER],
             "requestBody": {
                 "required": True,
                 "content": {
                     "video/*": {"schema": {"type": "string", "format": "binary"}},
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 },
-            }
+            },
         },
     )
     async def anonymize_video(request: Request, query: VideoQueryFields) -> Response:
