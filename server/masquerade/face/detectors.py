@@ -77,6 +77,9 @@ def _ort_session(model_bytes: bytes, intra_op_threads: int | None = None):
         # session spinning one thread per core against the others.
         options.intra_op_num_threads = int(intra_op_threads)
         options.inter_op_num_threads = 1
+        # Its threads sleep between runs instead of spinning: a spinning session took the cores that
+        # the pool's other workers (and decode, cover, encode) were waiting for.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [
         p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in onnxruntime.get_available_providers()
     ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 # Frames decoded ahead of, and encoded behind, the classical loop: each is one more frame held.
 DECODE_AHEAD = 2
 ENCODE_QUEUE = 2
+# Classical runs detect the next frames on this many workers (at most), each with its own one-thread
+# ONNX session, while the loop tracks and covers the current one: one frame in flight per worker.
+MAX_DETECT_WORKERS = 4
+CHECKS_QUEUED = 2  # sampled self-checks waiting or running beside the loop, each holding its two frames
 Progress = Callable[[int, int, int], None]  # (frames done, frames total or 0, tracks so far)
 
 
@@ -70,6 +75,7 @@ class VideoOptions:
     report_frames: bool = False
     self_check_every: int = 30  # self-check every N-th output frame plus each track's first and last; 0: off
     frames_in_flight: int = 8  # reverse personalization: frames submitted to the engine at once
+    detect_workers: int | None = None  # classical: frames detected at once (None: the cores, at most 4; 0: inline)
 
     def __post_init__(self) -> None:
         from masquerade.errors import InvalidRequestError
@@ -78,6 +84,8 @@ class VideoOptions:
             raise InvalidRequestError("self_check_every", f"must be >= 0, got {self.self_check_every}")
         if self.frames_in_flight < 1:
             raise InvalidRequestError("frames_in_flight", f"must be at least 1, got {self.frames_in_flight}")
+        if self.detect_workers is not None and not 0 <= self.detect_workers <= 64:
+            raise InvalidRequestError("detect_workers", f"must be in [0, 64], got {self.detect_workers}")
 
 
 @dataclass
@@ -209,6 +217,9 @@ class _Run:
         # Classical runs encode on their own thread, overlapping detection (FFmpeg releases the GIL).
         self._encoder: ThreadPoolExecutor | None = None
         self._encoding: deque[Future] = deque()
+        # The sampled self-check runs on its own thread, so detection and covering go on meanwhile.
+        self._check_pool: ThreadPoolExecutor | None = None
+        self._checks: deque[Future] = deque()
 
     # ---- shared pieces ---------------------------------------------------------------
 
@@ -252,9 +263,19 @@ class _Run:
             for future in pending:
                 future.result()
 
+    def _stop_checks(self, collect: bool = True) -> None:
+        """Every queued self-check done and counted (``collect``; else dropped) and its thread gone."""
+        if self._check_pool is not None:
+            self._check_pool.shutdown(wait=True, cancel_futures=not collect)
+            self._check_pool = None
+            pending, self._checks = self._checks, deque()
+            for future in pending if collect else ():
+                self._count_check(future.result())
+
     def _finish(self) -> None:
         for track_id in list(self._last_seen):
             self._check_last(track_id)
+        self._stop_checks()
         self._stop_encoder()
         self.writer.finish()
 
@@ -282,22 +303,35 @@ class _Run:
             self._self_check(original, output, frame)
 
     def _self_check(self, original: np.ndarray, output: np.ndarray, frame: FrameFaces) -> None:
+        """Queue the frame's check (at most CHECKS_QUEUED at once: each holds its two frames); count those done."""
         if frame.index in self._checked:
             return
         self._checked.add(frame.index)
         checker = self._get_checker()
         if checker is None:
             return
+        if self._check_pool is None:
+            self._check_pool = ThreadPoolExecutor(1, thread_name_prefix="masquerade-video-selfcheck")
+        self._checks.append(self._check_pool.submit(self._check_frame, checker, original, output, frame))
+        while len(self._checks) > CHECKS_QUEUED or (self._checks and self._checks[0].done()):
+            self._count_check(self._checks.popleft().result())
+
+    def _check_frame(self, checker, original: np.ndarray, output: np.ndarray, frame: FrameFaces):
+        """(faces still recognisable, faces found that no track covered) on one frame, or None if it failed."""
         faces = [(face.box, face.landmarks) for face in frame.faces]
         try:
             originals = checker.describe_originals(original, faces)
             verdict = checker.inspect(output, faces, originals, self.options.threshold)
         except Exception:
             log.exception("self-check failed on frame %d of %s", frame.index, self.source.name)
-            return
-        self.builder.frames_checked += 1
-        self.builder.residual_recognisable += len(verdict.recognisable)
-        self.builder.uncovered_found += len(verdict.new_faces)
+            return None
+        return len(verdict.recognisable), len(verdict.new_faces)
+
+    def _count_check(self, counts: tuple[int, int] | None) -> None:
+        if counts is not None:
+            self.builder.frames_checked += 1
+            self.builder.residual_recognisable += counts[0]
+            self.builder.uncovered_found += counts[1]
 
     def _get_checker(self):
         if self._checker is None:
@@ -326,20 +360,42 @@ class _Run:
                     self._emit(pts, original, output, frame, outcomes)
 
             self._encoder = ThreadPoolExecutor(1, thread_name_prefix="masquerade-video-encode")
-            with ThreadPoolExecutor(1, thread_name_prefix="masquerade-video-decode") as decoder:
-                for decoded in _prefetched(read_frames(self.info, options.limits), decoder):
-                    self._check_stop()
-                    rgb = upright(decoded.rgb, rotation)
-                    emit(tracker.push((decoded.pts, rgb), rgb, decoded.timestamp))
+            ahead = _DetectionAhead(self.detector, tracker.live, self._detect_workers(), self.info)
+            waiting: deque[tuple[object, np.ndarray, Future | None]] = deque()
+
+            def track_next() -> None:
+                decoded, rgb, found = waiting.popleft()
+                emit(
+                    tracker.push((decoded.pts, rgb), rgb, decoded.timestamp, None if found is None else found.result())
+                )
+
+            try:
+                with ThreadPoolExecutor(1, thread_name_prefix="masquerade-video-decode") as decoder:
+                    for index, decoded in enumerate(_prefetched(read_frames(self.info, options.limits), decoder)):
+                        self._check_stop()
+                        rgb = upright(decoded.rgb, rotation)
+                        waiting.append((decoded, rgb, ahead.submit(rgb, index)))
+                        while len(waiting) > ahead.workers:
+                            track_next()
+                while waiting:
+                    track_next()
+            finally:
+                ahead.close()
             emit(tracker.flush())
             self._finish()
         except BaseException:
             try:
+                self._stop_checks(collect=False)
                 self._stop_encoder()
             except Exception:
                 pass  # the error that stopped the run is the one to report
             self.writer.abort()
             raise
+
+    def _detect_workers(self) -> int:
+        if self.options.detect_workers is not None:
+            return self.options.detect_workers
+        return max(1, min(os.cpu_count() or 1, MAX_DETECT_WORKERS))
 
     # ---- reverse personalization: two passes --------------------------------------------
 
@@ -350,6 +406,7 @@ class _Run:
             await self._generate(engine, frames, identities)
             await asyncio.to_thread(self._finish)
         except BaseException:
+            await asyncio.to_thread(self._stop_checks, False)
             await asyncio.to_thread(self.writer.abort)
             raise
 
@@ -448,6 +505,52 @@ class _Run:
             },
             frame_boxes=self.builder.frames,
         )
+
+
+class _DetectionAhead:
+    """The next frames' detector runs, on ``workers`` threads while the loop tracks and covers earlier frames.
+
+    CenterFace workers each get a session of their own with one thread: frames in flight are the
+    parallelism, which costs less CPU per frame than one session's threads working on one frame at a
+    time (and spinning between runs while decode, cover and encode want the cores). Each keeps its
+    arena for the video's frame size (about 160 bytes per detected pixel, per worker). Other detector
+    kinds run on the given detector (its sessions are shared and thread-safe, or per thread).
+    """
+
+    def __init__(self, detector: FaceDetector, tracker, workers: int, info: VideoInfo):
+        self.detector, self.tracker, self.workers = detector, tracker, int(workers)
+        self._arena_pixels = (-(-info.width // 32) * 32) * (-(-info.height // 32) * 32)
+        self._local = threading.local()
+        self._pool = (
+            ThreadPoolExecutor(self.workers, thread_name_prefix="masquerade-video-detect") if self.workers else None
+        )
+
+    def submit(self, rgb: np.ndarray, index: int) -> Future | None:
+        """A future of frame ``index``'s raw faces, or None (no run on this frame, or no workers: inline)."""
+        if self._pool is None or not self.tracker.runs_detector(index):
+            return None
+        return self._pool.submit(lambda: self.tracker.find(rgb, index, self._worker_detector()))
+
+    def _worker_detector(self) -> FaceDetector:
+        own = getattr(self._local, "detector", None)
+        if own is None:
+            own = self.detector
+            if self.detector.kind == "centerface":
+                own = FaceDetector(
+                    "centerface",
+                    max_side=self.detector.max_side,
+                    fine_pixels=self.detector.fine_pixels,
+                    max_upscale=self.detector.max_upscale,
+                    detect_scale=self.detector.detect_scale,
+                    intra_op_threads=1,
+                )
+                own.backend.arena_keep_pixels = max(own.backend.arena_keep_pixels, self._arena_pixels)
+            self._local.detector = own
+        return own
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _prefetched(frames, pool: ThreadPoolExecutor, depth: int = DECODE_AHEAD):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from masquerade.face.detect import DEFAULT_THRESHOLD, FaceDetector, landmarks_in_box, predictor_box
+from masquerade.face.detectors import RawFaces
 
 Box = tuple[float, float, float, float]
 SOURCES = ("detected", "held", "interpolated", "backfilled")
@@ -184,14 +185,30 @@ class LiveFaceTracker:
     def tracks_seen(self) -> int:
         return self._linker._next_id
 
-    def track(self, rgb: np.ndarray, timestamp: float) -> FrameFaces:
+    @property
+    def frames_seen(self) -> int:
+        return self._count
+
+    def runs_detector(self, index: int) -> bool:
+        """Whether frame ``index`` (counted from 0 in ``track`` order) gets a detector run."""
+        return index % self.options.detect_every == 0
+
+    def find(self, rgb: np.ndarray, index: int, detector: FaceDetector | None = None) -> RawFaces:
+        """The detector's raw faces for frame ``index``, as ``track`` would find them; thread-safe (reads only
+        settings), so callers can run it ahead on other threads, with a detector of their own, and hand the
+        result to ``track(found=...)``."""
+        return (detector or self.detector).find(rgb, self.threshold * self.options.low_score_ratio)
+
+    def track(self, rgb: np.ndarray, timestamp: float, found: RawFaces | None = None) -> FrameFaces:
+        """The next frame's tracked faces. ``found``: this frame's ``find`` result, computed ahead (else it
+        runs here when the frame gets a detector run)."""
         index = self._count
         self._count += 1
         height, width = rgb.shape[:2]
-        detector_ran = index % self.options.detect_every == 0
+        detector_ran = self.runs_detector(index)
         faces: list[TrackedFace] = []
         if detector_ran:
-            faces = self._detect(rgb, index, timestamp)
+            faces = self._detect(rgb, index, timestamp, found if found is not None else self.find(rgb, index))
         detected = {face.track_id for face in faces}
         for track_id, last in list(self._last.items()):
             if track_id in detected:
@@ -209,9 +226,8 @@ class LiveFaceTracker:
                 faces.append(TrackedFace(track_id, clipped, _moved(last.landmarks, last.box, box), last.score, "held"))
         return FrameFaces(index, timestamp, faces, detector_ran, (width, height))
 
-    def _detect(self, rgb: np.ndarray, index: int, timestamp: float) -> list[TrackedFace]:
+    def _detect(self, rgb: np.ndarray, index: int, timestamp: float, raw: RawFaces) -> list[TrackedFace]:
         height, width = rgb.shape[:2]
-        raw = self.detector.find(rgb, self.threshold * self.options.low_score_ratio)
         ids, motion = self._linker.link(raw.boxes, raw.scores, timestamp)
         self._motion, self._motion_time = motion, timestamp
         faces = []
@@ -258,8 +274,16 @@ class WindowedFaceTracker:
     def frames_held(self) -> int:
         return len(self._window)
 
-    def push(self, payload, rgb: np.ndarray, timestamp: float) -> list[tuple[object, FrameFaces]]:
-        frame = self._live.track(rgb, timestamp)
+    @property
+    def live(self) -> LiveFaceTracker:
+        """The forward tracker inside (``runs_detector`` and ``find`` for detection run ahead)."""
+        return self._live
+
+    def push(
+        self, payload, rgb: np.ndarray, timestamp: float, found: RawFaces | None = None
+    ) -> list[tuple[object, FrameFaces]]:
+        """``found``: this frame's ``live.find`` result computed ahead, if any (see LiveFaceTracker.track)."""
+        frame = self._live.track(rgb, timestamp, found)
         self.latest = frame
         for face in frame.faces:
             if face.detected:
