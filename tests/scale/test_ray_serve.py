@@ -254,6 +254,86 @@ def test_anonymize_batch_through_the_scaled_path(ray_server, replica_pids):
     assert "request_id" in by_id[""].error.message
 
 
+def _video_requests(path: Path, chunk_bytes: int = 16 * 1024):
+    data = path.read_bytes()
+    start = pb2.VideoStart(request_id="v1", method=pb2.BLUR, filename=path.name, size_bytes=len(data))
+    start.tracking.detect_every = 2
+    yield pb2.AnonymizeVideoRequest(start=start)
+    for offset in range(0, len(data), chunk_bytes):
+        yield pb2.AnonymizeVideoRequest(chunk=pb2.VideoChunk(offset=offset, data=data[offset : offset + chunk_bytes]))
+
+
+def _live_frames(clip: Path, count: int, window: int):
+    import av
+
+    with av.open(str(clip)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index == count:
+                return
+            rgb = frame.to_ndarray(format="rgb24")
+            message = pb2.FrameRequest(sequence=index, timestamp=index / 12, raw=pb2.RawFrame(rgb=rgb.tobytes()))
+            message.raw.width, message.raw.height = rgb.shape[1], rgb.shape[0]
+            if index == 0:
+                message.options.method = pb2.PIXELATE
+                message.options.window = window
+                message.options.tracking.detect_every = 2
+            yield message
+
+
+def test_video_file_and_live_streams_are_each_served_by_one_replica(ray_server, tmp_path):
+    """AnonymizeVideo and AnonymizeFrames behind Ray: a file round trip, and two live streams at once, each in
+    order with its tracker's state kept (detect_every 2 alternates, track ids stay) on the replica it is pinned to."""
+    import av
+
+    from masquerade.video.synthetic import ClipSpec, MovingFace, make_clip
+
+    clip = tmp_path / "walk.mp4"
+    make_clip(
+        clip, ClipSpec(frames=12, fps=12, faces=(MovingFace(source=0, size=120, start=(20, 40), velocity=(6, 0)),))
+    )
+
+    def live(window: int) -> list[pb2.FrameResult]:
+        return list(ray_server.stub.AnonymizeFrames(_live_frames(clip, 8, window), timeout=120))
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(live, window) for window in (1, 3)]
+        responses = list(ray_server.stub.AnonymizeVideo(_video_requests(clip), timeout=180))
+
+    kinds = [response.WhichOneof("event") for response in responses]
+    assert kinds[-1] == "report" and "output" in kinds, kinds
+    output = b"".join(r.output.data for r in responses if r.HasField("output"))
+    report = responses[-1].report
+    assert report.frames == 12 and report.output_bytes == len(output) and report.tracks
+    assert _pid_of(report.served_by) != ray_server.process.pid  # a replica did the work
+    (tmp_path / "out.mp4").write_bytes(output)
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 12
+    for future in streams:
+        results = future.result()
+        assert [r.sequence for r in results] == list(range(8))
+        assert [r.detector_ran for r in results] == [True, False] * 4  # one stream's sampling state, in one place
+        assert all(r.faces for r in results)
+        # Each stream has its own tracker (ids start at 0 in both), and a frame between detections is covered
+        # by the tracks the stream's earlier frames left on the same replica.
+        assert results[0].faces[0].track_id == 0
+        assert all(not face.detected for r in results if not r.detector_ran for face in r.faces)
+        assert all(len(r.raw.rgb) == r.raw.width * r.raw.height * 3 > 0 for r in results)
+
+
+def test_video_errors_come_from_the_replica_unchanged(ray_server, tmp_path):
+    corrupt = tmp_path / "notes.mp4"
+    corrupt.write_bytes(b"this is not a video\n" * 200)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(ray_server.stub.AnonymizeVideo(_video_requests(corrupt), timeout=60))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "video" in caught.value.details()
+    info = ray_server.stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=30)
+    too_wide = info.limits.max_frame_window + 1
+    frames = iter([pb2.FrameRequest(options=pb2.FrameStreamOptions(window=too_wide), encoded=b"x")])
+    with pytest.raises(grpc.RpcError) as caught:
+        list(ray_server.stub.AnonymizeFrames(frames, timeout=60))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "window" in caught.value.details()
+
+
 def test_killed_replica_fails_only_its_requests_and_comes_back(ray_server, replica_pids):
     assert len(replica_pids) == 2
     victim, survivor = sorted(replica_pids)

@@ -61,19 +61,29 @@ def engine_deployment_options(
 
 
 def engine_application(
-    engine: EngineConfig, scale: ScaleConfig, *, gpus_per_replica: float, grace_seconds: float, frontend=None
+    engine: EngineConfig,
+    scale: ScaleConfig,
+    *,
+    gpus_per_replica: float,
+    grace_seconds: float,
+    frontend=None,
+    video=None,
 ):
     """The bound Engine deployment (a Serve Application) with its options.
 
     ``frontend`` (an api ServerConfig): each replica also serves the gRPC contract on that
     port of its node (the KubeRay layout); None: the caller runs the front end (the CLI).
+    ``video`` (an api VideoConfig): each replica's spool and video limits; None: the defaults.
     """
     from ray import serve
 
     from masquerade.scale.replica import EngineReplica
 
     options = engine_deployment_options(engine, scale, gpus_per_replica=gpus_per_replica, grace_seconds=grace_seconds)
-    return serve.deployment(EngineReplica).options(**options).bind(engine, grace_seconds, frontend=frontend)
+    video = video if video is not None else getattr(frontend, "video", None)
+    return (
+        serve.deployment(EngineReplica).options(**options).bind(engine, grace_seconds, frontend=frontend, video=video)
+    )
 
 
 def running_replicas(app_name: str = APP_NAME) -> int:

@@ -14,12 +14,16 @@ itself raises:
 
 Leaving an RPC early (client cancel, deadline) cancels its handle call, which
 closes the replica's stream and cancels the engine request.
+
+AnonymizeVideo and AnonymizeFrames are pinned to one replica for the whole call (the spooled
+file, the live stream's tracker); ``masquerade.scale.video`` says how their messages travel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -99,9 +103,14 @@ class FrontEndServicer(pb2_grpc.AnonymizerServicer):
         max_receive_message_bytes: int,
         max_send_message_bytes: int,
         batch_window: int = 32,
+        video=None,
     ):
+        from masquerade.api.video_service import VideoConfig
+
         self._handle = None
         self._stream = None
+        self.video = video or VideoConfig()  # the replicas enforce it; the front end counts the window
+        self._inbox = None
         self._running_replicas = running_replicas
         self.max_receive_message_bytes = max_receive_message_bytes
         self.max_send_message_bytes = max_send_message_bytes
@@ -245,9 +254,162 @@ class FrontEndServicer(pb2_grpc.AnonymizerServicer):
             self._record("GetServerInfo", "none", code)
             await context.abort(code, details)
         self._record("GetServerInfo", "none", grpc.StatusCode.OK)
-        return convert.server_info_to_proto(
+        response = convert.server_info_to_proto(
             info,
             max_receive_message_bytes=self.max_receive_message_bytes,
             max_send_message_bytes=self.max_send_message_bytes,
             replicas=replicas,
         )
+        response.limits.MergeFrom(
+            pb2.Limits(
+                max_video_bytes=self.video.max_video_bytes,
+                max_video_seconds=self.video.max_video_seconds,
+                max_video_pixels=self.video.max_video_pixels,
+                max_frame_window=self.video.max_frame_window,
+                max_video_streams=self.video.max_video_streams,  # per replica
+            )
+        )
+        return response
+
+    # ------------------------------------------------------------ video: one replica per call
+
+    async def AnonymizeVideo(
+        self, request_iterator: AsyncIterator[pb2.AnonymizeVideoRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._pinned("AnonymizeVideo", request_iterator, context, pb2.AnonymizeVideoResponse)
+
+    async def AnonymizeFrames(
+        self, request_iterator: AsyncIterator[pb2.FrameRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._pinned("AnonymizeFrames", request_iterator, context, pb2.FrameResult)
+
+    def _video_inbox(self):
+        """The front end's Inbox actor, started on the first video call (no CPU reserved: it only moves bytes)."""
+        if self._inbox is None:
+            import ray
+
+            from masquerade.scale.video import Inbox
+
+            self._inbox = ray.remote(num_cpus=0)(Inbox).remote()
+        return self._inbox
+
+    async def _pinned(self, rpc: str, request_iterator, context: grpc.aio.ServicerContext, response_type) -> None:
+        """One video call on one replica: the client's messages go through the inbox, the replica's answers
+        come back on the handle call's stream; each answer returns a credit once gRPC has taken it."""
+        from masquerade.scale import video
+
+        messages = aiter(request_iterator)
+        method = "unspecified"
+        failure: BaseException | None = None
+        trailers: tuple = ()
+        key = uuid.uuid4().hex
+        inbox = responses = forward = None
+        finished = False
+        try:
+            self._ready_handle()
+            first = await anext(messages, None)
+            if first is None and rpc == "AnonymizeVideo":
+                raise RemoteStatus(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "start: the first AnonymizeVideo message must carry `start` (the options), before any chunk",
+                )
+            if first is None:
+                self._record(rpc, method, grpc.StatusCode.OK)
+                return  # an empty live stream: nothing to answer
+            options = first.start if rpc == "AnonymizeVideo" else first.options
+            method = _video_method_label(options.method)
+            window = None
+            if rpc == "AnonymizeFrames":
+                window = asyncio.Semaphore(
+                    video.frame_window(first, self.video.max_frame_window, video_default_window())
+                )
+            inbox = self._video_inbox()
+            capacity = self.video.max_frame_window + 1 if window is not None else video.UPLOAD_QUEUE
+            await inbox.open.remote(key, capacity)
+            await inbox.open.remote(video.credit_key(key), video.CREDIT + 1)
+            responses = self._stream.video.remote(rpc, inbox, key, context.time_remaining(), context.peer())
+            forward = asyncio.create_task(self._forward(first, messages, inbox, key, window), name=f"{rpc}-forward")
+            # A failed client stream ends the call at once (the replica's stream would wait for more input).
+            forward.add_done_callback(lambda task: task.cancelled() or task.exception() is None or responses.cancel())
+            async for item in responses:
+                if item[0] == "error":
+                    finished = True
+                    _, code, details, trailers = item
+                    raise _remote_status(code, details)
+                await context.write(response_type.FromString(item[1]))
+                inbox.put.remote(video.credit_key(key), 1)  # gRPC has taken it: the replica may send one more
+                if window is not None:
+                    window.release()
+            finished = True
+            if await forward == "drained":
+                raise RemoteStatus(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is draining for shutdown; reconnect the stream (to another replica)",
+                )
+        except asyncio.CancelledError:
+            self._record(rpc, method, self._cancel_code(context))
+            raise
+        except Exception as exc:
+            failure = exc
+            if forward is not None and forward.done() and not forward.cancelled() and forward.exception() is not None:
+                failure = forward.exception()  # the cause, rather than the cancelled handle call
+        finally:
+            if forward is not None:
+                forward.cancel()
+            if responses is not None and not finished:
+                responses.cancel()
+            if inbox is not None:
+                inbox.close.remote(key, video.credit_key(key))
+        if failure is not None and context.cancelled():
+            self._record(rpc, method, self._cancel_code(context))
+            return
+        if failure is not None:
+            code, details = ray_status(failure)
+            self._record(rpc, method, code)
+            await context.abort(code, details, trailers if isinstance(failure, RemoteStatus) else ())
+        self._record(rpc, method, grpc.StatusCode.OK)
+
+    async def _forward(self, first, messages, inbox, key: str, window: asyncio.Semaphore | None) -> str:
+        """Puts the client's messages into the call's queue, in order (a live frame only once the window has
+        room), then the end; if the client's stream fails, ABORT. A live stream has no end of its own: at a
+        drain it ends after the frames already taken in, and returns "drained"."""
+        from masquerade.scale import video
+
+        outcome = "done"
+        try:
+            pending = [first]
+            while True:
+                message = pending.pop() if pending else await anext(messages, None)
+                if message is None:
+                    break
+                if window is not None and message.WhichOneof("pixels") is not None:
+                    await window.acquire()
+                    if self.draining:
+                        outcome = "drained"
+                        break
+                if not await inbox.put.remote(key, ("message", message.SerializeToString())):
+                    return outcome  # the call has ended
+            await inbox.put.remote(key, video.END)
+            return outcome
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            inbox.put.remote(key, video.ABORT)
+            raise
+
+
+def _remote_status(code: int, details: str) -> RemoteStatus:
+    return RemoteStatus(_CODES.get(int(code), grpc.StatusCode.UNKNOWN), str(details))
+
+
+def _video_method_label(value: int) -> str:
+    if value == pb2.METHOD_UNSPECIFIED:
+        return "unspecified"
+    method = convert.METHOD_FROM_PROTO.get(value)
+    return method.value if method else "unknown"
+
+
+def video_default_window() -> int:
+    from masquerade.api.video_service import DEFAULT_FRAME_WINDOW
+
+    return DEFAULT_FRAME_WINDOW

@@ -8,6 +8,8 @@ and tuples to the front end, so nothing but the wire protos crosses processes:
   validation, status mapping and progress throttling are the single-process
   server's own (``convert``, ``status_for``, ``ProgressThrottle``).
 - ``info()`` returns the engine's ``EngineInfo``.
+- ``video(rpc, inbox, key, ...)`` serves one AnonymizeVideo or AnonymizeFrames call on this replica
+  with the single-process server's ``VideoService`` (``masquerade.scale.video``).
 - ``check_health()`` fails when the engine's step loop has stopped, so Serve replaces the replica.
 
 Closing the stream (the client went away, its deadline passed) cancels the
@@ -53,6 +55,7 @@ class EngineReplica:
         grace_seconds: float = 30.0,
         progress_interval_s: float = 0.1,
         frontend=None,
+        video=None,
     ):
         import ray
         from ray import serve
@@ -66,6 +69,7 @@ class EngineReplica:
         self.engine = await asyncio.to_thread(Engine.build, config)
         await self.engine.start()
         self._info = self.engine.info()
+        self._video = self._video_service(video)
         self._frontend = None
         if frontend is not None:  # the KubeRay layout: this node's pod answers the gRPC port too
             self._frontend = await asyncio.to_thread(_start_frontend, frontend)
@@ -73,6 +77,31 @@ class EngineReplica:
 
     def info(self) -> EngineInfo:
         return self.engine.info()
+
+    def video_limits(self) -> dict:
+        """The video fields of GetServerInfo's Limits, as this replica enforces them."""
+        return self._video.limits()
+
+    def _video_service(self, config):
+        from masquerade.api.errors import ServerNotReadyError
+        from masquerade.api.video_service import VideoConfig, VideoService
+
+        def ready_engine() -> Engine:
+            if not self.engine.ready:
+                raise ServerNotReadyError("this engine replica is starting or stopping; retry shortly")
+            return self.engine
+
+        return VideoService(config or VideoConfig(), ready_engine)
+
+    async def video(
+        self, rpc: str, inbox, key: str, time_remaining_s: float | None = None, peer: str = ""
+    ) -> AsyncIterator[tuple]:
+        """One AnonymizeVideo or AnonymizeFrames call, pinned here: the client's messages come from ``inbox``
+        under ``key``; yields ("message", bytes) items and at most one final ("error", code, details, trailers)."""
+        from masquerade.scale.video import serve_on_replica
+
+        async for item in serve_on_replica(self._video, rpc, inbox, key, time_remaining_s, peer):
+            yield item
 
     def replica(self) -> str:
         return self.replica_id
@@ -122,6 +151,9 @@ class EngineReplica:
         frontend = getattr(self, "_frontend", None)
         if frontend is not None:
             await asyncio.to_thread(frontend.stop, self.grace_seconds + 10)
+        video = getattr(self, "_video", None)
+        if video is not None:
+            video.close()  # the spool folder; every call's files went when the call ended
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.shutdown(self.grace_seconds)

@@ -135,6 +135,7 @@ async def serve_front_end(
         max_receive_message_bytes=config.max_receive_message_bytes,
         max_send_message_bytes=config.max_send_message_bytes,
         batch_window=config.batch_window,
+        video=getattr(config, "video", None),
     )
     pb2_grpc.add_AnonymizerServicer_to_server(servicer, server)
     bind = f"{config.host}:{config.port}"
@@ -233,8 +234,9 @@ async def serve_front_end(
 class RayDeployment:
     """Starts or joins Ray, deploys the Engine application, and takes both down again."""
 
-    def __init__(self, engine, scale: ScaleConfig, *, grace_seconds: float):
+    def __init__(self, engine, scale: ScaleConfig, *, grace_seconds: float, video=None):
         self.engine = engine
+        self.video = video
         self.scale = scale
         self.grace_seconds = grace_seconds
         self.started_cluster = False
@@ -280,7 +282,9 @@ class RayDeployment:
         # No HTTP or gRPC proxy actors: the front end in this process is the only ingress.
         serve.start(http_options={"location": "NoServer"})
         gpus = self._gpus_per_replica()
-        app = engine_application(self.engine, self.scale, gpus_per_replica=gpus, grace_seconds=self.grace_seconds)
+        app = engine_application(
+            self.engine, self.scale, gpus_per_replica=gpus, grace_seconds=self.grace_seconds, video=self.video
+        )
         log.info("deploying %s (%s GPU per replica)", self._describe(), gpus)
         return serve.run(app, name=APP_NAME, route_prefix=None)
 
@@ -317,7 +321,7 @@ def run_ray_serve(config, scale: ScaleConfig) -> int:
     from masquerade.api.security import SecurityConfigError
     from masquerade.scale.app import running_replicas
 
-    deployment = RayDeployment(config.engine, scale, grace_seconds=config.grace_seconds)
+    deployment = RayDeployment(config.engine, scale, grace_seconds=config.grace_seconds, video=config.video)
     try:
         asyncio.run(serve_front_end(config, deployment.connect, running_replicas, disconnect=deployment.stop))
     except KeyboardInterrupt:
