@@ -6,14 +6,15 @@ Importing torch and diffusers alone takes seconds, which blur, pixelate and soli
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sample_images import t1_image_path
@@ -89,11 +90,13 @@ def test_classical_cli_imports_no_torch_diffusers_or_diffusion_engine(tmp_path):
     assert heavy_among(names) == []
 
 
-def test_default_server_without_weights_imports_no_torch(tmp_path):
+@pytest.mark.parametrize("log_format", ["text", "json"])  # json also routes the HF libraries' logging
+def test_default_server_without_weights_imports_no_torch(tmp_path, log_format):
     empty_models = tmp_path / "models"
     empty_models.mkdir()
     stderr_path, stdout_path = tmp_path / "stderr.txt", tmp_path / "stdout.txt"
     command = [sys.executable, "-m", "masquerade.cli", "serve", "--port", "0", "--metrics-port", "0"]
+    command += ["--log-format", log_format]
     command += ["--drain-seconds", "0", "--grace-seconds", "1"]
     if "--http-port" in _serve_flags():
         command += ["--http-port", "0"]  # the HTTP API (and its imports) too, on a free port
@@ -120,6 +123,9 @@ def test_default_server_without_weights_imports_no_torch(tmp_path):
             process.terminate()
             process.wait(timeout=60)
     assert serving, stdout_path.read_text()[-2000:] + stderr_path.read_text()[-2000:]
-    names = imported_modules(Path(stderr_path).read_text())
+    log = stderr_path.read_text()
+    if log_format == "json":  # once the JSON log is set up, native stderr lines arrive as its messages
+        log = "\n".join(json.loads(line)["message"] if line.startswith("{") else line for line in log.splitlines())
+    names = imported_modules(log)
     assert "masquerade.api.server" in names
     assert heavy_among(names) == []

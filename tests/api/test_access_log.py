@@ -84,3 +84,30 @@ def test_a_request_id_cannot_forge_a_second_line(client, face_png, access_caplog
     assert [t for t in tokens if t.startswith("code=")] == ["code=OK"]
     assert [t for t in tokens if t.startswith("request_id=")] == ["request_id=" + forged.replace("\n", "\\n")]
     assert json.loads(JsonFormatter().format(record))["request_id"] == forged
+
+
+def test_json_log_format_sets_up_diffusers_only_once_something_imports_it():
+    """--log-format json must not import diffusers (and torch) to configure it, yet its lines are JSON once loaded."""
+    import subprocess
+    import sys
+
+    script = """
+import json, logging, sys
+from masquerade.api.access_log import configure_logging
+configure_logging("INFO", "json")
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "torch"))
+import diffusers.utils.logging as library_logging
+library_logging.get_logger("diffusers.pipelines").warning("from diffusers")
+library = logging.getLogger("diffusers")
+print(json.dumps({"heavy": heavy, "handlers": len(library.handlers), "propagate": library.propagate,
+                  "bars": library_logging.is_progress_bar_enabled()}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    assert state == {"heavy": [], "handlers": 0, "propagate": True, "bars": False}
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert {"level": "WARNING", "logger": "diffusers.pipelines", "message": "from diffusers"}.items() <= lines[
+        -1
+    ].items()
+    assert not [line for line in done.stderr.splitlines() if line and not line.startswith("{")], done.stderr

@@ -6,15 +6,17 @@ status code: never pixels, prompts, embeddings or any other request content.
 
 from __future__ import annotations
 
-import importlib
+import importlib.abc
 import json
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import ModuleType
 
 import grpc
 
@@ -147,17 +149,73 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
 
 
 def _route_library_output_through_logging() -> None:
-    """So that every line is JSON: warnings and the HF libraries' own handlers go through the root handler."""
+    """So that every line is JSON: warnings and the HF libraries' own handlers go through the root handler.
+
+    transformers and diffusers are set up when they are imported, never imported for it: a classical
+    server must not load them (and torch) only to configure their logging."""
     logging.captureWarnings(True)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for library in ("transformers", "diffusers"):
-        try:
-            library_logging = importlib.import_module(f"{library}.utils.logging")
-        except ImportError:
-            continue
-        library_logging.disable_default_handler()
-        library_logging.enable_propagation()
-        library_logging.disable_progress_bar()
+        after_import(f"{library}.utils.logging", _propagate_hf_logging)
+
+
+def _propagate_hf_logging(library_logging: ModuleType) -> None:
+    library_logging.disable_default_handler()
+    library_logging.enable_propagation()
+    library_logging.disable_progress_bar()
+
+
+def after_import(name: str, callback: Callable[[ModuleType], None]) -> None:
+    """Calls ``callback(module)`` once module ``name`` is imported: now if it already is, else right after
+    whoever imports it first has run it (a finder at the front of sys.meta_path that answers only for
+    the modules watched)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        callback(module)
+        return
+    with _hooks_lock:
+        if not any(isinstance(finder, _AfterImportFinder) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImportFinder())
+        _after_import.setdefault(name, []).append(callback)
+
+
+_after_import: dict[str, list[Callable[[ModuleType], None]]] = {}
+_hooks_lock = threading.Lock()
+
+
+class _AfterImportFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a watched module it asks the other finders and wraps the spec's loader."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _after_import:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _CallbackLoader(spec.loader, name)
+                return spec
+        return None
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    def __init__(self, loader, name: str):
+        self._loader, self._name = loader, name
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        with _hooks_lock:
+            callbacks = _after_import.pop(self._name, [])
+        for callback in callbacks:
+            callback(module)
+
+    def __getattr__(self, attribute):  # resource readers and the like: the wrapped loader's
+        return getattr(self._loader, attribute)
 
 
 # gRPC core (absl) prefixes its lines with a severity letter: "E0000 00:00:00.000000 123 file.cc:45] text".
