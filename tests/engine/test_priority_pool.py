@@ -80,3 +80,40 @@ def test_paused_bulk_work_waits_for_the_pause_to_end_or_at_most_its_bound():
         assert held.result(timeout=10) - started < delayed.result() - started + 0.45
     finally:
         pool.shutdown()
+
+
+def test_on_every_thread_runs_once_on_each_thread_including_the_reserved_ones():
+    pool = PriorityThreadPool(2, "test-pool", reserved=1)
+    names: list[str] = []
+    lock = threading.Lock()
+
+    def note() -> str:
+        with lock:
+            names.append(threading.current_thread().name)
+        return threading.current_thread().name
+
+    try:
+        for future in pool.on_every_thread(note):
+            future.result(timeout=10)
+        assert sorted(names) == ["test-pool-0", "test-pool-1", "test-pool-2"]
+    finally:
+        pool.shutdown()
+
+
+def test_on_every_thread_goes_on_when_a_thread_stays_busy():
+    """A thread busy past the timeout breaks the barrier: every task still runs (fn is idempotent), none hangs."""
+    pool = PriorityThreadPool(2, "test-pool")
+    gate, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+    try:
+        busy = pool.submit(Priority.BULK, lambda: (started.set(), gate.wait()))
+        assert started.wait(10)
+        futures = pool.on_every_thread(lambda: ran.append(threading.current_thread().name), timeout=0.2)
+        for future in futures[:1]:
+            future.result(timeout=10)  # the free thread ran one, waited 0.2 s for the other, went on
+        gate.set()
+        for future in [busy, *futures]:
+            future.result(timeout=10)
+        assert len(ran) == 2
+    finally:
+        pool.shutdown()

@@ -123,6 +123,7 @@ class AnonymizerServicer(pb2_grpc.AnonymizerServicer):
         self._engine = engine
         self.clients.quotas.faces_in_flight = engine.faces_in_flight
         self.clients.quotas.faces_retry_after = lambda client: engine.estimate_seconds(Priority.BULK) or 1.0
+        self.video.start_warming(engine)  # with VideoConfig.warm_live (serve): the live path, in the background
 
     # ------------------------------------------------------------ shared pieces
 

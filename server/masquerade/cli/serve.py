@@ -289,6 +289,7 @@ def video_config_from_args(args: argparse.Namespace):
         max_frame_window=args.max_frame_window,
         max_video_streams=args.max_video_streams,
         live_detect_max_side=args.live_detect_max_side,
+        warm_live=True,  # a server's first stream gets the latency of its later ones (api/video_service.py)
     )
 
 

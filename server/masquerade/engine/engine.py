@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
@@ -490,10 +490,22 @@ class Engine:
 
         return run
 
-    async def run_pixel_work(self, fn, *args, priority: Priority = Priority.INTERACTIVE):
+    async def run_pixel_work(self, fn, *args, priority: Priority = Priority.INTERACTIVE, trim: bool = True):
         """``fn(*args)`` on the preprocess threads, shared with every request's pixel work: live video
-        frames (api/video_service.py) take their turn there like images do, at ``priority``."""
-        return await self._in_pool(priority, fn, *args)
+        frames (api/video_service.py) take their turn there like images do, at ``priority``. ``trim=False``:
+        no heap trim after it (a stream's frames reuse the same few MB frame after frame; trimming them
+        only makes the next frame fault the pages back in); call ``return_memory`` when such work ends."""
+        if trim:
+            return await self._in_pool(priority, fn, *args)
+        return await asyncio.wrap_future(self._preprocess_pool.submit(priority, fn, *args))
+
+    def on_every_pixel_thread(self, fn) -> list[Future]:
+        """``fn()`` once on each preprocess thread (engine/priority_pool.py); callable from any thread."""
+        return self._preprocess_pool.on_every_thread(fn)
+
+    def return_memory(self) -> None:
+        """Ask for a heap trim soon (engine/memory.py), as after every request's pixel work."""
+        self._memory.request_trim()
 
     @staticmethod
     def _cancellable(flag: Event, fn, *args):

@@ -62,6 +62,24 @@ class PriorityThreadPool:
             self._ready.notify()
         return future
 
+    def on_every_thread(self, fn: Callable[[], object], timeout: float = 10.0) -> list[Future]:
+        """``fn()`` once on each of the pool's threads (per-thread models loaded ahead of the first request
+        that needs them), as interactive tasks: a barrier holds each task on its thread until every one has
+        started, so no thread takes two. A thread still busy after ``timeout`` breaks the barrier: the rest
+        go on, and its task may then run on a thread that already ran ``fn`` (so ``fn`` must be idempotent)."""
+        barrier = threading.Barrier(len(self._threads))
+
+        def once():
+            try:
+                return fn()
+            finally:
+                try:
+                    barrier.wait(timeout)
+                except threading.BrokenBarrierError:
+                    pass
+
+        return [self.submit(Priority.INTERACTIVE, once) for _ in self._threads]
+
     def waiting(self, up_to: Priority) -> int:
         """Tasks queued (not started) at priority ``up_to`` or more urgent."""
         with self._ready:
