@@ -101,8 +101,9 @@ def _pid_of(served_by: str) -> int:
 
 
 class RayServer:
-    def __init__(self, model_dir: Path, log_path: Path):
+    def __init__(self, model_dir: Path, log_path: Path, spool_dir: Path):
         self.port = _free_port()
+        self.spool_dir = spool_dir
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -129,6 +130,8 @@ class RayServer:
             "3",
             "--drain-seconds",
             "3",
+            "--video-spool-dir",
+            str(spool_dir),
         ]
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -184,7 +187,8 @@ class RayServer:
 
 @pytest.fixture(scope="module")
 def ray_server(tiny_model_dir, tmp_path_factory):
-    server = RayServer(tiny_model_dir, tmp_path_factory.mktemp("ray") / "serve.log")
+    folder = tmp_path_factory.mktemp("ray")
+    server = RayServer(tiny_model_dir, folder / "serve.log", folder / "spool")
     try:
         server.wait_serving()
         yield server
@@ -332,6 +336,35 @@ def test_video_errors_come_from_the_replica_unchanged(ray_server, tmp_path):
     with pytest.raises(grpc.RpcError) as caught:
         list(ray_server.stub.AnonymizeFrames(frames, timeout=60))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "window" in caught.value.details()
+
+
+def test_a_cancelled_upload_leaves_no_file_on_the_replica(ray_server, tmp_path):
+    import threading
+
+    def spool_files() -> list[Path]:
+        return [Path(folder) / name for folder, _, names in os.walk(ray_server.spool_dir) for name in names]
+
+    clip = tmp_path / "noise.mp4"
+    clip.write_bytes(np.random.default_rng(1).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    release = threading.Event()
+
+    def stalling():
+        requests = _video_requests(clip)
+        for _ in range(4):  # start and three chunks, then the client stalls mid-upload
+            yield next(requests)
+        release.wait(60)
+
+    call = ray_server.stub.AnonymizeVideo(stalling(), timeout=60)
+    deadline = time.monotonic() + 30
+    while not spool_files():
+        assert time.monotonic() < deadline, "the upload never reached a replica's spool"
+        time.sleep(0.05)
+    call.cancel()
+    release.set()
+    deadline = time.monotonic() + 30
+    while spool_files():
+        assert time.monotonic() < deadline, f"left behind: {spool_files()}"
+        time.sleep(0.1)
 
 
 def test_killed_replica_fails_only_its_requests_and_comes_back(ray_server, replica_pids):
