@@ -8,8 +8,8 @@
 #   clients/build_all.sh            install if missing, then build all three
 #   clients/build_all.sh ts go cpp  build only the named clients
 #
-# Outputs: clients/typescript/dist/example.js, clients/go/build/bin/masquerade-anonymize,
-# clients/cpp/build/masquerade-anonymize.
+# Outputs: clients/typescript/dist/example.js (and video-example.js), clients/go/build/bin/masquerade-anonymize
+# (and masquerade-video), clients/cpp/build/masquerade-anonymize (and masquerade-video).
 set -euo pipefail
 clients="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$clients/.." && pwd)"
