@@ -315,6 +315,7 @@ export class MasqueradeClient {
     void writeAll(call, requests, state);
     const chunks: Buffer[] = [];
     let received = 0;
+    let report: VideoReport | undefined;
     try {
       for await (const response of call as AsyncIterable<AnonymizeVideoResponse>) {
         onStarted();
@@ -332,7 +333,7 @@ export class MasqueradeClient {
           if (event.value.outputBytes !== received) {
             throw new MasqueradeError(status.INTERNAL, `received ${received} bytes, the report says ${event.value.outputBytes}`);
           }
-          return { video: Buffer.concat(chunks), tracks: event.value.tracks, report: event.value };
+          report = event.value; // the last message; the call's OK status follows
         }
       }
     } catch (err) {
@@ -345,7 +346,8 @@ export class MasqueradeClient {
       call.cancel(); // no-op when finished; frees the server's spool at once otherwise
     }
     if (state.inputFailed) throw state.inputError;
-    throw new MasqueradeError(status.INTERNAL, "the stream ended without a report");
+    if (report === undefined) throw new MasqueradeError(status.INTERNAL, "the stream ended without a report");
+    return { video: Buffer.concat(chunks), tracks: report.tracks, report };
   }
 
   /**

@@ -78,10 +78,6 @@ class EngineReplica:
     def info(self) -> EngineInfo:
         return self.engine.info()
 
-    def video_limits(self) -> dict:
-        """The video fields of GetServerInfo's Limits, as this replica enforces them."""
-        return self._video.limits()
-
     def _video_service(self, config):
         from masquerade.api.errors import ServerNotReadyError
         from masquerade.api.video_service import VideoConfig, VideoService
