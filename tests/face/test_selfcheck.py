@@ -24,7 +24,7 @@ from masquerade.engine.request import (
     ReversePersonalizationParams,
 )
 from masquerade.face.detect import FaceDetector
-from masquerade.face.selfcheck import SelfCheck
+from masquerade.face.selfcheck import SelfCheck, iou
 
 
 def png(rgb: np.ndarray) -> bytes:
@@ -155,3 +155,98 @@ def test_a_threshold_outside_zero_one_is_refused_naming_the_field(value):
 
     with pytest.raises(InvalidRequestError, match="detection.score_threshold"):
         DetectionOptions(score_threshold=value)
+
+
+# ---- the local self-check (issue 19): detection only around what changed -----------------------
+
+
+def two_faces_far_apart(t1_rgb, astronaut_rgb) -> np.ndarray:
+    """A 2400x1800 grey wall (past the 2048 px coarse limit, so crops are searched at 0.85x) with the
+    astronaut's face and, just right of it, one of t1's; and a third face far away in the corner."""
+    centerface = FaceDetector("centerface")
+    canvas = np.full((1800, 2400, 3), 120, np.uint8)
+    crops = []
+    for rgb in (astronaut_rgb, t1_rgb, t1_rgb):
+        faces = centerface.detect(rgb)
+        face = faces[0] if rgb is astronaut_rgb else faces[len(crops)]
+        x0, y0, x1, y1 = face.box
+        side = 1.8 * max(x1 - x0, y1 - y0)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        crop = rgb[int(max(cy - side / 2, 0)) : int(cy + side / 2), int(max(cx - side / 2, 0)) : int(cx + side / 2)]
+        crops.append(cv2.resize(crop, (220, 220), interpolation=cv2.INTER_AREA))
+    canvas[700:920, 900:1120] = crops[0]
+    canvas[700:920, 1150:1370] = crops[1]  # 30 px right of the first
+    canvas[1500:1720, 60:280] = crops[2]  # far from both
+    return canvas
+
+
+def test_the_local_self_check_finds_what_the_whole_image_check_finds(t1_rgb, astronaut_rgb):
+    image = two_faces_far_apart(t1_rgb, astronaut_rgb)
+    detector = FaceDetector("centerface")
+    faces = detector.detect(image)
+    assert len(faces) == 3
+    first, second = sorted((f for f in faces if f.box[1] < 1200), key=lambda f: f.box[0])
+    check = SelfCheck(detector)
+    from masquerade.face.classical import apply_classical
+
+    # The first pass "missed" the face next to the cover: the self-check must find it as a new face.
+    output = apply_classical(image, first, "blur", 1.0)
+    entries = [(first.box, first.landmarks)]
+    originals = check.describe_originals(image, entries)
+    local = check.inspect(output, entries, originals, 0.5, original=image)
+    whole = check.inspect(output, entries, originals, 0.5)
+    # The whole-image check also reports the corner face (left out of the entries here; a real
+    # first pass found it): the local one looks only around what changed.
+    # At 0.85x a crop's pixels resample a little differently from the whole image's: boxes agree to
+    # a fraction of a pixel, not bit for bit.
+    near = [f.box for f in whole.new_faces if f.box[1] < 1200]
+    assert len(local.new_faces) == len(near) == 1 and iou(local.new_faces[0].box, near[0]) > 0.98
+    assert any(iou(f.box, second.box) > 0.5 for f in local.new_faces)
+    assert local.distances.keys() == whole.distances.keys() and local.recognisable == whole.recognisable == []
+    assert abs(local.distances[0] - whole.distances[0]) < 0.02
+
+    # A weak cover leaves the face recognisable: the local check still says so.
+    weak = apply_classical(image, first, "blur", 0.02)
+    verdict = check.inspect(weak, entries, originals, 0.5, original=image)
+    assert verdict.recognisable == [0] and verdict.distances[0] < 0.6
+
+
+def test_the_local_self_check_searches_crops_and_reuses_unchanged_work(t1_rgb, astronaut_rgb):
+    from masquerade.face.classical import apply_classical
+    from masquerade.face.selfcheck import changed_regions, context_crops
+
+    image = two_faces_far_apart(t1_rgb, astronaut_rgb)
+    detector = FaceDetector("centerface")
+    faces = detector.detect(image)
+    output = image
+    for face in faces:
+        output = apply_classical(output, face, "blur", 1.0)
+    regions = changed_regions(image, output)
+    assert 1 <= len(regions) <= 3
+    changed = np.argwhere(np.any(image != output, axis=2))
+    for y, x in changed[:: max(len(changed) // 500, 1)]:  # every changed pixel lies in a region
+        assert any(r[0] <= x < r[2] and r[1] <= y < r[3] for r in regions)
+    crops = context_crops(regions, image.shape, 64)
+    assert sum((c[2] - c[0]) * (c[3] - c[1]) for c in crops) < 0.6 * image.shape[0] * image.shape[1]
+
+    class Counting(FaceDetector):
+        pixels = 0
+
+        def find(self, rgb, *args, **kwargs):
+            Counting.pixels += rgb.shape[0] * rgb.shape[1]
+            return super().find(rgb, *args, **kwargs)
+
+    counting = Counting("centerface")
+    check = SelfCheck(counting)
+    entries = [(f.box, f.landmarks) for f in faces]
+    originals = check.describe_originals(image, entries)
+    memo: dict = {}
+    first = check.inspect(output, entries, originals, 0.5, original=image, memo=memo)
+    searched = Counting.pixels
+    assert 0 < searched < 0.6 * image.shape[0] * image.shape[1]
+    again = check.inspect(output, entries, originals, 0.5, original=image, memo=memo)
+    assert Counting.pixels == searched, "nothing changed: nothing is searched again"
+    assert again.distances == first.distances and first.recognisable == [] and first.new_faces == []
+    whole = check.inspect(output, entries, originals, 0.5)
+    assert whole.new_faces == [] and whole.recognisable == []
+    assert all(abs(whole.distances[i] - first.distances[i]) < 0.02 for i in first.distances)

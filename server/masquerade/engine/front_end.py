@@ -9,7 +9,7 @@ result saying so.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import cv2
@@ -86,6 +86,7 @@ class PreparedRequest:
     works: list[FaceWork]  # faces going through diffusion (a subset of records)
     threshold: float = DEFAULT_THRESHOLD  # the detection score threshold this request used
     mask_scale: float = 1.0
+    cover_style: CoverStyle = DEFAULT_STYLE  # the front end's, with the request's shape and mosaic size
     residual_recognisable: int = 0  # set by finish(): faces the self-check still recognised
 
 
@@ -179,6 +180,7 @@ class FaceFrontEnd:
             works=[w for w in works if w.record.status is FaceStatus.ANONYMIZED],
             threshold=threshold,
             mask_scale=mask_scale,
+            cover_style=self._cover_style(request),
         )
 
     def _align(self, rgb: np.ndarray, face: DetectedFace | None, record: FaceRecord) -> FaceWork:
@@ -241,7 +243,14 @@ class FaceFrontEnd:
             check_cancelled()
             work = works_by_index.get(record.index)
             if request.method.is_classical:
-                output = self._cover(output, record, request.method, request.classical_strength, prepared.mask_scale)
+                output = self._cover(
+                    output,
+                    record,
+                    request.method,
+                    request.classical_strength,
+                    prepared.mask_scale,
+                    prepared.cover_style,
+                )
             elif work is not None and record.index in generated:
                 # The whole regenerated square goes back, except over the other faces (align.paste_back).
                 others = [r.landmarks for r in prepared.records if r.index != record.index and len(r.landmarks) == 68]
@@ -251,7 +260,12 @@ class FaceFrontEnd:
                     reason = (failures or {}).get(record.index) or "generation did not complete for this face"
                     self._mark_fallback(record, reason)
                 output = self._cover(
-                    output, record, record.method_applied, request.classical_strength, prepared.mask_scale
+                    output,
+                    record,
+                    record.method_applied,
+                    request.classical_strength,
+                    prepared.mask_scale,
+                    prepared.cover_style,
                 )
         self._identity_receipts(output, prepared, generated)
         check_cancelled()
@@ -270,13 +284,30 @@ class FaceFrontEnd:
             return cv2.resize(generated_crop, (width, height), interpolation=cv2.INTER_LANCZOS4)
         return paste_back(output, generated_crop, work.matrix, protect=others)
 
+    def _cover_style(self, request: EngineRequest) -> CoverStyle:
+        """The front end's cover style (the CLI's flags) with what the request sets (ClassicalParams)."""
+        if request.cover_shape is None and request.mosaic_size is None:
+            return self.cover_style
+        return replace(
+            self.cover_style,
+            shape=request.cover_shape or self.cover_style.shape,
+            mosaic_size=request.mosaic_size if request.mosaic_size is not None else self.cover_style.mosaic_size,
+        )
+
     def _cover(
-        self, output: np.ndarray, record: FaceRecord, method: Method, strength: float, mask_scale: float = 1.0
+        self,
+        output: np.ndarray,
+        record: FaceRecord,
+        method: Method,
+        strength: float,
+        mask_scale: float = 1.0,
+        style: CoverStyle | None = None,
     ) -> np.ndarray:
+        style = style or self.cover_style
         if record.landmarks.shape[0] == 68:
             face = DetectedFace(box=record.box, landmarks=record.landmarks, score=record.score)
-            return apply_classical(output, face, method.value, strength, mask_scale=mask_scale, style=self.cover_style)
-        return cover_region(output, record.box, method.value, strength, mask_scale=mask_scale, style=self.cover_style)
+            return apply_classical(output, face, method.value, strength, mask_scale=mask_scale, style=style)
+        return cover_region(output, record.box, method.value, strength, mask_scale=mask_scale, style=style)
 
     @staticmethod
     def _mark_fallback(record: FaceRecord, reason: str) -> None:
@@ -328,8 +359,9 @@ class FaceFrontEnd:
         except Exception:  # the verifier failing must not fail the request; the result says nothing was checked
             log.exception("self-check could not describe the original faces")
             return output
+        memo: dict = {}  # work on pixels that a re-cover leaves unchanged is not done twice
         for _attempt in range(2):
-            verdict = check.inspect(output, faces, originals, prepared.threshold)
+            verdict = check.inspect(output, faces, originals, prepared.threshold, original=original, memo=memo)
             for index, distance in verdict.distances.items():
                 records[index].verifier_distance = distance
             for found in verdict.new_faces:  # missed by the first pass (e.g. next to a cover)
@@ -345,7 +377,9 @@ class FaceFrontEnd:
                 records.append(record)
                 faces.append((record.box, record.landmarks))
                 originals.append(None)
-                output = self._cover(output, record, FALLBACK_METHOD, RECOVER_STRENGTH, prepared.mask_scale)
+                output = self._cover(
+                    output, record, FALLBACK_METHOD, RECOVER_STRENGTH, prepared.mask_scale, prepared.cover_style
+                )
             if not verdict.recognisable:
                 prepared.residual_recognisable = 0
                 return output
@@ -366,8 +400,12 @@ class FaceFrontEnd:
                 )
                 record.status = FaceStatus.FALLBACK
                 record.method_applied = stronger
-                output = self._cover(output, record, stronger, RECOVER_STRENGTH, prepared.mask_scale)
-        verdict = check.inspect(output, faces, originals, prepared.threshold, look_for_new=False)
+                output = self._cover(
+                    output, record, stronger, RECOVER_STRENGTH, prepared.mask_scale, prepared.cover_style
+                )
+        verdict = check.inspect(
+            output, faces, originals, prepared.threshold, look_for_new=False, original=original, memo=memo
+        )
         for index, distance in verdict.distances.items():
             records[index].verifier_distance = distance
         prepared.residual_recognisable = len(verdict.recognisable)

@@ -150,19 +150,28 @@ class FaceDetector:
 
     # ---- detection ------------------------------------------------------------------
 
-    def find(self, rgb: np.ndarray, score_threshold: float = DEFAULT_THRESHOLD, small_faces: bool = True) -> RawFaces:
+    def find(
+        self,
+        rgb: np.ndarray,
+        score_threshold: float = DEFAULT_THRESHOLD,
+        small_faces: bool = True,
+        levels_of: tuple[int, int] | None = None,
+    ) -> RawFaces:
         """Boxes, scores and five points (if the backend has them) in ``rgb``'s pixels, merged over levels.
 
         ``small_faces=False`` skips the fine tiles (the self-check: a face too small for the
-        coarse copy is too small for the identity descriptor too).
+        coarse copy is too small for the identity descriptor too). ``levels_of``: the (height,
+        width) of the whole image when ``rgb`` is a crop of it, so the crop is searched at the
+        scales the whole image would be (the self-check's crops around what changed).
         """
         rgb = _check_rgb(rgb)
         height, width = rgb.shape[:2]
-        coarse = min(1.0, self.max_side / max(height, width)) * self.detect_scale
+        whole_h, whole_w = levels_of or (height, width)
+        coarse = min(1.0, self.max_side / max(whole_h, whole_w)) * self.detect_scale
         check_cancelled()
         found = [_scaled(self.backend.find(_resize(rgb, coarse), score_threshold), coarse)]
         # Large faces (a third of the image and up) are found more reliably at half that scale.
-        if self.backend.native_min_face < 40 and min(height, width) * coarse >= 256:
+        if self.backend.native_min_face < 40 and min(whole_h, whole_w) * coarse >= 256 and min(height, width) >= 8:
             check_cancelled()
             raw = _scaled(self.backend.find(_resize(rgb, coarse / 2), score_threshold), coarse / 2)
             sides = np.minimum(raw.boxes[:, 2] - raw.boxes[:, 0], raw.boxes[:, 3] - raw.boxes[:, 1])
@@ -185,15 +194,17 @@ class FaceDetector:
         score_threshold: float = DEFAULT_THRESHOLD,
         max_landmarked: int = MAX_DETECTIONS,
         small_faces: bool = True,
+        levels_of: tuple[int, int] | None = None,
     ) -> list[DetectedFace]:
         """Faces in ``rgb`` (uint8 [H, W, 3]) with score >= ``score_threshold``, sorted left to right.
 
         The ``max_landmarked`` best get 68 landmarks; any others get an empty [0, 2] array.
+        ``small_faces`` and ``levels_of``: as in ``find``.
         """
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold!r}")
         rgb = _check_rgb(rgb)
-        raw = self.find(rgb, score_threshold, small_faces)
+        raw = self.find(rgb, score_threshold, small_faces, levels_of)
         order = np.argsort(-raw.scores, kind="stable")
         # Loaded on the first face only: reading the 100 MB model is most of a face-free image's time.
         predictor = load_shape_predictor() if len(order) else None

@@ -8,12 +8,21 @@ dlib's 0.6 means the same person is still there. A region is compared only if
 it is a face to begin with: a second detector must confirm the original region
 (the descriptor embeds anything it is given, a badge included, and two crops of
 one badge are always "the same person").
+
+The detector runs again only around what changed (``changed_regions``): outside
+the covers the output's pixels are the input's, so the same detector, at the same
+scales, finds there what the first pass found (docs/design.md, "The self-check
+looks where the pixels changed"). Each changed region, and each original face, is
+searched in a crop with a margin of context twice as wide as the region, at the scales
+the whole image is searched at. Descriptors are computed once per face and pixel
+content: a second inspect after a re-cover recomputes only what the re-cover touched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from .detect import DetectedFace, FaceDetector
@@ -22,6 +31,10 @@ from .verify import SAME_PERSON_THRESHOLD, DlibVerifier
 
 CONFIRM_THRESHOLD = 0.3  # lenient: the confirmer only has to see *a* face in the region
 CONFIRM_SIDE = 96  # px: the region is scaled so the face is about this wide for the confirmer
+CHANGE_BLOCK = 16  # px: changed pixels are located to blocks of this side
+MIN_CONTEXT = 64  # px at the detection scale: the least margin of context around a changed region
+MAX_CROPS = 64  # crops per inspect, follow-ups for faces cut by a crop's edge included
+WHOLE_IMAGE_SHARE = 0.6  # crops covering more than this share of the image: search the whole image instead
 
 Box = tuple[float, float, float, float]
 
@@ -50,6 +63,60 @@ def _overlaps(a: Box, b: Box) -> bool:
         if outer[0] <= cx <= outer[2] and outer[1] <= cy <= outer[3]:
             return True
     return False
+
+
+def changed_regions(original: np.ndarray, output: np.ndarray, block: int = CHANGE_BLOCK) -> list[Box]:
+    """Boxes (to ``block`` px) around every connected group of pixels where ``output`` differs from ``original``."""
+    if original.shape != output.shape:
+        raise ValueError(f"original {original.shape} and output {output.shape} differ in size")
+    height, width = original.shape[:2]
+    changed = cv2.absdiff(original, output).max(axis=2)
+    if not changed.any():
+        return []
+    # A block with one changed pixel in it averages to 255/block**2 > 0 after the 0/255 scaling.
+    cols, rows = -(-width // block), -(-height // block)
+    padded = np.zeros((rows * block, cols * block), np.uint8)
+    padded[:height, :width] = np.where(changed > 0, 255, 0).astype(np.uint8)
+    blocks = (cv2.resize(padded, (cols, rows), interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(blocks, connectivity=8)
+    regions = []
+    for x, y, w, h, _area in stats[1:count]:
+        regions.append((float(x * block), float(y * block), float(min((x + w) * block, width)),
+                        float(min((y + h) * block, height))))  # fmt: skip
+    return regions
+
+
+def context_crops(
+    regions: list[Box], shape: tuple[int, ...], min_margin: float, align: int = 1
+) -> list[tuple[int, int, int, int]]:
+    """Each region grown by a margin twice as wide as itself (at least ``min_margin``), overlapping crops merged.
+
+    Twice: a neighbour as large as the covered face, up to a face's width away, lies wholly inside
+    (the detector does not find a face the crop's edge cuts in half).
+
+    Crop origins are multiples of ``align``, so that the detector's grid over a crop is its grid over
+    the whole image (its strides reach 32 px, and the half-scale level doubles that).
+    """
+    height, width = shape[:2]
+    crops = []
+    for x0, y0, x1, y1 in regions:
+        margin = max(2 * (x1 - x0), 2 * (y1 - y0), min_margin)
+        left, top = max(int(x0 - margin), 0) // align * align, max(int(y0 - margin), 0) // align * align
+        crops.append([left, top, min(int(np.ceil(x1 + margin)), width), min(int(np.ceil(y1 + margin)), height)])
+    merged = True
+    while merged:  # union of overlapping crops, until none overlap
+        merged = False
+        for i in range(len(crops)):
+            for j in range(i + 1, len(crops)):
+                a, b = crops[i], crops[j]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                    crops[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                    del crops[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return [tuple(c) for c in crops]
 
 
 class SelfCheck:
@@ -101,26 +168,132 @@ class SelfCheck:
         originals: list[np.ndarray | None],
         threshold: float,
         look_for_new: bool = True,
+        *,
+        original: np.ndarray | None = None,
+        memo: dict | None = None,
     ) -> Verdict:
+        """Distances and new faces in ``output``. ``original``: the input image, so the detector runs only
+        around what changed (without it: on the whole output). ``memo``: one dict per request, passed to
+        every inspect of that request, so work on pixels that did not change since is not done again."""
+        memo = {} if memo is None else memo
         verdict = Verdict()
-        found = [f for f in self.detector.detect(output, threshold, small_faces=False) if f.landmarks.shape == (68, 2)]
-        described: dict[int, np.ndarray] = {}
+        if original is None:
+            found = self.detector.detect(output, threshold, small_faces=False)
+        else:
+            found = self._detect_around_changes(original, output, faces, threshold, memo)
+        found = [f for f in found if f.landmarks.shape == (68, 2)]
+        descriptors = memo.setdefault("descriptors", {})
         for index, ((box, landmarks), descriptor) in enumerate(zip(faces, originals)):
             if descriptor is None:
                 continue
             # What is now at the original's landmarks, and any detected face on top of it.
-            distances = [self.verifier.distance(descriptor, self.verifier.descriptor(output, landmarks))]
+            distances = [self.verifier.distance(descriptor, self._descriptor(output, landmarks, descriptors))]
             eye_distance = max(float(np.linalg.norm(landmarks[36:42].mean(0) - landmarks[42:48].mean(0))), 1.0)
-            for number, face in enumerate(found):
+            for face in found:
+                if min(distances) < SAME_PERSON_THRESHOLD:
+                    break  # recognisable already: more descriptors would not change the verdict
                 # A face found where the original's landmarks already are is the measurement above.
                 same_place = np.linalg.norm(face.landmarks - landmarks, axis=1).mean() < 0.1 * eye_distance
                 if _overlaps(box, face.box) and not same_place:
-                    if number not in described:
-                        described[number] = self.verifier.descriptor(output, face.landmarks)
-                    distances.append(self.verifier.distance(descriptor, described[number]))
+                    distances.append(
+                        self.verifier.distance(descriptor, self._descriptor(output, face.landmarks, descriptors))
+                    )
             verdict.distances[index] = min(distances)
             if verdict.distances[index] < SAME_PERSON_THRESHOLD:
                 verdict.recognisable.append(index)
         if look_for_new:
             verdict.new_faces = [f for f in found if not any(_overlaps(box, f.box) for box, _ in faces)]
         return verdict
+
+    def _descriptor(self, output: np.ndarray, landmarks: np.ndarray, cache: dict) -> np.ndarray:
+        """The descriptor at ``landmarks``, reused while the pixels it is computed from are unchanged."""
+        key = landmarks.tobytes()
+        height, width = output.shape[:2]
+        # dlib's chip: the landmarks' extent plus 25 % padding a side, maybe rotated; a full extent a side is safe.
+        (lx0, ly0), (lx1, ly1) = landmarks.min(0), landmarks.max(0)
+        span = max(lx1 - lx0, ly1 - ly0, 1.0)
+        x0, y0 = max(int(lx0 - span), 0), max(int(ly0 - span), 0)
+        x1, y1 = min(int(lx1 + span) + 1, width), min(int(ly1 + span) + 1, height)
+        window = output[y0:y1, x0:x1]
+        cached = cache.get(key)
+        if cached is not None and cached[0].shape == window.shape and np.array_equal(cached[0], window):
+            return cached[1]
+        descriptor = self.verifier.descriptor(output, landmarks)
+        cache[key] = (window.copy(), descriptor)  # the window, not the image: a request holds little extra
+        return descriptor
+
+    def _detect_around_changes(
+        self,
+        original: np.ndarray,
+        output: np.ndarray,
+        faces: list[tuple[Box, np.ndarray]],
+        threshold: float,
+        memo: dict,
+    ) -> list[DetectedFace]:
+        """The self-check's detection, on crops around the changed pixels and the original faces only.
+
+        Crops whose pixels did not change since the last inspect of this request reuse its faces.
+        """
+        height, width = output.shape[:2]
+        scale = min(1.0, self.detector.max_side / max(height, width)) * self.detector.detect_scale
+        regions = changed_regions(original, output) + [box for box, _ in faces]
+        crops = context_crops(regions, output.shape, MIN_CONTEXT / scale, max(int(round(64 / scale)), 1))
+        if sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in crops) > WHOLE_IMAGE_SHARE * height * width:
+            crops = [(0, 0, width, height)]
+        previous = memo.get("scan", {})
+        align = max(int(round(64 / scale)), 1)
+        found: list[DetectedFace] = []
+        scanned: dict = {}
+        pending = list(crops)
+        while pending:
+            crop = pending.pop(0)
+            if crop in scanned:
+                continue
+            x0, y0, x1, y1 = crop
+            pixels = output[y0:y1, x0:x1]
+            if crop in previous and np.array_equal(previous[crop][0], pixels):
+                kept, cut = previous[crop][1], previous[crop][2]
+            else:
+                kept, cut = self._detect_in_crop(output, crop, threshold)
+            scanned[crop] = (pixels.copy(), kept, cut)
+            found += kept
+            # A face cut by the crop's edge is searched again in a crop of its own, with context around it.
+            if len(scanned) + len(pending) < MAX_CROPS:
+                for box in cut:
+                    more = context_crops([box], output.shape, MIN_CONTEXT / scale, align)[0]
+                    if more not in scanned and more not in pending:
+                        pending.append(more)
+        memo["scan"] = scanned
+        return _deduplicated(found)
+
+    def _detect_in_crop(
+        self, output: np.ndarray, crop: tuple[int, int, int, int], threshold: float
+    ) -> tuple[list[DetectedFace], list[Box]]:
+        """Faces wholly inside ``crop`` (image coordinates), and the boxes of those its inner edges cut."""
+        height, width = output.shape[:2]
+        x0, y0, x1, y1 = crop
+        kept, cut = [], []
+        shift = np.array([x0, y0], np.float32)
+        for face in self.detector.detect(output[y0:y1, x0:x1], threshold, small_faces=False, levels_of=(height, width)):
+            fx0, fy0, fx1, fy1 = face.box
+            box = (fx0 + x0, fy0 + y0, fx1 + x0, fy1 + y0)
+            if (
+                (x0 > 0 and fx0 <= 1)
+                or (y0 > 0 and fy0 <= 1)
+                or (x1 < width and fx1 >= x1 - x0 - 1)
+                or (y1 < height and fy1 >= y1 - y0 - 1)
+            ):
+                cut.append(box)
+                continue
+            five = None if face.five is None else face.five + shift
+            kept.append(DetectedFace(box=box, landmarks=face.landmarks + shift, score=face.score, five=five))
+        return kept, cut
+
+
+def _deduplicated(faces: list[DetectedFace]) -> list[DetectedFace]:
+    """One face per place where crops overlapped: the best-scoring of boxes with IoU >= 0.4."""
+    kept: list[DetectedFace] = []
+    for face in sorted(faces, key=lambda f: -f.score):
+        if all(iou(face.box, other.box) < 0.4 for other in kept):
+            kept.append(face)
+    return sorted(kept, key=lambda f: (f.box[0], f.box[1]))
