@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from masquerade_client import video
 from masquerade_client.errors import MasqueradeError, Unavailable, from_rpc_error, retry_delay
-from masquerade_client.fields import FORMATS, detection_fields, enum_value, set_fields
+from masquerade_client.fields import FORMATS, SHAPES, detection_fields, enum_value, set_fields
 from masquerade_client.v1 import anonymizer_pb2 as pb2
 from masquerade_client.v1 import anonymizer_pb2_grpc as pb2_grpc
 
@@ -110,6 +110,8 @@ def build_request(
     attribute_prompt: str | None = None,
     seed: int | None = None,
     strength: float | None = None,
+    shape: int | str | None = None,
+    mosaic_size: int | None = None,
     aligned: bool = False,
     score_threshold: float | None = None,
     min_face_size: int | None = None,
@@ -121,6 +123,8 @@ def build_request(
     """An AnonymizeRequest. Unset (None) parameters take the server's defaults.
 
     ``method``: "reverse_personalization" | "blur" | "pixelate" | "solid" or a pb2.Method value;
+    ``shape``: "ellipse" | "box" or a pb2.CoverShape value: the region classical covers fill (unset: ellipse);
+    ``mosaic_size``: pixelate's square side in pixels (unset: face width / 8);
     ``output_format``: "jpeg" | "png" | "webp" or a pb2.ImageFormat value (unset keeps the input's);
     ``priority``: "interactive" | "bulk" or a pb2.Priority value (unset: the token's or the server's default).
     """
@@ -138,7 +142,11 @@ def build_request(
             "attribute_prompt": attribute_prompt,
             "seed": seed,
         },
-        classical={"strength": strength},
+        classical={
+            "strength": strength,
+            "shape": None if shape is None else enum_value("shape", shape, SHAPES),
+            "mosaic_size": mosaic_size,
+        },
         detection=detection_fields(
             aligned=aligned, score_threshold=score_threshold, min_face_size=min_face_size, max_faces=max_faces
         ),

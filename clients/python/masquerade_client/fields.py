@@ -15,6 +15,7 @@ from masquerade_client.v1 import anonymizer_pb2 as pb2
 METHODS = {name.lower(): number for name, number in pb2.Method.items()}
 FORMATS = {name.lower(): number for name, number in pb2.ImageFormat.items()}
 PRIORITIES = {name.removeprefix("PRIORITY_").lower(): number for name, number in pb2.Priority.items()}
+SHAPES = {name.removeprefix("COVER_SHAPE_").lower(): number for name, number in pb2.CoverShape.items()}
 
 
 def enum_value(field_name: str, value: int | str, table: dict[str, int]) -> int:

@@ -61,6 +61,11 @@ PRIORITY_FROM_PROTO: dict[int, Priority] = {
     pb2.PRIORITY_BULK: Priority.BULK,
 }
 PRIORITY_TO_PROTO: dict[Priority, int] = {v: k for k, v in PRIORITY_FROM_PROTO.items()}
+SHAPE_FROM_PROTO: dict[int, str | None] = {
+    pb2.COVER_SHAPE_UNSPECIFIED: None,
+    pb2.COVER_SHAPE_ELLIPSE: "ellipse",
+    pb2.COVER_SHAPE_BOX: "box",
+}
 
 
 class RequestDefaults(Protocol):
@@ -136,8 +141,31 @@ def output_from_proto(message: pb2.OutputOptions) -> et.OutputOptions:
     return et.OutputOptions(format=FORMAT_FROM_PROTO[message.format], quality=quality)
 
 
-def classical_strength_from_proto(message: pb2.ClassicalParams) -> float:
+def classical_strength_from_proto(message: pb2.ClassicalParams, *, covers: bool = False) -> float:
+    """ClassicalParams.strength (1 when unset). Without ``covers`` (the video RPCs, whose covers are always
+    ellipses sized by the face) a message that sets shape or mosaic_size is refused, never silently ignored."""
+    if not covers:
+        for name, is_set in (
+            ("shape", message.shape != pb2.COVER_SHAPE_UNSPECIFIED),
+            ("mosaic_size", message.HasField("mosaic_size")),
+        ):
+            if is_set:
+                raise et.InvalidRequestError(
+                    f"classical.{name}", "is not supported by the video RPCs yet (their covers are face ellipses)"
+                )
     return message.strength if message.HasField("strength") else 1.0
+
+
+def cover_from_proto(message: pb2.ClassicalParams) -> dict:
+    """EngineRequest's ``cover_shape`` and ``mosaic_size`` from ClassicalParams; unset: None (the server's)."""
+    if message.shape not in SHAPE_FROM_PROTO:
+        raise et.InvalidRequestError(
+            "classical.shape", f"unknown value {message.shape}; use one of {_names(pb2.CoverShape)} or leave it unset"
+        )
+    return {
+        "cover_shape": SHAPE_FROM_PROTO[message.shape],
+        "mosaic_size": message.mosaic_size if message.HasField("mosaic_size") else None,
+    }
 
 
 def priority_from_proto(value: int) -> Priority | None:
@@ -167,7 +195,8 @@ def request_from_proto(message: pb2.AnonymizeRequest, info: RequestDefaults, *, 
         image=message.image,
         method=method,
         params=params,
-        classical_strength=classical_strength_from_proto(message.classical),
+        classical_strength=classical_strength_from_proto(message.classical, covers=True),
+        **cover_from_proto(message.classical),
         detection=detection_from_proto(message.detection, info.max_faces),
         output=output_from_proto(message.output),
     )

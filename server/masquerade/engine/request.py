@@ -25,6 +25,9 @@ from masquerade.errors import (  # noqa: F401  (re-exported: the engine's caller
 )
 from masquerade.face.image_io import OUTPUT_FORMATS
 
+COVER_SHAPES = ("ellipse", "box")  # face/classical.py's CoverStyle.shape
+MOSAIC_SIZES = (2, 4096)  # pixels: CoverStyle.mosaic_size's range
+
 
 class Method(enum.Enum):
     REVERSE_PERSONALIZATION = "reverse_personalization"
@@ -151,6 +154,10 @@ class EngineRequest:
     method: Method = Method.REVERSE_PERSONALIZATION
     params: ReversePersonalizationParams = field(default_factory=ReversePersonalizationParams)
     classical_strength: float = 1.0
+    # How classical covers look for this request (ClassicalParams.shape and .mosaic_size); None: the
+    # front end's (the CLI's --shape and --mosaic-size; a server's: ellipse, squares of face width / 8).
+    cover_shape: str | None = None
+    mosaic_size: int | None = None
     detection: DetectionOptions = field(default_factory=DetectionOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
     # Who asks and how urgently (the API layer resolves both from the caller's token): the
@@ -172,6 +179,20 @@ class EngineRequest:
             raise InvalidRequestError(
                 "classical.strength", f"must be a finite number in (0, 10], got {self.classical_strength!r}"
             )
+        if self.cover_shape not in (None, *COVER_SHAPES):
+            raise InvalidRequestError(
+                "classical.shape", f"must be one of {', '.join(COVER_SHAPES)}, got {self.cover_shape!r}"
+            )
+        if self.mosaic_size is not None:
+            low, high = MOSAIC_SIZES
+            if not low <= self.mosaic_size <= high:
+                raise InvalidRequestError(
+                    "classical.mosaic_size", f"must be in [{low}, {high}] pixels, got {self.mosaic_size}"
+                )
+            if self.method is not Method.PIXELATE:
+                raise InvalidRequestError(
+                    "classical.mosaic_size", f"is for method PIXELATE only; this request's method is {self.method.name}"
+                )
 
 
 class FaceStatus(enum.Enum):
