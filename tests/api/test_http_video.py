@@ -201,3 +201,43 @@ def test_a_client_that_leaves_mid_processing_cancels_the_pipeline(base_url, tmp_
     wait_until(lambda: logged(), timeout=30, what="the access line of the call whose client left")
     assert logged()[0]["code"] == "CANCELLED"
     wait_until(lambda: not spool_files(spool_root), what="the spool to empty after the client left")
+
+
+def _sse(text: str) -> list[tuple[str, str]]:
+    """(event, data) pairs of a text/event-stream body."""
+    events = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in fields:
+            events.append((fields["event"], fields.get("data", "")))
+    return events
+
+
+def test_progress_as_server_sent_events_then_the_result(base_url, clip, scene, spool_root, tmp_path):
+    reply = _post(base_url, clip.read_bytes(), "?method=BLUR&request_id=s1", Accept="text/event-stream")
+    assert reply.status_code == 200, reply.text[:500]
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    events = _sse(reply.text)
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "result" and set(kinds[:-1]) == {"progress"}, kinds
+    done = [json.loads(data).get("frames_done", 0) for _, data in events[:-1]]
+    assert done == sorted(done) and 0 < done[-1] <= scene.frames
+    document = json.loads(events[-1][1])
+    assert document["request_id"] == "s1" and document["media_type"] == "video/mp4"
+    video = base64.b64decode(document["video"], validate=True)
+    assert int(document["report"]["output_bytes"]) == len(video)
+    _assert_anonymized(video, clip, scene, tmp_path / "streamed.mp4")
+    wait_until(lambda: not spool_files(spool_root), what="the spool to empty")
+
+
+def test_sse_errors_before_the_stream_are_problems_and_after_it_error_events(base_url, clip, spool_root):
+    data = clip.read_bytes()
+    early = _post(base_url, data, "?method=BLUR&classical.strength=99", Accept="text/event-stream")
+    _assert_problem(early, 400, "classical.strength")
+    late = _post(base_url, data[: len(data) // 3], "?method=BLUR", Accept="text/event-stream")  # truncated file
+    if late.status_code == 200:  # the upload was read, then decoding failed: the stream says so
+        kind, problem = _sse(late.text)[-1]
+        assert kind == "error" and json.loads(problem)["status"] == 400, late.text[-500:]
+    else:
+        _assert_problem(late, 400, None)
+    wait_until(lambda: not spool_files(spool_root), what="the spool to empty")

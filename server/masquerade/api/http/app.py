@@ -287,6 +287,9 @@ class _UnsupportedMediaType(Exception):
     pass
 
 
+PROGRESS_EVENTS_HELD = 16
+"""Video progress events waiting for a slow SSE reader; an older one is dropped for a newer (each is cumulative)."""
+
 TIMEOUT_HEADER = "X-Server-Timeout"
 """Seconds the caller will wait (Google's HTTP convention for an RPC deadline): admission refuses work that cannot
 finish in time, and a request still running then is cancelled and answered 504, like a gRPC deadline."""
@@ -403,15 +406,22 @@ def _accepted_media(request: Request) -> Iterator[tuple[str, float]]:
         yield media.lower(), quality
 
 
-def _wants_video_json(request: Request) -> bool:
-    """Whether the client prefers the JSON report (with the video in base64) to the video itself."""
-    best_video, best_json = -1.0, -1.0
+def _video_reply_kind(request: Request) -> str:
+    """ "video" (the file itself), "json" (the report with the video in base64) or "events" (Server-Sent Events:
+    progress while the video is processed, then that JSON as the last event), as the Accept header prefers."""
+    best = {"video": -1.0, "json": -1.0, "events": -1.0}
     for media, quality in _accepted_media(request):
         if media == "application/json":
-            best_json = max(best_json, quality)
+            kind = "json"
+        elif media == "text/event-stream":
+            kind = "events"
         elif media.startswith("video/") or media in ("*/*", "application/octet-stream"):
-            best_video = max(best_video, quality)
-    return best_json > 0 and best_json > best_video
+            kind = "video"
+        else:
+            continue
+        best[kind] = max(best[kind], quality)
+    kind = max(("events", "json"), key=best.__getitem__)
+    return kind if best[kind] > 0 and best[kind] > best["video"] else "video"
 
 
 def _parse_params_json(text: str, message: pb2.AnonymizeRequest) -> None:
@@ -511,6 +521,57 @@ async def _file_chunks(path, chunk_bytes: int, encode: Callable[[bytes], bytes] 
             yield encode(data) if encode is not None else data
 
 
+def _video_json_ends(document: dict, media_type: str) -> tuple[bytes, bytes]:
+    """What goes before and after the base64 video in the JSON reply: {...report, "media_type", "video": "...."}."""
+    head = json.dumps({**document, "media_type": media_type}, separators=(",", ":"))[:-1].encode("utf-8")
+    return head + b',"video":"', b'"}'
+
+
+async def _video_json(head: bytes, tail: bytes, output_path, chunk_bytes: int):
+    three = max(3, chunk_bytes - chunk_bytes % 3)  # whole base64 quanta per chunk: no padding mid-string
+    yield head
+    async for encoded in _file_chunks(output_path, three, base64.b64encode):
+        yield encoded
+    yield tail
+
+
+def _video_events(work: asyncio.Future, progress: asyncio.Queue, entry, start, record, chunk_bytes: int):
+    """The SSE body of a video call whose upload is read: a `progress` event (VideoProgress JSON) as the work goes
+    on, then one `result` event (the JSON reply: report, media_type, video in base64) or one `error` event (a
+    problem document). The client leaving (or the stream closing) cancels the work."""
+
+    async def events():
+        try:
+            while not work.done():
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait((work, getter), return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield format_sse_event(event="progress", data_str=json.dumps(schema.to_json(getter.result())))
+                else:
+                    getter.cancel()
+            try:
+                report = work.result()
+            except Exception as exc:
+                failure = _failure(exc, record, start.request_id, _VIDEO_FIELD_NAMES)
+                yield format_sse_event(event="error", data_str=failure.body.decode("utf-8"))
+                return
+            record.finish(grpc.StatusCode.OK)
+            document = schema.to_json(pb2.AnonymizeVideoResponse(request_id=start.request_id, report=report))
+            media_type = VIDEO_MEDIA_TYPES.get(entry.output_path.suffix.lower(), "application/octet-stream")
+            head, tail = _video_json_ends(document, media_type)
+            yield b"event: result\ndata: "
+            async for part in _video_json(head, tail, entry.output_path, chunk_bytes):
+                yield part
+            yield b"\n\n"
+        finally:
+            if not work.done():  # the client left: stop the pipeline for it
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                record.finish(grpc.StatusCode.CANCELLED)
+
+    return events()
+
+
 def _video_response(
     report: pb2.VideoReport, output_path, request_id: str, *, as_json: bool, chunk_bytes: int, release
 ) -> Response:
@@ -520,20 +581,13 @@ def _video_response(
     size = output_path.stat().st_size
     document = schema.to_json(pb2.AnonymizeVideoResponse(request_id=request_id, report=report))
     if as_json:
-        head = json.dumps({**document, "media_type": media_type}, separators=(",", ":"))[:-1].encode("utf-8")
-        head += b',"video":"'
-        tail = b'"}'
-        three = max(3, chunk_bytes - chunk_bytes % 3)  # whole base64 quanta per chunk: no padding mid-string
-
-        async def body():
-            yield head
-            async for encoded in _file_chunks(output_path, three, base64.b64encode):
-                yield encoded
-            yield tail
-
+        head, tail = _video_json_ends(document, media_type)
         length = len(head) + 4 * ((size + 2) // 3) + len(tail)
         return _SpooledVideoResponse(
-            body(), release=release, media_type="application/json", headers={"Content-Length": str(length)}
+            _video_json(head, tail, output_path, chunk_bytes),
+            release=release,
+            media_type="application/json",
+            headers={"Content-Length": str(length)},
         )
     headers = {"Content-Length": str(size)}
     encoded_report = base64.b64encode(json.dumps(document, separators=(",", ":")).encode("utf-8")).decode("ascii")
@@ -752,13 +806,20 @@ def build_app(
             "else video.mp4) names the output's container. Returns the anonymized video with the report (an "
             f"AnonymizeVideoResponse with its `report`, base64 JSON) in `{REPORT_HEADER}`, or its size in "
             f"`{REPORT_SIZE_HEADER}` when too large for a header. With `Accept: application/json`: that JSON plus "
-            "`media_type` and `video` (the file in base64). A client that disconnects cancels the work."
+            "`media_type` and `video` (the file in base64). With `Accept: text/event-stream`: once the upload is "
+            "read, `progress` events (VideoProgress JSON) while it is processed, then that JSON as a `result` event "
+            "(or an `error` event). A client that disconnects cancels the work."
         ),
         responses={
             200: {
-                "description": "the anonymized video, or (Accept: application/json) the report with the video",
+                "description": "the anonymized video, or (Accept: application/json) the report with the video, or "
+                "(Accept: text/event-stream) `progress` events (VideoProgress JSON) then a `result` event holding "
+                "that JSON, or an `error` event holding a problem document",
                 "model": video_report_model,
-                "content": {media: {} for media in VIDEO_MEDIA_TYPES.values()},
+                "content": {
+                    **{media: {} for media in VIDEO_MEDIA_TYPES.values()},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
             },
             **problem_responses,
         },
@@ -781,7 +842,7 @@ def build_app(
             start = _read_video_start(request, query)
         except InvalidRequestError as exc:
             return _failure(exc, record, field_names=_VIDEO_FIELD_NAMES)
-        as_json = _wants_video_json(request)
+        reply_kind = _video_reply_kind(request)
         held = contextlib.ExitStack()  # the call's slot and spool entry: released when the response is sent
         handed_off = False
         try:
@@ -801,9 +862,45 @@ def build_app(
                 await body_read.wait()  # until then, the upload's reads see a disconnect (ClientDisconnect)
                 await _until_disconnected(request)
 
+            progress: asyncio.Queue = asyncio.Queue(maxsize=PROGRESS_EVENTS_HELD)
+
+            async def on_progress(event: pb2.VideoProgress) -> None:
+                if progress.full():  # each event says all done so far: an older one may go
+                    progress.get_nowait()
+                progress.put_nowait(event)
+
             work = asyncio.ensure_future(
-                asyncio.wait_for(video.run_video(start, upload(), entry, record, call), call.time_remaining())
+                asyncio.wait_for(
+                    video.run_video(
+                        start,
+                        upload(),
+                        entry,
+                        record,
+                        call,
+                        on_progress=on_progress if reply_kind == "events" else None,
+                    ),
+                    call.time_remaining(),
+                )
             )
+            if reply_kind == "events":
+                # Once the upload is read the events start; Starlette's response then watches for a disconnect.
+                read = asyncio.ensure_future(body_read.wait())
+                await asyncio.wait((work, read), return_when=asyncio.FIRST_COMPLETED)
+                read.cancel()
+                if (
+                    body_read.is_set()
+                    and not work.done()
+                    or work.done()
+                    and not work.cancelled()
+                    and not work.exception()
+                ):
+                    handed_off = True
+                    return _SpooledVideoResponse(
+                        _video_events(work, progress, entry, start, record, video.config.chunk_bytes),
+                        release=held.close,
+                        media_type="text/event-stream",
+                        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+                    )
             gone = asyncio.ensure_future(client_gone())
             try:
                 await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -829,7 +926,7 @@ def build_app(
                 report,
                 entry.output_path,
                 start.request_id,
-                as_json=as_json,
+                as_json=reply_kind == "json",
                 chunk_bytes=video.config.chunk_bytes,
                 release=held.close,
             )
