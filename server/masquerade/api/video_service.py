@@ -724,6 +724,31 @@ def _enum(enum_type, value: str):
         return None
 
 
+class StreamClock:
+    """One clock per live stream for its tracker. A frame's time is the client's capture timestamp where it
+    sends one; proto3 cannot tell 0.0 from unset, so a frame stamped 0 counts from the stream's start (its
+    first frame: 0.0, the stamp of a client counting from 0) or, once the stream has sent stamps, from its
+    last stamp. Mixing in the server's own clock (monotonic seconds since boot) would send the tracker back
+    or forward by hours between two frames, and every later detection would start a new track."""
+
+    def __init__(self, clock=time.monotonic):
+        self._now = clock
+        self._started: float | None = None
+        self._last_stamp: tuple[float, float] | None = None  # (the client's last stamp, when it was read)
+
+    def __call__(self, stamp: float) -> float:
+        now = self._now()
+        if self._started is None:
+            self._started = now
+        if stamp > 0:
+            self._last_stamp = (stamp, now)
+            return stamp
+        if self._last_stamp is not None:
+            last, at = self._last_stamp
+            return last + (now - at)
+        return now - self._started
+
+
 @dataclass
 class _DecodedFrame:
     rgb: np.ndarray
@@ -780,6 +805,7 @@ class LiveStream:
         self._tasks: set[asyncio.Task] = set()
         self._track_ids: set[int] = set()
         self._closed = False
+        self._clock = StreamClock()
 
     @property
     def tracks_seen(self) -> int:
@@ -812,8 +838,8 @@ class LiveStream:
                 )
             if previous is not None:
                 await asyncio.shield(previous)  # tracking follows the stream's order
-            # The tracker moves held boxes by time: the client's capture time, else when the frame arrived.
-            timestamp = float(message.timestamp) if message.timestamp > 0 else time.monotonic()
+            # The tracker moves held boxes by time: the client's capture time, else when the frame is tracked.
+            timestamp = self._clock(float(message.timestamp))
             faces = await self._in_pool(self.tracker.track, frame.rgb, timestamp)
         finally:
             if not tracked_turn.done():
