@@ -156,6 +156,8 @@ class FaceDetector:
         score_threshold: float = DEFAULT_THRESHOLD,
         small_faces: bool = True,
         levels_of: tuple[int, int] | None = None,
+        *,
+        large_faces: bool = True,
     ) -> RawFaces:
         """Boxes, scores and five points (if the backend has them) in ``rgb``'s pixels, merged over levels.
 
@@ -163,6 +165,8 @@ class FaceDetector:
         coarse copy is too small for the identity descriptor too). ``levels_of``: the (height,
         width) of the whole image when ``rgb`` is a crop of it, so the crop is searched at the
         scales the whole image would be (the self-check's crops around what changed).
+        ``large_faces=False`` skips the half-scale level (video: tracking carries large faces
+        between the frames that run it).
         """
         rgb = _check_rgb(rgb)
         height, width = rgb.shape[:2]
@@ -171,7 +175,12 @@ class FaceDetector:
         check_cancelled()
         found = [_scaled(self.backend.find(_resize(rgb, coarse), score_threshold), coarse)]
         # Large faces (a third of the image and up) are found more reliably at half that scale.
-        if self.backend.native_min_face < 40 and min(whole_h, whole_w) * coarse >= 256 and min(height, width) >= 8:
+        if (
+            large_faces
+            and self.backend.native_min_face < 40
+            and min(whole_h, whole_w) * coarse >= 256
+            and min(height, width) >= 8
+        ):
             check_cancelled()
             raw = _scaled(self.backend.find(_resize(rgb, coarse / 2), score_threshold), coarse / 2)
             sides = np.minimum(raw.boxes[:, 2] - raw.boxes[:, 0], raw.boxes[:, 3] - raw.boxes[:, 1])

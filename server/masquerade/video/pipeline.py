@@ -52,6 +52,7 @@ ENCODE_QUEUE = 2
 # Classical runs detect the next frames on this many workers (at most), each with its own one-thread
 # ONNX session, while the loop tracks and covers the current one: one frame in flight per worker.
 MAX_DETECT_WORKERS = 4
+DETECT_AHEAD_PER_WORKER = 2
 CHECKS_QUEUED = 2  # sampled self-checks waiting or running beside the loop, each holding its two frames
 Progress = Callable[[int, int, int], None]  # (frames done, frames total or 0, tracks so far)
 
@@ -321,7 +322,8 @@ class _Run:
         faces = [(face.box, face.landmarks) for face in frame.faces]
         try:
             originals = checker.describe_originals(original, faces)
-            verdict = checker.inspect(output, faces, originals, self.options.threshold)
+            # Given the original, the detector looks again only around the pixels the covers changed.
+            verdict = checker.inspect(output, faces, originals, self.options.threshold, original=original)
         except Exception:
             log.exception("self-check failed on frame %d of %s", frame.index, self.source.name)
             return None
@@ -375,7 +377,7 @@ class _Run:
                         self._check_stop()
                         rgb = upright(decoded.rgb, rotation)
                         waiting.append((decoded, rgb, ahead.submit(rgb, index)))
-                        while len(waiting) > ahead.workers:
+                        while len(waiting) > ahead.depth:
                             track_next()
                 while waiting:
                     track_next()
@@ -519,6 +521,7 @@ class _DetectionAhead:
 
     def __init__(self, detector: FaceDetector, tracker, workers: int, info: VideoInfo):
         self.detector, self.tracker, self.workers = detector, tracker, int(workers)
+        self.depth = self.workers * DETECT_AHEAD_PER_WORKER  # frames submitted and not yet tracked
         self._arena_pixels = (-(-info.width // 32) * 32) * (-(-info.height // 32) * 32)
         self._local = threading.local()
         self._pool = (
