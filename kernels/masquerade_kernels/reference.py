@@ -5,7 +5,11 @@ tested against. Every step is expressed on per-row coefficients (one row = one
 job's step in a packed UNet call), so rows at different timesteps, orders and
 guidance scales share one call. See DESIGN section 1 for the formulas.
 
-Coefficient layout, one float32 row of ``NUM_COEFFS`` per sample:
+Arithmetic is float32 (whatever the UNet's dtype), or float64 when the latent or the
+coefficient table is float64: a float64 model set then runs the whole trajectory in
+float64, which the reconstruction test uses to check the invariant to ~1e-12.
+
+Coefficient layout, one float32 (or float64) row of ``NUM_COEFFS`` per sample:
 
 =====  ============  =========================================================
 index  name          meaning
@@ -42,32 +46,39 @@ def _per_row(coeffs: torch.Tensor, index: int, like: torch.Tensor) -> torch.Tens
     return coeffs[:, index].reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def _working_dtype(x: torch.Tensor, coeffs: torch.Tensor) -> torch.dtype:
+    """float32 (fp16/bf16/fp32 latents, as the kernels compute), float64 when the latent or the table is float64."""
+    return torch.promote_types(torch.promote_types(x.dtype, coeffs.dtype), torch.float32)
+
+
 def guided_model_output(
     eps_uncond: torch.Tensor,  # [B, C, H, W]
     eps_cond: torch.Tensor,  # [B, C, H, W]
     x: torch.Tensor,  # [B, C, H, W] latent at s
     coeffs: torch.Tensor,  # [B, NUM_COEFFS] float32
 ) -> torch.Tensor:
-    """The data prediction m = (x - sigma_s eps_hat) / alpha_s, in float32."""
-    eps_u, eps_c, x32 = eps_uncond.float(), eps_cond.float(), x.float()
-    g = _per_row(coeffs, GUIDANCE, x32)
+    """The data prediction m = (x - sigma_s eps_hat) / alpha_s, in the working dtype (float32 unless float64)."""
+    work = _working_dtype(x, coeffs)
+    eps_u, eps_c, xw, coeffs = eps_uncond.to(work), eps_cond.to(work), x.to(work), coeffs.to(work)
+    g = _per_row(coeffs, GUIDANCE, xw)
     eps = eps_u + g * (eps_c - eps_u)
-    return _per_row(coeffs, X0_FROM_X, x32) * x32 - _per_row(coeffs, X0_FROM_EPS, x32) * eps
+    return _per_row(coeffs, X0_FROM_X, xw) * xw - _per_row(coeffs, X0_FROM_EPS, xw) * eps
 
 
 def solver_mean(
     x: torch.Tensor,  # [B, C, H, W]
-    model_output: torch.Tensor,  # [B, C, H, W] float32
+    model_output: torch.Tensor,  # [B, C, H, W] in the working dtype
     prev_model_output: torch.Tensor,  # [B, C, H, W]; ignored where mean_from_m1 is 0
     coeffs: torch.Tensor,  # [B, NUM_COEFFS]
 ) -> torch.Tensor:
-    """The solver's mean mu of the next latent, in float32."""
-    x32 = x.float()
-    mean = _per_row(coeffs, MEAN_FROM_X, x32) * x32 + _per_row(coeffs, MEAN_FROM_M, x32) * model_output
-    m1 = _per_row(coeffs, MEAN_FROM_M1, x32)
+    """The solver's mean mu of the next latent, in the working dtype."""
+    work = _working_dtype(x, coeffs)
+    xw, coeffs = x.to(work), coeffs.to(work)
+    mean = _per_row(coeffs, MEAN_FROM_X, xw) * xw + _per_row(coeffs, MEAN_FROM_M, xw) * model_output.to(work)
+    m1 = _per_row(coeffs, MEAN_FROM_M1, xw)
     # A first-order row has m1 == 0; multiplying a stale or uninitialised history
     # by zero would still let NaN/Inf through, so such rows skip the term.
-    return torch.where(m1 != 0, mean + m1 * prev_model_output.float(), mean)
+    return torch.where(m1 != 0, mean + m1 * prev_model_output.to(work), mean)
 
 
 def generation_step_reference(
@@ -81,7 +92,7 @@ def generation_step_reference(
     """One generation step: returns (x_next = mu + varsigma z, m), both in x's dtype."""
     m = guided_model_output(eps_uncond, eps_cond, x, coeffs)
     mean = solver_mean(x, m, prev_model_output, coeffs)
-    x_next = mean + _per_row(coeffs, NOISE_SCALE, mean) * noise.float()
+    x_next = mean + _per_row(coeffs.to(mean.dtype), NOISE_SCALE, mean) * noise.to(mean.dtype)
     return x_next.to(x.dtype), m.to(x.dtype)
 
 
@@ -96,5 +107,5 @@ def inversion_step_reference(
     """One inversion step: returns (z = (x_next - mu) / varsigma, m), both in x's dtype."""
     m = guided_model_output(eps_uncond, eps_cond, x, coeffs)
     mean = solver_mean(x, m, prev_model_output, coeffs)
-    noise = (x_next.float() - mean) / _per_row(coeffs, NOISE_SCALE, mean)
+    noise = (x_next.to(mean.dtype) - mean) / _per_row(coeffs.to(mean.dtype), NOISE_SCALE, mean)
     return noise.to(x.dtype), m.to(x.dtype)

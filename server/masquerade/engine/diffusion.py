@@ -48,6 +48,10 @@ class DiffusionCore:
         self.vae_chunk = vae_chunk
         self.device = models.device
         self.dtype = models.dtype
+        # Job state (latents, noise maps, solver history, coefficients) and the solver's arithmetic:
+        # float32 under an fp16/fp32 UNet, float64 under a float64 one, so that a float64 model set
+        # runs the whole trajectory in float64 (the reconstruction invariant's exact-arithmetic check).
+        self.state_dtype = torch.float64 if models.dtype == torch.float64 else torch.float32
         self.conditioning = TextConditioning(models.pipe, models.device, models.dtype)
         # The same prepared UNet on every device (fused LoRA and attention, per-sample IP-Adapter
         # scale); compiled per batch bucket when asked (compile=None: on CUDA only). Benchmarks may
@@ -77,7 +81,7 @@ class DiffusionCore:
         self,
         request_id: str,
         face_index: int,
-        clean_latent: torch.Tensor,  # [C, h, w] x_0, float32
+        clean_latent: torch.Tensor,  # [C, h, w] x_0 (kept in the state dtype)
         identity: torch.Tensor,  # [512] unit ArcFace embedding e
         params: ReversePersonalizationParams,
         noise_index: int | None = None,  # the noise stream, if not the face's index (a video track's)
@@ -89,11 +93,15 @@ class DiffusionCore:
             params.seed, stream, params.noise, trajectory.steps, tuple(clean_latent.shape), self.device
         )
         # Host tables travel through pinned memory without blocking (no wait for the UNet's queue).
-        x0 = host_to_device(clean_latent.detach().float(), self.device)
-        alphas = host_to_device(torch.from_numpy(trajectory.alphas).float().view(-1, 1, 1, 1), self.device)
-        sigmas = host_to_device(torch.from_numpy(trajectory.sigmas).float().view(-1, 1, 1, 1), self.device)
-        noisy = torch.cat([alphas * x0 + sigmas * noise, x0[None]])
-        coeffs = host_to_device(torch.from_numpy(trajectory.coefficients(params.guidance_scale)), self.device)
+        state = self.state_dtype
+        x0 = host_to_device(clean_latent.detach().to(state), self.device)
+        alphas = host_to_device(torch.from_numpy(trajectory.alphas).to(state).view(-1, 1, 1, 1), self.device)
+        sigmas = host_to_device(torch.from_numpy(trajectory.sigmas).to(state).view(-1, 1, 1, 1), self.device)
+        noisy = torch.cat([alphas * x0 + sigmas * noise.to(state), x0[None]])
+        table = trajectory.coefficients(
+            params.guidance_scale, dtype=np.float64 if state == torch.float64 else np.float32
+        )
+        coeffs = host_to_device(torch.from_numpy(table), self.device)
         return FaceJob(
             request_id=request_id,
             face_index=face_index,

@@ -20,7 +20,6 @@ from masquerade.engine import solver
 from masquerade.engine.job_state import Phase
 from masquerade.engine.scheduler import StepPlan, StepSlice
 from masquerade.models.optimize import ID_EMBED_DIM, sdxl_time_ids
-from masquerade_kernels.reference import MEAN_FROM_M1, NOISE_SCALE
 
 
 class TextConditioning:
@@ -170,17 +169,21 @@ class UNetRunner:
                 results.append(SliceResult(piece, x_next, m[-1]))
             else:
                 # The second-order term of step i needs m_{i-1}. For the slice's first step it
-                # is in the job's history; for the others it is an output of this very pass, so
-                # they run with a zero history and get the term afterwards:
-                # z_i = z_i|m1=0 - (mean_from_m1 / noise_scale) m_{i-1}.
+                # is in the job's history; for the others it is an output of this very pass
+                # (m depends on x_{t_i} and the UNet output only). So a first pass gives every
+                # m (and the first step's z), a second pass over the later steps, with m_{i-1}
+                # as their history, gives their z with the very operations that generation
+                # applies in reverse: mu is rounded the same way on both sides, which a
+                # correction afterwards (z - (mean_from_m1 / noise_scale) m_{i-1}) would not do.
                 prev = torch.zeros_like(x)
                 if job.previous_output is not None:
                     prev[0] = job.previous_output
                 x_next = job.noisy_latents[piece.start + 1 : piece.start + piece.count + 1]
-                noise, m = solver.inversion_step(eps_uncond[part], eps_cond[part], x, prev, x_next, coeffs)
+                eps_u, eps_c = eps_uncond[part], eps_cond[part]
+                noise, m = solver.inversion_step(eps_u, eps_c, x, prev, x_next, coeffs)
                 if piece.count > 1:
-                    history_weight = (coeffs[1:, MEAN_FROM_M1] / coeffs[1:, NOISE_SCALE]).view(-1, 1, 1, 1)
-                    noise[1:] -= history_weight * m[:-1].float()
+                    later, _ = solver.inversion_step(eps_u[1:], eps_c[1:], x[1:], m[:-1], x_next[1:], coeffs[1:])
+                    noise = torch.cat([noise[:1], later])
                 results.append(SliceResult(piece, noise, m[-1]))
             offset = end
         return results

@@ -59,11 +59,15 @@ class Trajectory:
     def steps(self) -> int:
         return len(self.timesteps)
 
-    def coefficients(self, guidance_scale: float) -> np.ndarray:
-        """[N, NUM_COEFFS] float32 rows for a job with this guidance scale."""
+    def coefficients(self, guidance_scale: float, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """[N, NUM_COEFFS] rows for a job with this guidance scale, in the job's state dtype.
+
+        float32 for the engine (the kernels' layout); float64 where the whole trajectory runs in
+        float64 (the reconstruction test's exact-arithmetic check, docs/design.md 1.2).
+        """
         table = self.base_coeffs.copy()
         table[:, GUIDANCE] = guidance_scale
-        return table.astype(np.float32)
+        return table.astype(dtype)
 
 
 def _lambda(alpha: float, sigma: float) -> float:
