@@ -9,6 +9,8 @@ A real server (`masquerade serve` in a subprocess, tiny models by default) with 
                 for --interactive-share (5 %) of the steps the server did in 2: a product's
                 trickle of user-facing photos next to a batch, not a second batch
                 -> interactive p99 (target <= 1.5x idle) and bulk faces/s (target >= 90 % of 2).
+                2 and 3 alternate in --rounds windows each (one backlog throughout), so a change in
+                the machine's other load during the run weighs on both alike.
 4. two bulk:    `archive` (16 in flight) and `nightly` (8 in flight) saturate the server
                 -> each one's share of the diffusion steps (target 40-60 %).
 5. admission:   during 3's load, interactive requests with deadlines from 0.3x to 3x the median
@@ -93,6 +95,7 @@ class Report:
     bulk_mixed_faces_per_s: float = 0.0
     shares: dict[str, float] = field(default_factory=dict)
     admission: list[dict] = field(default_factory=list)
+    windows: list[dict] = field(default_factory=list)  # 2 and 3's alternating windows, in order
     steps_by_priority: dict[str, float] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
 
@@ -172,29 +175,45 @@ async def run(args, server: SpawnedServer, report: Report) -> None:
         )
         report.load_average["idle"] = os.getloadavg()[0]
 
-        print(f"[2/5] bulk alone: {args.backlog} in flight for {args.window_s:.0f} s", flush=True)
+        # 2 and 3 alternate (alone, mixed, alone, mixed, ...: --rounds of each, window_s in all for each), so
+        # a drift in the machine's other load over the run weighs on both figures alike, not on one.
+        print(f"[2+3/5] bulk alone and mixed, alternating: {args.backlog} bulk in flight", flush=True)
         bulk = Load(archive, image, steps, args.backlog)
         bulk.start()
         await asyncio.sleep(args.warmup_s)
-        start = time.monotonic()
-        await asyncio.sleep(args.window_s)
-        end = time.monotonic()
-        report.bulk_alone_faces_per_s = bulk.completed_between(start, end) / (end - start)
-        report.load_average["bulk_alone"] = os.getloadavg()[0]
-        # One interactive face per `period` asks for interactive_share of the steps bulk alone got done.
-        period = 1.0 / max(1e-6, args.interactive_share * report.bulk_alone_faces_per_s)
-        pause = max(0.0, period - statistics.median(report.idle_latencies_s))
-        report.interactive_pause_s = pause
-
-        print(f"[3/5] mixed: the backlog + interactive requests one at a time, {pause:.1f} s apart", flush=True)
-        start = time.monotonic()
-        latencies = []
-        while time.monotonic() - start < args.window_s or len(latencies) < args.samples:
-            latencies += await interactive_series(product, image, steps, 1, pause, report.mixed_timings)
-        end = time.monotonic()
+        part = args.window_s / args.rounds
+        alone_faces = alone_seconds = mixed_faces = mixed_seconds = 0.0
+        latencies: list[float] = []
+        pause = None
+        for round_index in range(args.rounds):
+            start = time.monotonic()
+            await asyncio.sleep(part)
+            end = time.monotonic()
+            alone_faces += bulk.completed_between(start, end)
+            alone_seconds += end - start
+            report.windows.append(
+                {"kind": "bulk_alone", "seconds": end - start, "faces": bulk.completed_between(start, end)}
+            )
+            if pause is None:
+                # One interactive face per `period` asks for interactive_share of the steps bulk alone got done.
+                period = 1.0 / max(1e-6, args.interactive_share * alone_faces / alone_seconds)
+                pause = max(0.0, period - statistics.median(report.idle_latencies_s))
+                report.interactive_pause_s = pause
+                print(f"      mixed: the backlog + interactive requests one at a time, {pause:.1f} s apart", flush=True)
+            start = time.monotonic()
+            wanted = -(-args.samples // args.rounds) * (round_index + 1)
+            while time.monotonic() - start < part or len(latencies) < wanted:
+                latencies += await interactive_series(product, image, steps, 1, pause, report.mixed_timings)
+            end = time.monotonic()
+            mixed_faces += bulk.completed_between(start, end)
+            mixed_seconds += end - start
+            report.windows.append(
+                {"kind": "mixed", "seconds": end - start, "faces": bulk.completed_between(start, end)}
+            )
+        report.bulk_alone_faces_per_s = alone_faces / alone_seconds
+        report.bulk_mixed_faces_per_s = mixed_faces / mixed_seconds
         report.mixed_latencies_s = latencies
-        report.bulk_mixed_faces_per_s = bulk.completed_between(start, end) / (end - start)
-        report.load_average["mixed"] = os.getloadavg()[0]
+        report.load_average["bulk_alone_and_mixed"] = os.getloadavg()[0]
 
         print("[5/5 first, same load] admission: deadlines around the measured interactive latency", flush=True)
         typical = statistics.median(latencies)
@@ -343,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=20, help="interactive requests per latency measurement")
     parser.add_argument("--window-s", type=float, default=90.0, help="length of each throughput window")
     parser.add_argument("--warmup-s", type=float, default=20.0, help="load before each window starts counting")
+    parser.add_argument("--rounds", type=int, default=3, help="2 and 3 alternate this many times (window_s in all)")
     parser.add_argument(
         "--interactive-share",
         type=float,

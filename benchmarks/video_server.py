@@ -7,7 +7,8 @@ benchmarks/video.py) at 1280x720, classical blur:
 1. live, one stream: the highest frame rate the server sustains with ``detect_every`` 3, found by
    sending at a fixed rate and checking that every frame comes back and that latency does not
    grow over the run (a queue building up); p50/p99 per-frame latency at that rate (client-side:
-   from the frame's scheduled send time to its result, plus the server's own figure);
+   from the frame's scheduled send time to its result, plus the server's own figure), and again at
+   the target's 10 fps when more is sustained;
 2. live, four streams at once, unpaced: each stream's rate against the single stream's unpaced
    rate, and that no frame is lost or reordered;
 3. a 10 s 720p clip through AnonymizeVideo (upload, processing, download) against
@@ -41,6 +42,7 @@ from load import SpawnedServer, _git_commit, _machine, _percentile
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WIDTH, HEIGHT = 1280, 720
+TARGET_FPS = 10.0  # the live target: >= 10 fps with detect_every 3, p99 <= 300 ms
 
 
 def _spec(frames: int, fps: int = 30):
@@ -170,7 +172,19 @@ def live_single(address: str, frames: list[bytes], args, server_cpu) -> dict:
             best = run
             break
         rate -= 1
-    return {"unpaced": unpaced, "rates_tried": tried, "sustained": best}
+    at_target = None
+    if best is not None and best["offered_fps"] > TARGET_FPS:
+        # The target's own rate as well: the highest sustained rate runs the server near saturation.
+        at_target = run_stream(
+            address, frames, int(TARGET_FPS * args.seconds), rate=TARGET_FPS, window=args.window, detect_every=3
+        )
+        at_target["sustained"] = sustained(at_target)
+        print(
+            f"  offered {TARGET_FPS:.0f} fps (the target's rate): p50 {at_target['p50_latency_s'] * 1000:.0f} ms, "
+            f"p99 {at_target['p99_latency_s'] * 1000:.0f} ms",
+            flush=True,
+        )
+    return {"unpaced": unpaced, "rates_tried": tried, "sustained": best, "at_target_rate": at_target}
 
 
 def live_four(address: str, frames: list[bytes], single_fps: float, args) -> dict:
@@ -304,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             "sustained_fps": sustained_run.get("offered_fps"),
             "p50_latency_ms": round(sustained_run["p50_latency_s"] * 1000, 1) if sustained_run else None,
             "p99_latency_ms": round(sustained_run["p99_latency_s"] * 1000, 1) if sustained_run else None,
+            "p99_latency_ms_at_10_fps": (
+                round(single["at_target_rate"]["p99_latency_s"] * 1000, 1) if single["at_target_rate"] else None
+            ),
             "unpaced_single_fps": single["unpaced"]["fps"],
             "server_cpu_ms_per_frame": round(single["unpaced"]["server_cpu_s_per_frame"] * 1000, 1),
             "cpu_bound_fps_on_2_idle_cores": round(2 / single["unpaced"]["server_cpu_s_per_frame"], 1),

@@ -18,8 +18,10 @@ from grpc_status import rpc_status
 
 from masquerade import metrics
 from masquerade.engine.engine import EngineConfig
+from masquerade.engine.job_state import Priority
 from masquerade_client import AnonymizerClient, AsyncAnonymizerClient, RetryPolicy, build_request, pb2, pb2_grpc
 from masquerade_client.errors import DeadlineExceeded, ResourceExhausted
+from sample_images import t1_image_path
 from server_support import secured
 
 TOKEN_LINES = [
@@ -162,3 +164,34 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once(priority_ser
     refused_after, waits = asyncio.run(run())
     assert refused_after < 0.4  # an answer, not the deadline running out
     assert waits[pb2.PRIORITY_BULK] > waits[pb2.PRIORITY_INTERACTIVE] > 0
+
+
+def _group_photo() -> bytes:
+    """insightface's t1.jpg (six people), downscaled under this test server's 1 Mpx limit."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(t1_image_path()) as image:
+        image.convert("RGB").resize((image.width * 3 // 4, image.height * 3 // 4)).save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def test_a_request_whose_detected_faces_cannot_meet_its_deadline_is_refused_after_detection(priority_server, face_png):
+    """At arrival a photo counts as one face; once detection has found several, admission checks again with
+    their count and refuses before any diffusion step of theirs."""
+    engine = priority_server.engine
+    with AnonymizerClient(priority_server.address, token="product-token", timeout=300) as client:
+        client.anonymize(face_png, aligned=True, steps=4)  # the engine measures its step times
+        photo = _group_photo()
+        faces = len(client.anonymize(photo, method="blur").faces)
+        assert faces >= 4
+        one = engine.estimate_seconds(Priority.INTERACTIVE, steps=10, generative=True)
+        many = engine.estimate_seconds(Priority.INTERACTIVE, steps=10, generative=True, faces=faces, preprocessed=True)
+        assert many > 2.5 * one  # two CFG pairs a call: their rows take calls of their own
+        deadline = (one * many) ** 0.5  # well past one face's estimate, well short of theirs
+        steps_before = dict(engine.scheduler.rows_served)
+        with pytest.raises(DeadlineExceeded, match=r"refused after detection: its \d+ faces"):
+            client.anonymize(photo, steps=10, timeout=deadline)
+        assert engine.scheduler.rows_served == steps_before, "no diffusion step was spent on it"

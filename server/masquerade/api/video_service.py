@@ -109,6 +109,26 @@ def _status(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, 
     return status_for(exc, request_id=request_id)
 
 
+def _cover_settings(detection_message, classical_message, info, defaults, kind: str) -> tuple[float, dict]:
+    """Both RPCs' classical strength and detection settings (mask_scale, threshold, max_faces; unset ones from
+    the engine's ``defaults``), checked against this server's limits."""
+    detection = convert.detection_from_proto(detection_message, info.max_faces)
+    if detection.aligned:
+        raise InvalidRequestError("detection.aligned", f"is not supported for {kind}; leave it unset")
+    if detection.max_faces is not None and detection.max_faces > info.max_faces:
+        raise InvalidRequestError(
+            "detection.max_faces", f"must be at most {info.max_faces} (this server's limit), got {detection.max_faces}"
+        )
+    strength = convert.classical_strength_from_proto(classical_message)
+    if not (np.isfinite(strength) and 0.0 < strength <= 10.0):
+        raise InvalidRequestError("classical.strength", f"must be a finite number in (0, 10], got {strength!r}")
+    return strength, {
+        "mask_scale": detection.mask_scale if detection.mask_scale is not None else defaults.mask_scale,
+        "threshold": detection.score_threshold if detection.score_threshold is not None else defaults.threshold,
+        "max_faces": detection.max_faces,
+    }
+
+
 def _method_label(value: int) -> str:
     if value == pb2.METHOD_UNSPECIFIED:
         return "unspecified"
@@ -253,14 +273,15 @@ class VideoService:
         with self._slots.take(rpc), self.spool.entry() as entry:
             yield entry
 
-    async def anonymize_video(
-        self, request_iterator: AsyncIterator[pb2.AnonymizeVideoRequest], context: grpc.aio.ServicerContext
+    async def _serve_call(
+        self, rpc: str, context: grpc.aio.ServicerContext, serve: Callable[[AccessRecord], Awaitable[None]]
     ) -> None:
-        record = AccessRecord.from_context("AnonymizeVideo", context)
+        """``serve(record)`` as one ``rpc`` call: its access record finished and its failure made the call's
+        status, however it ends."""
+        record = AccessRecord.from_context(rpc, context)
         failure: BaseException | None = None
         try:
-            with self.video_call() as entry:
-                await self._serve_video(request_iterator, context, record, entry)
+            await serve(record)
         except asyncio.CancelledError:
             record.finish(self._cancel_code(context))
             raise
@@ -275,6 +296,15 @@ class VideoService:
             record.finish(code)
             await context.abort(code, details, status_trailers(failure, code, details))
         record.finish(grpc.StatusCode.OK)
+
+    async def anonymize_video(
+        self, request_iterator: AsyncIterator[pb2.AnonymizeVideoRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        async def serve(record: AccessRecord) -> None:
+            with self.video_call() as entry:
+                await self._serve_video(request_iterator, context, record, entry)
+
+        await self._serve_call("AnonymizeVideo", context, serve)
 
     async def _serve_video(
         self,
@@ -385,14 +415,8 @@ class VideoService:
             raise InvalidRequestError("start.request_id", f"must be at most {convert.MAX_REQUEST_ID_CHARS} characters")
         info = self._ready_engine().info()
         method = convert.method_from_proto(start.method, info.default_method)
-        detection = convert.detection_from_proto(start.detection, info.max_faces)
-        if detection.aligned:
-            raise InvalidRequestError("detection.aligned", "is not supported for video; leave it unset")
-        if detection.max_faces is not None and detection.max_faces > info.max_faces:
-            raise InvalidRequestError(
-                "detection.max_faces",
-                f"must be at most {info.max_faces} (this server's limit), got {detection.max_faces}",
-            )
+        defaults = self._ready_engine().front_end.defaults
+        strength, detection = _cover_settings(start.detection, start.classical, info, defaults, "video")
         output = start.output
         encode = EncodeOptions(
             codec=output.codec or "h264",
@@ -400,17 +424,11 @@ class VideoService:
             audio=not output.drop_audio,
             keep_metadata=output.keep_metadata,
         )
-        defaults = self._ready_engine().front_end.defaults
-        strength = convert.classical_strength_from_proto(start.classical)
-        if not (np.isfinite(strength) and 0.0 < strength <= 10.0):
-            raise InvalidRequestError("classical.strength", f"must be a finite number in (0, 10], got {strength!r}")
         return VideoOptions(
             method=method,
             params=convert.params_from_proto(start.params, info.defaults),
             classical_strength=strength,
-            mask_scale=detection.mask_scale if detection.mask_scale is not None else defaults.mask_scale,
-            threshold=detection.score_threshold if detection.score_threshold is not None else defaults.threshold,
-            max_faces=detection.max_faces,
+            **detection,
             tracking=_tracking(start.tracking, live=False),
             encode=encode,
             limits=VideoLimits(max_seconds=self.config.max_video_seconds, max_pixels=self.config.max_video_pixels),
@@ -544,24 +562,11 @@ class VideoService:
     async def anonymize_frames(
         self, request_iterator: AsyncIterator[pb2.FrameRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        record = AccessRecord.from_context("AnonymizeFrames", context)
-        failure: BaseException | None = None
-        try:
+        async def serve(record: AccessRecord) -> None:
             with self._slots.take("AnonymizeFrames"):
                 await self._serve_frames(request_iterator, context, record)
-        except asyncio.CancelledError:
-            record.finish(self._cancel_code(context))
-            raise
-        except Exception as exc:
-            failure = exc
-        if failure is not None and context.cancelled():
-            record.finish(self._cancel_code(context))  # a write failed because the client went away
-            return
-        if failure is not None:
-            code, details = _status(failure, record.request_id)
-            record.finish(code)
-            await context.abort(code, details, status_trailers(failure, code, details))
-        record.finish(grpc.StatusCode.OK)
+
+        await self._serve_call("AnonymizeFrames", context, serve)
 
     async def _serve_frames(
         self, request_iterator: AsyncIterator[pb2.FrameRequest], context: grpc.aio.ServicerContext, record: AccessRecord
@@ -683,32 +688,20 @@ class VideoService:
         info = self._ready_engine().info()
         method = convert.method_from_proto(options.method, info.default_method)
         engine = self._engine_for(method)
-        detection = convert.detection_from_proto(options.detection, info.max_faces)
-        if detection.aligned:
-            raise InvalidRequestError("detection.aligned", "is not supported for frames; leave it unset")
-        if detection.max_faces is not None and detection.max_faces > info.max_faces:
-            raise InvalidRequestError(
-                "detection.max_faces",
-                f"must be at most {info.max_faces} (this server's limit), got {detection.max_faces}",
-            )
-        strength = convert.classical_strength_from_proto(options.classical)
-        if not (np.isfinite(strength) and 0.0 < strength <= 10.0):
-            raise InvalidRequestError("classical.strength", f"must be a finite number in (0, 10], got {strength!r}")
+        defaults = engine.front_end.defaults
+        strength, detection = _cover_settings(options.detection, options.classical, info, defaults, "frames")
         if options.format not in convert.FORMAT_FROM_PROTO:
             raise InvalidRequestError("options.format", f"unknown value {options.format}")
         quality = options.quality if options.HasField("quality") else 90
         if not 1 <= quality <= 100:
             raise InvalidRequestError("options.quality", f"must be in [1, 100], got {quality}")
-        defaults = engine.front_end.defaults
         return LiveStream(
             engine,
             detector=self._detector_for_live(engine),
             method=method,
             params=convert.params_from_proto(options.params, info.defaults),
             strength=strength,
-            mask_scale=detection.mask_scale if detection.mask_scale is not None else defaults.mask_scale,
-            threshold=detection.score_threshold if detection.score_threshold is not None else defaults.threshold,
-            max_faces=detection.max_faces,
+            **detection,
             tracking=_tracking(options.tracking, live=True),
             output_format=convert.FORMAT_FROM_PROTO[options.format],
             quality=quality,

@@ -393,10 +393,15 @@ class Engine:
     # ---- honest admission ----------------------------------------------------------------
 
     def estimate_seconds(
-        self, priority: Priority, steps: int | None = None, generative: bool | None = None
+        self,
+        priority: Priority,
+        steps: int | None = None,
+        generative: bool | None = None,
+        faces: int = 1,
+        preprocessed: bool = False,
     ) -> float | None:
-        """Seconds from now to the result of a one-face request at ``priority`` (engine/estimate.py);
-        None until the engine has measured what it needs."""
+        """Seconds from now to the result of a request of ``faces`` faces at ``priority`` (engine/estimate.py;
+        ``preprocessed``: from the end of its preprocessing); None until the engine has measured what it needs."""
         if generative is None:
             generative = self.core is not None
         up_to = Priority(priority)
@@ -409,6 +414,8 @@ class Engine:
             call_rows=lambda own_rows: self._expected_call_rows(up_to, own_rows),
             preprocess_ahead=self._preprocess_pool.waiting(up_to),
             preprocess_threads=self.config.preprocess_threads,
+            faces=faces,
+            preprocessed=preprocessed,
         )
 
     def _expected_call_rows(self, priority: Priority, own_rows: int) -> int:
@@ -427,14 +434,22 @@ class Engine:
         """GetServerInfo's estimate per priority, for a one-face request with the default parameters."""
         return {priority: self.estimate_seconds(priority) for priority in Priority}
 
-    def _refuse_if_too_late(self, request: EngineRequest) -> None:
+    def _refuse_if_too_late(self, request: EngineRequest, detected_faces: int | None = None) -> None:
+        """At arrival (``detected_faces`` None) with the faces the request says it has (given faces; an aligned
+        crop is one), else one; once detection has counted more, again with that count, before diffusion."""
         generative = request.method is Method.REVERSE_PERSONALIZATION
-        estimate = self.estimate_seconds(request.priority, request.params.steps, generative)
+        if detected_faces is not None:
+            faces, when = detected_faces, f"refused after detection: its {detected_faces} faces"
+        else:
+            faces, when = len(request.given_faces or ()) or 1, "refused at once: this request"
+        estimate = self.estimate_seconds(
+            request.priority, request.params.steps, generative, faces, preprocessed=detected_faces is not None
+        )
         remaining = request.deadline - time.monotonic()
         if estimate is not None and estimate > remaining:
             metrics.DEADLINE_REFUSALS.labels(request.priority.label).inc()
             raise DeadlineUnmeetableError(
-                f"refused at once: this request would finish in about {estimate:.2f} s (the work queued ahead of "
+                f"{when} would finish in about {estimate:.2f} s (the work queued ahead of "
                 f"it at {request.priority.label} priority, at the step times measured now), after its deadline "
                 f"in {max(0.0, remaining):.2f} s; retry with a longer deadline or later",
                 estimate,
@@ -539,6 +554,8 @@ class Engine:
             self._hold_faces(state, len(prepared.records))
             state.events.put_nowait(FacesFoundEvent(request.request_id, tuple(r.box for r in prepared.records)))
             generated, failures = {}, {}
+            if prepared.works and request.deadline is not None and len(prepared.works) > 1:
+                self._refuse_if_too_late(request, len(prepared.works))  # now that detection has counted them
             if prepared.works:
                 # Diffusion takes seconds to minutes: the image is dropped meanwhile and decoded again to
                 # finish (tens of ms a megapixel, measured in design.md section 10), so a waiting face holds no pixels.
@@ -587,7 +604,7 @@ class Engine:
             state.events.put_nowait(FailedEvent(request.request_id, asyncio.CancelledError("request cancelled")))
             raise
         except Exception as error:
-            if not isinstance(error, InvalidRequestError):
+            if not isinstance(error, (InvalidRequestError, DeadlineUnmeetableError)):
                 log.exception("request %s failed", request.request_id)
             for job in state.jobs:
                 job.fail(str(error))

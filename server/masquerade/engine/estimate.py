@@ -1,19 +1,21 @@
 """When would a new request finish? Honest admission's estimate, from measured times and the work ahead.
 
 The engine feeds it every UNet call (its rows and seconds) and every request's preprocess and
-postprocess seconds; it answers, for a request arriving now at a priority, the seconds until its
-result if it has one face. A request's faces diffuse side by side, so more faces add rows to
-calls, not calls. The model (docs/design.md, "Honest admission"):
+postprocess seconds; it answers, for a request arriving now at a priority with F faces, the seconds
+until its result. A request's faces diffuse side by side, so more faces add rows to calls, and calls
+only past a call's rows. The model (docs/design.md, "Honest admission"):
 
     wait      = preprocess queue ahead / threads * preprocess_s
     diffusion = max(own calls, (rows ahead + own rows) / rows per call) * seconds per call
     estimate  = wait + preprocess_s + diffusion + postprocess_s
 
-*own calls* are the job's sequential calls (``ceil(N / inversion_chunk)`` inversion calls, then N
-generation calls), *rows ahead* the steps left of the jobs that run before it (same or more urgent
-priority), and *seconds per call* the measured time of a call as full as the calls it will share
-(for interactive work: its rows, the bulk floor and what the row budget adds; scheduler.py).
-Nothing measured yet means no estimate: admission never refuses on a guess.
+*own calls* are the request's sequential calls (``ceil(N / inversion_chunk)`` inversion calls, then N
+generation calls, more when F faces' rows overflow a call), *rows ahead* the steps left of the jobs
+that run before it (same or more urgent priority), and *seconds per call* the measured time of a call
+as full as the calls it will share (for interactive work: its rows, the bulk floor and what the row
+budget adds; scheduler.py). Nothing measured yet means no estimate: admission never refuses on a guess.
+At arrival F is what the request says (given faces; an aligned crop is one), else 1 until detection
+has counted them: the engine checks again then (engine.py), before any diffusion step.
 """
 
 from __future__ import annotations
@@ -108,26 +110,32 @@ def estimate_seconds(
     call_rows: Callable[[int], int],
     preprocess_ahead: int,
     preprocess_threads: int,
+    faces: int = 1,
+    preprocessed: bool = False,
 ) -> float | None:
-    """Seconds from now to the result of a one-face request (None: nothing measured yet).
+    """Seconds from now to the result of a request with ``faces`` faces (None: nothing measured yet);
+    ``preprocessed``: its preprocessing is done (the estimate once detection has counted its faces).
 
-    ``call_rows(own_rows)``: the rows of a call in which the request's job has ``own_rows`` (the
+    ``call_rows(own_rows)``: the rows of a call in which the request's jobs have ``own_rows`` (the
     scheduler's policy at its priority, given the jobs ready now)."""
     pre, post = model.ends(generative)
     if pre is None or post is None:
         return None
-    total = math.ceil(preprocess_ahead / max(1, preprocess_threads)) * pre + pre + post
+    total = post if preprocessed else math.ceil(preprocess_ahead / max(1, preprocess_threads)) * pre + pre + post
     if not generative:
         return total
     if not model.measured:
         return None
     rows = model.max_rows
+    faces = max(1, faces)
     chunk = min(inversion_chunk, steps, rows)
-    inversion_calls = math.ceil(steps / chunk)
-    own_calls = inversion_calls + steps
-    generation_call = model.call_seconds(call_rows(1))
-    inversion_call = model.call_seconds(call_rows(chunk))
-    alone = inversion_calls * inversion_call + steps * generation_call
-    backlog_calls = math.ceil((rows_ahead + 2 * steps) / rows)
+    # Each face's inversion takes chunk steps a call; together at most a call's rows.
+    inversion_calls = max(math.ceil(steps / chunk), math.ceil(faces * steps / rows))
+    generation_calls = steps * math.ceil(faces / rows)  # one step per face a call
+    own_calls = inversion_calls + generation_calls
+    generation_call = model.call_seconds(call_rows(min(faces, rows)))
+    inversion_call = model.call_seconds(call_rows(min(faces * chunk, rows)))
+    alone = inversion_calls * inversion_call + generation_calls * generation_call
+    backlog_calls = math.ceil((rows_ahead + 2 * steps * faces) / rows)
     crowded = backlog_calls * model.call_seconds(rows) if backlog_calls > own_calls else 0.0
     return total + max(alone, crowded)
