@@ -116,7 +116,10 @@ export interface VideoResult {
   report: VideoReport;
 }
 
-/** One live frame: encoded JPEG/PNG/WebP bytes, or raw RGB (height * width * 3 bytes, row by row). */
+/**
+ * One live frame: encoded JPEG/PNG/WebP bytes, or raw RGB (height * width * 3 bytes, row by row), and its
+ * capture time in seconds when known (the tracker moves held boxes by it; any clock, one per stream).
+ */
 export type LiveFrame =
   | { encoded: Uint8Array; timestamp?: number }
   | { rgb: Uint8Array; width: number; height: number; timestamp?: number };
@@ -356,7 +359,8 @@ export class MasqueradeClient {
    * first message (`window`, `tracking.detectEvery`, `format`...). At most `window` frames (default 4)
    * are sent and not yet answered: `frames` is read only as results come back, so a slow consumer of
    * this generator slows the reading of frames and nothing queues without bound. Sequence numbers are
-   * 0, 1, 2...; a frame's timestamp defaults to now. No deadline unless `timeoutMs` is given: a live
+   * 0, 1, 2...; give a frame's `timestamp` as its capture time (seconds, one clock per stream) when known,
+   * else the server times it as it takes it. No deadline unless `timeoutMs` is given: a live
    * stream runs as long as its frames do. A stream refused RESOURCE_EXHAUSTED with RetryInfo before
    * any result (the per-client quota) is reopened after the server's delay, resending the frames it
    * held; a stream ended later (a frame over the quota, a drain's UNAVAILABLE) throws MasqueradeError
@@ -530,7 +534,7 @@ async function* videoRequests(
 }
 
 function frameRequest(frame: LiveFrame, sequence: number): FrameRequest {
-  const timestamp = frame.timestamp ?? Date.now() / 1000;
+  const timestamp = frame.timestamp ?? 0; // 0: the server times the frame itself
   if ("encoded" in frame) return { sequence, timestamp, pixels: { $case: "encoded", value: Buffer.from(frame.encoded) } };
   const { rgb, width, height } = frame;
   if (rgb.length !== width * height * 3) {

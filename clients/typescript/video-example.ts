@@ -27,7 +27,7 @@ const USAGE =
   "usage: node dist/video-example.js --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n" +
   "       [--detect-every K] [--codec h264|hevc|vp9|av1] [--crf N] [--no-audio] [--keep-metadata] [--timeout SECONDS]\n" +
   "       [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--token-file FILE] INPUT_VIDEO OUTPUT_VIDEO\n" +
-  "       node dist/video-example.js --frames [--window N] --server HOST:PORT [options as above] IMAGE... OUTPUT_DIR";
+  "       node dist/video-example.js --frames [--window N] [--fps F] --server HOST:PORT [options as above] IMAGE... OUTPUT_DIR";
 
 const METHODS: Record<string, Method> = {
   reverse_personalization: Method.REVERSE_PERSONALIZATION,
@@ -50,6 +50,8 @@ interface Args {
   connection: MasqueradeClientOptions;
   frames: boolean;
   window?: number;
+  /** --frames: the images' capture times are sequence / fps (files carry none; the tracker needs them). */
+  fps: number;
   inputs: string[];
   output: string;
 }
@@ -58,6 +60,12 @@ function positiveInteger(flag: string, text: string | undefined): number | undef
   if (text === undefined) return undefined;
   const value = Number(text);
   if (!(Number.isInteger(value) && value > 0)) throw new UsageError(`${flag} ${text}: use a positive integer`);
+  return value;
+}
+
+function positiveNumber(flag: string, text: string): number {
+  const value = Number(text);
+  if (!(value > 0 && Number.isFinite(value))) throw new UsageError(`${flag} ${text}: use a positive number`);
   return value;
 }
 
@@ -78,6 +86,7 @@ function parseCommandLine(argv: string[]): Args {
         timeout: { type: "string", default: "600" },
         frames: { type: "boolean", default: false },
         window: { type: "string" },
+        fps: { type: "string", default: "12" },
         tls: { type: "boolean", default: false },
         "tls-ca": { type: "string" },
         "tls-cert": { type: "string" },
@@ -130,6 +139,7 @@ function parseCommandLine(argv: string[]): Args {
     connection: { tls: values.tls, caFile: values["tls-ca"], certFile: values["tls-cert"], keyFile: values["tls-key"], token },
     frames: values.frames,
     window: positiveInteger("--window", values.window),
+    fps: positiveNumber("--fps", values.fps),
     inputs: positionals.slice(0, -1),
     output: positionals[positionals.length - 1],
   };
@@ -159,7 +169,8 @@ async function runVideo(client: MasqueradeClient, args: Args): Promise<number> {
 async function runFrames(client: MasqueradeClient, args: Args): Promise<number> {
   mkdirSync(args.output, { recursive: true });
   function* frames(): Generator<LiveFrame> {
-    for (const input of args.inputs) yield { encoded: readFileSync(input) }; // read only when the window has room
+    // Read only when the window has room; stamped as a camera would stamp them (capture time, not send time).
+    for (const [index, input] of args.inputs.entries()) yield { encoded: readFileSync(input), timestamp: index / args.fps };
   }
   const options: Partial<FrameStreamOptions> = {
     method: args.method,

@@ -119,6 +119,7 @@ def assert_frames_in_order(done: subprocess.CompletedProcess[str], frame_files: 
     assert all(lines) and len(lines) == len(frame_files), done.stdout
     assert [int(m.group(1)) for m in lines] == list(range(len(frame_files)))  # every frame, in the order sent
     assert all(int(m.group(2)) >= 1 for m in lines), done.stdout  # the moving face, on every frame
+    assert {m.group(3) for m in lines} == {"0"}, done.stdout  # one face, one track id over the stream
     for source, m in zip(frame_files, lines, strict=True):
         written = outdir / source.name
         assert written.stat().st_size == int(m.group(5))

@@ -29,7 +29,7 @@ constexpr const char* kUsage =
     "usage: masquerade-video --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n"
     "       [--detect-every K] [--codec h264|hevc|vp9|av1] [--crf N] [--no-audio] [--keep-metadata] [--timeout SECONDS]\n"
     "       [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--token-file FILE] INPUT_VIDEO OUTPUT_VIDEO\n"
-    "       masquerade-video --frames [--window N] --server HOST:PORT [options as above] IMAGE... OUTPUT_DIR";
+    "       masquerade-video --frames [--window N] [--fps F] --server HOST:PORT [options as above] IMAGE... OUTPUT_DIR";
 
 const std::map<std::string, v1::Method> kMethods = {
     {"reverse_personalization", v1::REVERSE_PERSONALIZATION},
@@ -49,6 +49,7 @@ struct Args {
   std::string codec;
   bool no_audio = false, keep_metadata = false, frames = false, tls = false;
   double timeout_seconds = 600;
+  double fps = 12;  // --frames: the images' capture times are sequence / fps (files carry none)
   std::string tls_ca, tls_cert, tls_key, token_file;
   std::vector<std::string> inputs;
   std::string output;
@@ -103,6 +104,14 @@ Args ParseArgs(int argc, char** argv) {
       args.frames = true;
     } else if (arg == "--window") {
       args.window = Unsigned(arg, value(), 1);
+    } else if (arg == "--fps") {
+      const std::string text = value();
+      try {
+        args.fps = std::stod(text);
+      } catch (const std::exception&) {
+        args.fps = -1;
+      }
+      if (!(args.fps > 0)) throw UsageError("--fps " + text + ": use a positive number");
     } else if (arg == "--tls") {
       args.tls = true;
     } else if (arg == "--tls-ca") {
@@ -209,7 +218,9 @@ int RunFrames(masquerade::Client& client, const Args& args) {
       options,
       [&](v1::FrameRequest& frame) {
         if (next == args.inputs.size()) return false;
-        frame.set_encoded(ReadFile(args.inputs[next++]));  // read only when the window has room
+        // Read only when the window has room; stamped as a camera would stamp them (capture, not send, time).
+        frame.set_timestamp(static_cast<double>(next) / args.fps);
+        frame.set_encoded(ReadFile(args.inputs[next++]));
         return true;
       },
       [&](const v1::FrameResult& frame) {

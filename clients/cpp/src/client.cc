@@ -363,9 +363,6 @@ void Client::AnonymizeFrames(const v1::FrameStreamOptions& options, const FrameS
             }
             frame.clear_options();
             frame.set_sequence(next_sequence++);
-            if (frame.timestamp() == 0) {
-              frame.set_timestamp(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
-            }
           }
           unanswered.push_back(frame);
           ++in_flight;

@@ -141,7 +141,8 @@ class Client {
   // (default 4) frames are unanswered, so a slow on_result slows the reading of frames and
   // nothing queues without bound. on_result gets every FrameResult in the order sent, on the
   // calling thread (a result out of order is an INTERNAL RpcError). Sequence numbers are
-  // 0, 1, 2...; a frame's timestamp defaults to now. No deadline unless `timeout` is given:
+  // 0, 1, 2...; set a frame's timestamp to its capture time (seconds, one clock per stream) when
+  // known, else leave it 0 and the server times the frame itself. No deadline unless `timeout` is given:
   // a live stream runs as long as its frames do. A stream refused RESOURCE_EXHAUSTED with
   // RetryInfo before any result (the per-client quota) is reopened after the server's delay,
   // resending the frames it held; a stream ended later (a frame over the quota, a drain's
