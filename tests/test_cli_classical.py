@@ -289,3 +289,37 @@ def test_readme_classical_examples_run_as_written(tmp_path, cli, people):
         assert code == 0, f"{line}\n{err}"
     for written in ("out.jpg", "covered/flipped.jpg", "check.jpg", "shared/flipped.jpg"):
         assert (tmp_path / written).is_file(), written
+
+
+def test_worker_processes_write_what_a_worker_thread_writes_and_report_failures(tmp_path, people):
+    """A folder runs on forked worker processes (dlib holds the GIL: threads would take turns); a single
+    worker runs on a thread. Same files, same records; a broken file is reported, not fatal."""
+    from masquerade.cli.files import FileJob
+    from masquerade.cli.pipeline import ClassicalRun, WorkerError, run_classical, use_processes
+    from masquerade.engine.front_end import DetectionDefaults
+    from masquerade.engine.request import Method
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    half = np.asarray(Image.fromarray(people).resize((640, 443)))
+    Image.fromarray(half).save(folder / "a.png")
+    Image.fromarray(half[:, ::-1]).save(folder / "b.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    run = ClassicalRun(method=Method.BLUR, strength=1.0, detection=DetectionDefaults(), models="default")
+    outcomes = {}
+    for workers in (2, 1):
+        jobs = [FileJob(folder / n, tmp_path / f"out{workers}" / n) for n in ("a.png", "b.png", "broken.jpg")]
+        done = {}
+        run_classical(
+            jobs, run, workers, lambda job: "png", lambda job, r, e: done.__setitem__(job.source.name, (r, e))
+        )
+        outcomes[workers] = done
+    assert use_processes(2, 3) == hasattr(__import__("os"), "fork")
+    for name in ("a.png", "b.png"):
+        (result2, error2), (result1, error1) = outcomes[2][name], outcomes[1][name]
+        assert error1 is None and error2 is None and len(result1.faces) == 6
+        assert [f.to_json() for f in result2.faces] == [f.to_json() for f in result1.faces]
+        assert (tmp_path / "out2" / name).read_bytes() == (tmp_path / "out1" / name).read_bytes()
+    assert outcomes[2]["broken.jpg"][0] is None and isinstance(outcomes[2]["broken.jpg"][1], WorkerError)
+    assert str(outcomes[2]["broken.jpg"][1]) == str(outcomes[1]["broken.jpg"][1])
+    assert not (tmp_path / "out2" / "broken.jpg").exists()

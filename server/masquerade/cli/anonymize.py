@@ -8,7 +8,6 @@ output conflicts, method unavailable).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
@@ -158,19 +157,7 @@ def add_anonymize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from masquerade.engine.engine import Engine, EngineConfig
-    from masquerade.engine.request import (
-        DetectionOptions,
-        EngineRequest,
-        FailedEvent,
-        Method,
-        OutputOptions,
-        ProgressEvent,
-        ResultEvent,
-        ReversePersonalizationParams,
-    )
+    from masquerade.engine.request import Method, ReversePersonalizationParams
 
     plan = files.plan_files(args.inputs, args.output, overwrite=args.overwrite, skip_existing=args.skip_existing)
     requested = files.choose_method(args.method, model_source(args), quiet=args.quiet)
@@ -188,13 +175,6 @@ def run(args) -> int:
         seed=args.seed,
         noise=args.noise,
     )
-    config = EngineConfig(
-        models=model_source(args),
-        device=args.device,
-        max_batch=args.max_batch,
-        max_queue=IMAGES_IN_FLIGHT,
-        **detection_config(args),
-    )
     records: list[dict] = [files.skipped_record(job) for job in plan.skipped]
     records += [files.skipped_record(job, reason) for job, reason in plan.ignored]
     failures = 0
@@ -209,12 +189,54 @@ def run(args) -> int:
     engine_images = [] if method.is_classical else plan.jobs
     if method.is_classical and plan.jobs:
         failures += _anonymize_classically(plan.jobs, args, method, style, records)
+    if engine_images or videos:
+        # The engine (asyncio, the scheduler, metrics) only for what needs it: a classical run on images
+        # never imports it.
+        failures += _run_on_engine(args, method, params, engine_images, videos, options if videos else None, records)
+    inputs = [*plan.skipped, *(job for job, _ in plan.ignored), *plan.jobs, *videos]
+    order = {str(job.source): i for i, job in enumerate(inputs)}
+    records.sort(key=lambda record: order[record["input"]])
+    files.summarize(records)
+    if len(records) > 1:
+        print(files.summary_line(records))
+    if args.report:
+        files.write_report(args.report, records)
+    if failures and len(plan.jobs) + len(videos) == 1 and videos:
+        return files.EXIT_NOTHING_DONE  # the only input, a video, could not be read: nothing was done
+    return files.EXIT_SOME_FAILED if failures else files.EXIT_OK
+
+
+def _run_on_engine(args, method, params, engine_images, videos, options, records: list[dict]) -> int:
+    """Reverse personalization on images, and videos (any method), through the engine; returns the failures."""
+    import asyncio
+
+    from tqdm import tqdm
+
+    from masquerade.engine.engine import Engine, EngineConfig
+    from masquerade.engine.request import (
+        DetectionOptions,
+        EngineRequest,
+        FailedEvent,
+        Method,
+        OutputOptions,
+        ProgressEvent,
+        ResultEvent,
+    )
+
+    config = EngineConfig(
+        models=model_source(args),
+        device=args.device,
+        max_batch=args.max_batch,
+        max_queue=IMAGES_IN_FLIGHT,
+        **detection_config(args),
+    )
+    failures = 0
     if method is Method.REVERSE_PERSONALIZATION:
         from masquerade.cli import quiet_model_libraries
 
         quiet_model_libraries()
         engine = Engine.build(config)
-    elif videos:
+    else:
         engine = _classical_engine(config)
 
     async def run_all() -> None:
@@ -267,19 +289,8 @@ def run(args) -> int:
             failures += video_failures
         await engine.shutdown(grace_seconds=1)
 
-    if engine_images or videos:
-        asyncio.run(run_all())
-    inputs = [*plan.skipped, *(job for job, _ in plan.ignored), *plan.jobs, *videos]
-    order = {str(job.source): i for i, job in enumerate(inputs)}
-    records.sort(key=lambda record: order[record["input"]])
-    files.summarize(records)
-    if len(records) > 1:
-        print(files.summary_line(records))
-    if args.report:
-        files.write_report(args.report, records)
-    if failures and len(plan.jobs) + len(videos) == 1 and videos:
-        return files.EXIT_NOTHING_DONE  # the only input, a video, could not be read: nothing was done
-    return files.EXIT_SOME_FAILED if failures else files.EXIT_OK
+    asyncio.run(run_all())
+    return failures
 
 
 GENERATIVE_FLAGS = {
@@ -334,8 +345,6 @@ def _read_rgba(path: str):
 
 def _anonymize_classically(jobs, args, method, style, records: list[dict]) -> int:
     """Images through the worker pool; returns how many failed. Records are appended as files finish."""
-    from tqdm import tqdm
-
     from masquerade.cli.pipeline import ClassicalRun, default_jobs, run_classical
     from masquerade.engine.front_end import DetectionDefaults
 
@@ -363,14 +372,20 @@ def _anonymize_classically(jobs, args, method, style, records: list[dict]) -> in
     if not 0.05 <= args.detect_scale <= 1.0:
         raise files.PlanError(f"--detect-scale must be in [0.05, 1], got {args.detect_scale}")
     failures = 0
-    with tqdm(total=len(jobs), desc="anonymizing", unit="image", disable=args.quiet) as bar:
+    if args.quiet:  # tqdm's import (20 ms, importlib.metadata for its version) is a fifth of a blank file's run
+        bar, write = _NoBar(), print
+    else:
+        from tqdm import tqdm
+
+        bar, write = tqdm(total=len(jobs), desc="anonymizing", unit="image"), tqdm.write
+    with bar:
 
         def done(job, result, error) -> None:
             nonlocal failures
             if error is not None:
                 failures += 1
                 records.append(files.failed_record(job, str(error)))
-                tqdm.write(f"error: {job.source}: {error}", file=sys.stderr)
+                write(f"error: {job.source}: {error}", file=sys.stderr)
             else:
                 record = files.result_record(job, result)
                 if args.draw_boxes:
@@ -380,6 +395,19 @@ def _anonymize_classically(jobs, args, method, style, records: list[dict]) -> in
 
         run_classical(jobs, run, args.jobs or default_jobs(), lambda job: _format_for(job.target), done)
     return failures
+
+
+class _NoBar:
+    """tqdm's interface where -q asks for no progress bar."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, count: int = 1) -> None:
+        return None
 
 
 def _classical_engine(config):

@@ -1,19 +1,23 @@
 """The classical path of `masquerade anonymize`: a pool of workers, no engine, no torch.
 
 Each worker takes a whole file through decode -> detect -> cover -> self-check -> encode ->
-write, so with N workers the stages of N files overlap (one decodes while another detects); the
-C libraries doing the work (libjpeg, onnxruntime, OpenCV, dlib) release the GIL. Each worker
-builds its detector once, on its first file, with an ONNX session of its own sized so that the
-pool's sessions together use the machine's cores once. At most 2N files are in flight: the rest
-wait as paths, so a folder of any size holds at most 2N images in memory.
+write, so with N workers the stages of N files overlap (one decodes while another detects).
+The workers are processes (forked, so nothing is imported again) where the platform forks: dlib,
+whose 68-point predictor and face descriptor are most of the self-check, holds the GIL while it
+computes (measured: two threads computing descriptors use one core), so threads would run it one
+at a time. Elsewhere, and for a single file, they are threads. Each worker builds its detector
+once, on its first file, with an ONNX session of its own sized so that the pool's sessions
+together use the machine's cores once. At most 2N files are in flight: the rest wait as paths,
+so a folder of any size holds at most 2N images in memory.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +145,32 @@ def draw_detections(rgb: np.ndarray, records) -> np.ndarray:
     return out
 
 
+class WorkerError(RuntimeError):
+    """A file that failed in a worker process: its message (the exception itself may not pickle)."""
+
+
+_process_worker: _Worker | None = None  # the worker of this process, in a forked worker process
+
+
+def _start_process(run: ClassicalRun, threads: int) -> None:
+    global _process_worker
+    _process_worker = _Worker(run, threads)
+
+
+def _one_in_process(job: FileJob, output_format: str) -> tuple[AnonymizeResult | None, str | None]:
+    try:
+        result = _process_worker.anonymize(job, output_format)
+        write_atomically(job.target, result.image)
+    except Exception as error:  # reported by the parent, with the file's name, like a thread worker's
+        return None, str(error) or type(error).__name__
+    result.image = b""  # written already: the parent needs the records, not the bytes
+    return result, None
+
+
+def use_processes(workers: int, files: int) -> bool:
+    return workers > 1 and files > 1 and "fork" in multiprocessing.get_all_start_methods()
+
+
 def run_classical(
     jobs: list[FileJob],
     run: ClassicalRun,
@@ -148,27 +178,49 @@ def run_classical(
     output_format: Callable[[FileJob], str],
     on_done: Callable[[FileJob, AnonymizeResult | None, BaseException | None], None],
 ) -> None:
-    """Anonymizes every job on ``workers`` threads; ``on_done`` is called on this thread, in completion order."""
-    worker = _Worker(run, threads_per_worker(workers, len(jobs)))
+    """Anonymizes every job on ``workers`` workers; ``on_done`` is called on this thread, in completion order."""
+    workers = max(1, min(workers, len(jobs)))
+    threads = threads_per_worker(workers, len(jobs))
+    if use_processes(workers, len(jobs)):
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_process, initargs=(run, threads)
+        )
 
-    def one(job: FileJob) -> AnonymizeResult:
-        result = worker.anonymize(job, output_format(job))
-        write_atomically(job.target, result.image)
-        return result
+        def submit(job: FileJob) -> Future:
+            return pool.submit(_one_in_process, job, output_format(job))
+
+        def outcome(future: Future) -> tuple[AnonymizeResult | None, BaseException | None]:
+            result, message = future.result()
+            return result, None if message is None else WorkerError(message)
+    else:
+        worker = _Worker(run, threads)
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="masquerade-file")
+
+        def one(job: FileJob) -> AnonymizeResult:
+            result = worker.anonymize(job, output_format(job))
+            write_atomically(job.target, result.image)
+            return result
+
+        def submit(job: FileJob) -> Future:
+            return pool.submit(one, job)
+
+        def outcome(future: Future) -> tuple[AnonymizeResult | None, BaseException | None]:
+            error = future.exception()
+            return (None, error) if error is not None else (future.result(), None)
 
     pending = iter(jobs)
     in_flight: dict[Future, FileJob] = {}
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="masquerade-file") as pool:
+    with pool:
         while True:
-            while len(in_flight) < 2 * max(1, workers):
+            while len(in_flight) < 2 * workers:
                 job = next(pending, None)
                 if job is None:
                     break
-                in_flight[pool.submit(one, job)] = job
+                in_flight[submit(job)] = job
             if not in_flight:
                 return
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
                 job = in_flight.pop(future)
-                error = future.exception()
-                on_done(job, None if error else future.result(), error)
+                result, error = outcome(future)
+                on_done(job, result, error)
