@@ -224,6 +224,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--detectors", nargs="+", default=["centerface", "hog", "cnn", "scrfd"])
     parser.add_argument("--model-dir", help="where buffalo_l/det_10g.onnx is (default: the model dir)")
+    parser.add_argument("--out", default=str(RESULTS / "detection.json"), help="the JSON (the plot goes beside it)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -264,10 +265,11 @@ def main() -> None:
         print(
             f"{kind:11s} {recall}   {result['false_positives_per_image']:6.2f} {result['ms_per_megapixel']:8.0f}   {real}"
         )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "detection.json").write_text(json.dumps(report, indent=2))
-    plot(report, RESULTS / "detection.png")
-    print(f"wrote {RESULTS / 'detection.json'} and {RESULTS / 'detection.png'}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -323,3 +323,46 @@ def test_worker_processes_write_what_a_worker_thread_writes_and_report_failures(
     assert outcomes[2]["broken.jpg"][0] is None and isinstance(outcomes[2]["broken.jpg"][1], WorkerError)
     assert str(outcomes[2]["broken.jpg"][1]) == str(outcomes[1]["broken.jpg"][1])
     assert not (tmp_path / "out2" / "broken.jpg").exists()
+
+
+LIVE_THREAD_RUN = """
+import logging, sys, threading
+from pathlib import Path
+from masquerade.cli.files import FileJob
+from masquerade.cli.pipeline import ClassicalRun, process_context, run_classical
+from masquerade.engine.front_end import DetectionDefaults
+from masquerade.engine.request import Method
+
+# Another thread holds logging's lock (as a server's threads may at any instant) for the whole run:
+# a child forked now would inherit it held and hang on its first log call.
+held, release = threading.Event(), threading.Event()
+def hold():
+    with logging._lock:
+        held.set()
+        release.wait()
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+assert process_context().get_start_method() == "forkserver"
+folder = Path(sys.argv[1])
+run = ClassicalRun(method=Method.BLUR, strength=1.0, detection=DetectionDefaults(), models="default")
+jobs = [FileJob(folder / n, folder / "out" / n) for n in ("a.png", "b.png")]
+done = []
+run_classical(jobs, run, 2, lambda job: "png", lambda job, r, e: done.append((job.source.name, e)))
+release.set()
+print(sorted(done))
+"""
+
+
+def test_a_pool_started_beside_other_threads_does_not_fork_them(tmp_path, people):
+    import subprocess
+    import sys
+
+    half = np.asarray(Image.fromarray(people).resize((320, 222)))
+    Image.fromarray(half).save(tmp_path / "a.png")
+    Image.fromarray(half[::-1]).save(tmp_path / "b.png")
+    done = subprocess.run(
+        [sys.executable, "-c", LIVE_THREAD_RUN, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[('a.png', None), ('b.png', None)]" in done.stdout
+    assert (tmp_path / "out" / "a.png").exists() and (tmp_path / "out" / "b.png").exists()

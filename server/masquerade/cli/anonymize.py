@@ -104,8 +104,9 @@ def add_anonymize_arguments(parser: argparse.ArgumentParser) -> None:
     covers.add_argument(
         "--no-self-check",
         action="store_true",
-        help="skip the check of each output (detector and dlib descriptors again, re-covering what is still "
-        "recognisable): about 2x faster on photos, and `complete` then vouches only for the faces detected",
+        help="skip the check of each output (detector around the covers and dlib descriptors of each face, "
+        "re-covering what is still recognisable): faster on photos with faces, and `complete` then vouches "
+        "only for the faces detected",
     )
     throughput = parser.add_argument_group("throughput (classical methods)")
     throughput.add_argument(
@@ -377,6 +378,7 @@ def _anonymize_classically(jobs, args, method, style, records: list[dict]) -> in
     else:
         from tqdm import tqdm
 
+        tqdm.monitor_interval = 0  # no monitor thread: the pool forks only a single-threaded process
         bar, write = tqdm(total=len(jobs), desc="anonymizing", unit="image"), tqdm.write
     with bar:
 

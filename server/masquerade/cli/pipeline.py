@@ -2,7 +2,8 @@
 
 Each worker takes a whole file through decode -> detect -> cover -> self-check -> encode ->
 write, so with N workers the stages of N files overlap (one decodes while another detects).
-The workers are processes (forked, so nothing is imported again) where the platform forks: dlib,
+The workers are processes (forked, so nothing is imported again, when this process has no other
+thread; else from a forkserver) where the platform has them: dlib,
 whose 68-point predictor and face descriptor are most of the self-check, holds the GIL while it
 computes (measured: two threads computing descriptors use one core), so threads would run it one
 at a time. Elsewhere, and for a single file, they are threads. Each worker builds its detector
@@ -168,7 +169,23 @@ def _one_in_process(job: FileJob, output_format: str) -> tuple[AnonymizeResult |
 
 
 def use_processes(workers: int, files: int) -> bool:
-    return workers > 1 and files > 1 and "fork" in multiprocessing.get_all_start_methods()
+    methods = multiprocessing.get_all_start_methods()
+    return workers > 1 and files > 1 and ("fork" in methods or "forkserver" in methods)
+
+
+def process_context():
+    """fork when this process has one thread (nothing imported again); otherwise the forkserver.
+
+    Forking a process with other threads (a server's, a test runner's, an embedding program's)
+    copies whatever locks they held at that instant into a child that can never release them.
+    The forkserver is a single-threaded process that imports this module once and forks from there.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if threading.active_count() == 1 and "fork" in methods:
+        return multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["masquerade.cli.pipeline"])
+    return context
 
 
 def run_classical(
@@ -183,7 +200,7 @@ def run_classical(
     threads = threads_per_worker(workers, len(jobs))
     if use_processes(workers, len(jobs)):
         pool = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_process, initargs=(run, threads)
+            workers, mp_context=process_context(), initializer=_start_process, initargs=(run, threads)
         )
 
         def submit(job: FileJob) -> Future:
