@@ -26,7 +26,7 @@ class FaceJob:
     request_id: str
     face_index: int
     trajectory: Trajectory = field(repr=False)
-    coeffs: torch.Tensor = field(repr=False)  # [N, NUM_COEFFS] float32, on the engine's device
+    coeffs: torch.Tensor = field(repr=False)  # [N, NUM_COEFFS] in the state dtype (float32; float64 models: float64)
     # [N + 1, C, h, w]: x_{t_0..t_{N-1}} then x_0; dropped once the inversion is done.
     noisy_latents: torch.Tensor | None = field(repr=False)
     identity: torch.Tensor = field(repr=False)  # [512] s_id * e, the generation's identity embedding
