@@ -340,7 +340,8 @@ class _Run:
             try:
                 from masquerade.face.selfcheck import SelfCheck
 
-                self._checker = SelfCheck(self.detector)
+                # Its own one-thread session: the checks run on one thread beside the loop's workers.
+                self._checker = SelfCheck(_one_thread_copy(self.detector))
             except Exception:
                 log.warning("dlib verifier unavailable: the video self-check is off")
                 self._checker = False
@@ -537,23 +538,30 @@ class _DetectionAhead:
     def _worker_detector(self) -> FaceDetector:
         own = getattr(self._local, "detector", None)
         if own is None:
-            own = self.detector
-            if self.detector.kind == "centerface":
-                own = FaceDetector(
-                    "centerface",
-                    max_side=self.detector.max_side,
-                    fine_pixels=self.detector.fine_pixels,
-                    max_upscale=self.detector.max_upscale,
-                    detect_scale=self.detector.detect_scale,
-                    intra_op_threads=1,
-                )
-                own.backend.arena_keep_pixels = max(own.backend.arena_keep_pixels, self._arena_pixels)
-            self._local.detector = own
+            own = self._local.detector = _one_thread_copy(self.detector, self._arena_pixels)
         return own
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _one_thread_copy(detector: FaceDetector, arena_pixels: int = 0) -> FaceDetector:
+    """A CenterFace detector like ``detector`` with a one-thread session of its own (one per thread that
+    uses it: the shared session's threads spin between runs, taking the cores the other threads want);
+    other kinds: ``detector`` itself. Its arena is kept for inputs up to ``arena_pixels`` too."""
+    if detector.kind != "centerface":
+        return detector
+    own = FaceDetector(
+        "centerface",
+        max_side=detector.max_side,
+        fine_pixels=detector.fine_pixels,
+        max_upscale=detector.max_upscale,
+        detect_scale=detector.detect_scale,
+        intra_op_threads=1,
+    )
+    own.backend.arena_keep_pixels = max(own.backend.arena_keep_pixels, arena_pixels)
+    return own
 
 
 def _prefetched(frames, pool: ThreadPoolExecutor, depth: int = DECODE_AHEAD):
