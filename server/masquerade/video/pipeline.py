@@ -8,8 +8,10 @@ first of them is generated; the second decodes again and sends each frame to the
 tracked faces given, several frames in flight so their faces share UNet calls.
 
 Frames held at once: the tracker's look-ahead window (look_ahead + 1), plus the frames in flight
-to the engine, plus one original/output pair per live track for its last-frame self-check. Never
-the whole clip: memory is flat over clip length.
+(classical: DECODE_AHEAD decoded, 2 per detection worker, ENCODE_QUEUE encoding, CHECKS_QUEUED
+original/output pairs self-checked beside the loop; reverse personalization: frames_in_flight at
+the engine), plus one original/output pair per live track for its last-frame self-check. Never the
+whole clip: memory is flat over clip length.
 """
 
 from __future__ import annotations
