@@ -14,10 +14,11 @@ from masquerade.cli import files
 
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:
-    from masquerade.video.container import ENCODERS, VideoLimits
+    from masquerade.cli.options import add_video_limit_arguments
+    from masquerade.video.container import ENCODERS
     from masquerade.video.tracking import TrackingOptions
 
-    defaults, limits = TrackingOptions(), VideoLimits()
+    defaults = TrackingOptions()
     video = parser.add_argument_group("video (.mp4, .mov, .mkv, .webm, .avi)")
     video.add_argument(
         "--codec",
@@ -49,13 +50,7 @@ def add_video_arguments(parser: argparse.ArgumentParser) -> None:
         help="frames looked ahead, so a face first found at frame t is also covered before t (0: off)",
     )
     video.add_argument("--report-frames", action="store_true", help="add every frame's boxes to the --report")
-    video.add_argument("--max-video-seconds", type=float, default=limits.max_seconds, help="longer videos are refused")
-    video.add_argument(
-        "--max-video-pixels",
-        type=int,
-        default=limits.max_pixels,
-        help="videos with larger frames (width x height) are refused",
-    )
+    add_video_limit_arguments(video)  # shared with `serve`
 
 
 def video_options(args, method, params):
