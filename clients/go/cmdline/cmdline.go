@@ -86,15 +86,14 @@ func ReadToken(path string) (string, error) {
 	return "", UsageError{fmt.Errorf("--token-file %s: the file holds no token", path)}
 }
 
-// Dial connects with the command's options; a client-side problem (an unreadable
-// PEM file, a bad token) is a UsageError.
-func Dial(server string, options masquerade.Options) (*masquerade.Client, error) {
-	client, err := masquerade.Dial(server, options)
+// DialError is masquerade.Dial's error as the commands report it: a client-side
+// problem (an unreadable PEM file, a bad token) is a UsageError.
+func DialError(err error) error {
 	var merr *masquerade.Error
 	if err != nil && !errors.As(err, &merr) {
-		return nil, UsageError{err}
+		return UsageError{err}
 	}
-	return client, err
+	return err
 }
 
 // ExitCode prints err (if any) to stderr and returns the command's exit code.

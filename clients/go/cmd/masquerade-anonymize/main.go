@@ -142,7 +142,7 @@ func dial(a args) (*masquerade.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return cmdline.Dial(a.server, masquerade.Options{
+	client, err := masquerade.Dial(a.server, masquerade.Options{
 		Timeout:  time.Duration(a.timeout * float64(time.Second)),
 		TLS:      a.tls,
 		CAFile:   a.tlsCA,
@@ -150,6 +150,7 @@ func dial(a args) (*masquerade.Client, error) {
 		KeyFile:  a.tlsKey,
 		Token:    token,
 	})
+	return client, cmdline.DialError(err)
 }
 
 func run(a args) error {

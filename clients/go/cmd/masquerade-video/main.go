@@ -110,14 +110,14 @@ func run(a args) error {
 	if err != nil {
 		return err
 	}
-	client, err := cmdline.Dial(a.server, masquerade.Options{
+	client, err := masquerade.Dial(a.server, masquerade.Options{
 		Timeout: time.Duration(a.timeout * float64(time.Second)),
 		TLS:     a.tls,
 		CAFile:  a.tlsCA,
 		Token:   token,
 	})
 	if err != nil {
-		return err
+		return cmdline.DialError(err)
 	}
 	defer client.Close()
 	partial := a.output + ".partial"
