@@ -41,3 +41,18 @@ def test_unset_options_stay_unset_for_the_servers_defaults():
 def test_a_bad_enum_name_names_the_option_and_the_choices(builder):
     with pytest.raises(ValueError, match=r"priority: unknown value 'urgent'; use one of \['bulk', 'interactive'"):
         builder(priority="urgent")
+
+
+def test_live_frames_carry_the_callers_capture_time_or_none():
+    import numpy as np
+
+    from masquerade_client.video import frame_requests
+
+    frame = np.zeros((4, 4, 3), np.uint8)
+    options = frame_options(method="blur")
+    stamped = list(frame_requests(options, [(frame, 12.5), (b"jpeg", 12.54)]))
+    assert [m.timestamp for m in stamped] == [12.5, 12.54]
+    assert stamped[0].options == options and not stamped[1].HasField("options")
+    assert (stamped[0].raw.width, stamped[1].encoded) == (4, b"jpeg")
+    bare = list(frame_requests(options, [frame, frame]))
+    assert [m.timestamp for m in bare] == [0.0, 0.0]  # unstamped: the server times them as it reads them

@@ -439,7 +439,9 @@ class AnonymizerClient:
     ) -> Iterator[video.FrameOutput]:
         """Sends live frames over AnonymizeFrames and yields each one covered, in the order sent.
 
-        ``frames``: numpy HxWx3 uint8 RGB arrays (sent raw) or encoded JPEG/PNG bytes, consumed as
+        ``frames``: numpy HxWx3 uint8 RGB arrays (sent raw) or encoded JPEG/PNG bytes, or ``(frame,
+        capture_time_s)`` pairs (the tracker moves boxes by capture time; bare frames are timed by the
+        server as it reads them), consumed as
         the server takes them: at most ``window`` frames are in flight (server default 4), so a slow
         consumer of this generator slows the reading of ``frames``. Each result has ``.image`` (an
         HxWx3 uint8 array), ``.faces`` (FrameFace: track_id, box, detected...), ``.latency_seconds``.
@@ -449,7 +451,7 @@ class AnonymizerClient:
         """
         stream_options = video.frame_options(method=method, window=window, **options)
         call = self._stub.AnonymizeFrames(
-            video.frame_requests(stream_options, frames, time.time), timeout=timeout, metadata=self._metadata
+            video.frame_requests(stream_options, frames), timeout=timeout, metadata=self._metadata
         )
         try:
             for result in call:
@@ -632,11 +634,11 @@ class AsyncAnonymizerClient:
             sequence = 0
             if isinstance(frames, AsyncIterable):
                 async for frame in frames:
-                    yield video.frame_request(stream_options, sequence, frame, time.time())
+                    yield video.frame_request(stream_options, sequence, frame)
                     sequence += 1
             else:
                 for frame in frames:
-                    yield video.frame_request(stream_options, sequence, frame, time.time())
+                    yield video.frame_request(stream_options, sequence, frame)
                     sequence += 1
 
         call = self._stub.AnonymizeFrames(requests(), timeout=timeout, metadata=self._metadata)

@@ -216,8 +216,16 @@ def raw_frame(image) -> pb2.RawFrame:
     return pb2.RawFrame(rgb=np.ascontiguousarray(array).tobytes(), width=width, height=height)
 
 
-def frame_request(options: pb2.FrameStreamOptions, sequence: int, frame: Any, timestamp: float) -> pb2.FrameRequest:
-    """Frame ``sequence`` (a numpy array is sent raw; bytes as an encoded image); the options go on the first."""
+def frame_request(
+    options: pb2.FrameStreamOptions, sequence: int, frame: Any, timestamp: float | None = None
+) -> pb2.FrameRequest:
+    """Frame ``sequence`` (a numpy array is sent raw; bytes as an encoded image); the options go on the first.
+
+    ``frame`` may be a ``(frame, capture_time_s)`` pair. The time is the frame's capture time, which the
+    tracker moves boxes by; a frame without one is sent unstamped (0), and the server times it when it reads it.
+    """
+    if timestamp is None:
+        frame, timestamp = frame if isinstance(frame, tuple) else (frame, 0.0)
     message = pb2.FrameRequest(sequence=sequence, timestamp=timestamp)
     if sequence == 0:
         message.options.CopyFrom(options)
@@ -228,12 +236,11 @@ def frame_request(options: pb2.FrameStreamOptions, sequence: int, frame: Any, ti
     return message
 
 
-def frame_requests(
-    options: pb2.FrameStreamOptions, frames: Iterable[Any], clock: Callable[[], float]
-) -> Iterator[pb2.FrameRequest]:
-    """One FrameRequest per frame, read from ``frames`` only as gRPC can send."""
+def frame_requests(options: pb2.FrameStreamOptions, frames: Iterable[Any]) -> Iterator[pb2.FrameRequest]:
+    """One FrameRequest per frame (or ``(frame, capture_time_s)`` pair), read from ``frames`` only as gRPC can
+    send: never stamped with the time it is sent, which says nothing of when it was captured."""
     for sequence, frame in enumerate(frames):
-        yield frame_request(options, sequence, frame, clock())
+        yield frame_request(options, sequence, frame)
 
 
 def frame_output(result: pb2.FrameResult) -> FrameOutput:
