@@ -53,7 +53,11 @@ DECODE_AHEAD = 2
 ENCODE_QUEUE = 2
 # Classical runs detect the next frames on this many workers (at most), each with its own one-thread
 # ONNX session, while the loop tracks and covers the current one: one frame in flight per worker.
+# The workers are process-wide (DetectorThreads): concurrent videos share them and their sessions.
 MAX_DETECT_WORKERS = 4
+# A worker's session keeps its arena for the largest frame it has served, up to this size (1080p:
+# about 340 MB at ~160 bytes per pixel); larger frames give theirs back after each run.
+VIDEO_ARENA_KEEP_LIMIT = 1920 * 1088
 DETECT_AHEAD_PER_WORKER = 2
 CHECKS_QUEUED = 2  # sampled self-checks waiting or running beside the loop, each holding its two frames
 Progress = Callable[[int, int, int], None]  # (frames done, frames total or 0, tracks so far)
@@ -214,14 +218,12 @@ class _Run:
         self.writer: VideoWriter | None = None
         self.frames_done = 0
         self.seeds: dict[int, int] | None = None
-        self._checker = None
         self._checked: set[int] = set()  # frame indices already self-checked
         self._last_seen: dict[int, tuple[int, np.ndarray, np.ndarray, FrameFaces]] = {}
         # Classical runs encode on their own thread, overlapping detection (FFmpeg releases the GIL).
         self._encoder: ThreadPoolExecutor | None = None
         self._encoding: deque[Future] = deque()
-        # The sampled self-check runs on its own thread, so detection and covering go on meanwhile.
-        self._check_pool: ThreadPoolExecutor | None = None
+        # The sampled self-check runs on the process-wide check threads, so detection and covering go on meanwhile.
         self._checks: deque[Future] = deque()
 
     # ---- shared pieces ---------------------------------------------------------------
@@ -267,13 +269,13 @@ class _Run:
                 future.result()
 
     def _stop_checks(self, collect: bool = True) -> None:
-        """Every queued self-check done and counted (``collect``; else dropped) and its thread gone."""
-        if self._check_pool is not None:
-            self._check_pool.shutdown(wait=True, cancel_futures=not collect)
-            self._check_pool = None
-            pending, self._checks = self._checks, deque()
-            for future in pending if collect else ():
+        """Every queued self-check done and counted (``collect``; else cancelled or waited for, uncounted)."""
+        pending, self._checks = self._checks, deque()
+        if collect:
+            for future in pending:
                 self._count_check(future.result())
+        else:
+            _cancel_and_wait(pending)
 
     def _finish(self) -> None:
         for track_id in list(self._last_seen):
@@ -310,17 +312,18 @@ class _Run:
         if frame.index in self._checked:
             return
         self._checked.add(frame.index)
-        checker = self._get_checker()
-        if checker is None:
+        if not _CHECK_THREADS.available:
             return
-        if self._check_pool is None:
-            self._check_pool = ThreadPoolExecutor(1, thread_name_prefix="masquerade-video-selfcheck")
-        self._checks.append(self._check_pool.submit(self._check_frame, checker, original, output, frame))
+        self._checks.append(_CHECK_THREADS.submit(self._check_frame, original, output, frame))
         while len(self._checks) > CHECKS_QUEUED or (self._checks and self._checks[0].done()):
             self._count_check(self._checks.popleft().result())
 
-    def _check_frame(self, checker, original: np.ndarray, output: np.ndarray, frame: FrameFaces):
-        """(faces still recognisable, faces found that no track covered) on one frame, or None if it failed."""
+    def _check_frame(self, original: np.ndarray, output: np.ndarray, frame: FrameFaces):
+        """(faces still recognisable, faces found that no track covered) on one frame, or None if it failed.
+        Runs on a check thread, with that thread's own checker (its one-thread detector session)."""
+        checker = _CHECK_THREADS.checker(self.detector)
+        if checker is None:
+            return None
         faces = [(face.box, face.landmarks) for face in frame.faces]
         try:
             originals = checker.describe_originals(original, faces)
@@ -336,18 +339,6 @@ class _Run:
             self.builder.frames_checked += 1
             self.builder.residual_recognisable += counts[0]
             self.builder.uncovered_found += counts[1]
-
-    def _get_checker(self):
-        if self._checker is None:
-            try:
-                from masquerade.face.selfcheck import SelfCheck
-
-                # Its own one-thread session: the checks run on one thread beside the loop's workers.
-                self._checker = SelfCheck(_one_thread_copy(self.detector))
-            except Exception:
-                log.warning("dlib verifier unavailable: the video self-check is off")
-                self._checker = False
-        return self._checker or None
 
     # ---- classical: one pass, in a worker thread ------------------------------------------
 
@@ -512,58 +503,130 @@ class _Run:
         )
 
 
-class _DetectionAhead:
-    """The next frames' detector runs, on ``workers`` threads while the loop tracks and covers earlier frames.
+class DetectorThreads:
+    """A bounded set of threads, shared by every video in the process, each with its own one-thread
+    CenterFace session (and, dlib's models being per thread, its own landmark and descriptor models).
 
-    CenterFace workers each get a session of their own with one thread: frames in flight are the
-    parallelism, which costs less CPU per frame than one session's threads working on one frame at a
-    time (and spinning between runs while decode, cover and encode want the cores). Each keeps its
-    arena for the video's frame size (about 160 bytes per detected pixel, per worker). Other detector
-    kinds run on the given detector (its sessions are shared and thread-safe, or per thread).
+    Detector memory is thus bounded by ``size``, not by the number of calls: N concurrent videos queue
+    their frames on the same ``size`` threads and never create a session of their own. A thread's
+    session is made on its first run for a detector's settings and kept while they stay the same
+    (other settings replace it: at most one per thread); its arena is kept for the largest frame it
+    has served, up to VIDEO_ARENA_KEEP_LIMIT. Other detector kinds run on the given detector (its
+    sessions are shared and thread-safe, or per thread).
     """
 
-    def __init__(self, detector: FaceDetector, tracker, workers: int, info: VideoInfo):
-        self.detector, self.tracker, self.workers = detector, tracker, int(workers)
+    def __init__(self, size: int, name: str):
+        self.size = max(1, int(size))
+        self._name = name
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self.sessions_made = 0  # one-thread sessions constructed so far (<= size while settings stay the same)
+        self.available = True  # False once a thread could not make what it needs (e.g. no dlib): callers skip
+
+    def submit(self, fn, *args) -> Future:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.size, thread_name_prefix=self._name)
+            return self._pool.submit(fn, *args)
+
+    def detector(self, like: FaceDetector, arena_pixels: int = 0) -> FaceDetector:
+        """This thread's one-thread session with ``like``'s settings, keeping its arena for ``arena_pixels``."""
+        if like.kind != "centerface":
+            return like
+        key = _settings(like)
+        held = getattr(self._local, "held", None)
+        if held is None or held[0] != key:
+            self._local.held = None  # the old session goes before the new one is made
+            own = FaceDetector(
+                "centerface",
+                max_side=like.max_side,
+                fine_pixels=like.fine_pixels,
+                max_upscale=like.max_upscale,
+                detect_scale=like.detect_scale,
+                intra_op_threads=1,
+            )
+            with self._lock:
+                self.sessions_made += 1
+            held = self._local.held = (key, own, {})
+        backend = held[1].backend
+        backend.arena_keep_pixels = max(backend.arena_keep_pixels, min(int(arena_pixels), VIDEO_ARENA_KEEP_LIMIT))
+        return held[1]
+
+    def checker(self, like: FaceDetector):
+        """This thread's SelfCheck on its own session, or None (and ``available`` False) without dlib."""
+        try:
+            from masquerade.face.selfcheck import SelfCheck
+
+            if like.kind != "centerface":
+                return SelfCheck(like)  # on the given detector's own (shared or per-thread) sessions
+            detector = self.detector(like)
+            extras = self._local.held[2]
+            if "checker" not in extras:
+                extras["checker"] = SelfCheck(detector)
+            return extras["checker"]
+        except Exception:
+            if self.available:
+                log.warning("dlib verifier unavailable: the video self-check is off", exc_info=True)
+            self.available = False
+            return None
+
+
+def _settings(detector: FaceDetector) -> tuple:
+    return (detector.kind, detector.max_side, detector.fine_pixels, detector.max_upscale, detector.detect_scale)
+
+
+def _cancel_and_wait(futures) -> None:
+    """Queued ones cancelled, running ones finished (their errors dropped: the caller is already failing)."""
+    futures = list(futures)
+    for future in futures:
+        future.cancel()
+    for future in futures:
+        if not future.cancelled():
+            try:
+                future.result()
+            except BaseException:
+                pass
+
+
+_DETECT_THREADS = DetectorThreads(min(os.cpu_count() or 1, MAX_DETECT_WORKERS), "masquerade-video-detect")
+# Self-checks: one at a time per video (as before), at most this many at once in the process.
+_CHECK_THREADS = DetectorThreads(min(os.cpu_count() or 1, 2), "masquerade-video-selfcheck")
+
+
+class _DetectionAhead:
+    """The next frames' detector runs, on up to ``workers`` of the shared DetectorThreads while the loop
+    tracks and covers earlier frames.
+
+    Each worker thread runs a one-thread session: frames in flight are the parallelism, which costs less
+    CPU per frame than one session's threads working on one frame at a time (and spinning between runs
+    while decode, cover and encode want the cores).
+    """
+
+    def __init__(self, detector: FaceDetector, tracker, workers: int, info: VideoInfo, threads=None):
+        self.detector, self.tracker = detector, tracker
+        self.threads = threads or _DETECT_THREADS
+        self.workers = min(int(workers), self.threads.size)
         self.depth = self.workers * DETECT_AHEAD_PER_WORKER  # frames submitted and not yet tracked
         self._arena_pixels = (-(-info.width // 32) * 32) * (-(-info.height // 32) * 32)
-        self._local = threading.local()
-        self._pool = (
-            ThreadPoolExecutor(self.workers, thread_name_prefix="masquerade-video-detect") if self.workers else None
-        )
+        self._submitted: deque[Future] = deque()
 
     def submit(self, rgb: np.ndarray, index: int) -> Future | None:
         """A future of frame ``index``'s raw faces, or None (no run on this frame, or no workers: inline)."""
-        if self._pool is None or not self.tracker.runs_detector(index):
+        if not self.workers or not self.tracker.runs_detector(index):
             return None
-        return self._pool.submit(lambda: self.tracker.find(rgb, index, self._worker_detector()))
+        while self._submitted and self._submitted[0].done():
+            self._submitted.popleft()
+        future = self.threads.submit(self._find, rgb, index)
+        self._submitted.append(future)
+        return future
 
-    def _worker_detector(self) -> FaceDetector:
-        own = getattr(self._local, "detector", None)
-        if own is None:
-            own = self._local.detector = _one_thread_copy(self.detector, self._arena_pixels)
-        return own
+    def _find(self, rgb: np.ndarray, index: int):
+        return self.tracker.find(rgb, index, self.threads.detector(self.detector, self._arena_pixels))
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _one_thread_copy(detector: FaceDetector, arena_pixels: int = 0) -> FaceDetector:
-    """A CenterFace detector like ``detector`` with a one-thread session of its own (one per thread that
-    uses it: the shared session's threads spin between runs, taking the cores the other threads want);
-    other kinds: ``detector`` itself. Its arena is kept for inputs up to ``arena_pixels`` too."""
-    if detector.kind != "centerface":
-        return detector
-    own = FaceDetector(
-        "centerface",
-        max_side=detector.max_side,
-        fine_pixels=detector.fine_pixels,
-        max_upscale=detector.max_upscale,
-        detect_scale=detector.detect_scale,
-        intra_op_threads=1,
-    )
-    own.backend.arena_keep_pixels = max(own.backend.arena_keep_pixels, arena_pixels)
-    return own
+        _cancel_and_wait(self._submitted)
+        self._submitted.clear()
 
 
 def _prefetched(frames, pool: ThreadPoolExecutor, depth: int = DECODE_AHEAD):
