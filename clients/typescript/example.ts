@@ -7,21 +7,26 @@
 // line; 1 any other failure.
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
-import { parseArgs } from "node:util";
 import {
   type AnonymizeBatchResponse,
   type AnonymizeEvent,
   AnonymizeRequest,
   DetectionOptions,
-  MasqueradeClient,
-  type MasqueradeClientOptions,
-  MasqueradeError,
-  Method,
+  type MasqueradeClient,
   phaseToJSON,
   ReversePersonalizationParams,
   status,
   statusName,
 } from "./client";
+import {
+  type CommonArgs,
+  connectionFrom,
+  methodFrom,
+  parseCommandLine,
+  runExample,
+  timeoutMsFrom,
+  UsageError,
+} from "./cmdline";
 
 const USAGE =
   "usage: node dist/example.js --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n" +
@@ -29,58 +34,21 @@ const USAGE =
   "       [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--token-file FILE] INPUT_IMAGE OUTPUT_IMAGE\n" +
   "       node dist/example.js --batch --server HOST:PORT [options as above] INPUT_IMAGE... OUTPUT_DIR";
 
-const METHODS: Record<string, Method> = {
-  reverse_personalization: Method.REVERSE_PERSONALIZATION,
-  blur: Method.BLUR,
-  pixelate: Method.PIXELATE,
-  solid: Method.SOLID,
-};
-
-class UsageError extends Error {}
-
-interface Args {
-  server: string;
+interface Args extends CommonArgs {
   /** Every field but requestId and image. */
   template: Omit<AnonymizeRequest, "requestId" | "image">;
-  timeoutMs: number;
-  /** TLS and token options of the client. */
-  connection: MasqueradeClientOptions;
   batch: boolean;
   inputs: string[];
   /** The output image, or with --batch the output directory. */
   output: string;
 }
 
-function parseCommandLine(argv: string[]): Args {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        server: { type: "string" },
-        method: { type: "string" },
-        aligned: { type: "boolean", default: false },
-        steps: { type: "string" },
-        timeout: { type: "string", default: "300" },
-        batch: { type: "boolean", default: false },
-        tls: { type: "boolean", default: false },
-        "tls-ca": { type: "string" },
-        "tls-cert": { type: "string" },
-        "tls-key": { type: "string" },
-        "token-file": { type: "string" },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    });
-  } catch (err) {
-    throw new UsageError((err as Error).message);
-  }
-  const { values, positionals } = parsed;
-  if (values.help) {
-    console.log(USAGE);
-    process.exit(0);
-  }
-  if (!values.server) throw new UsageError("--server HOST:PORT is required");
+function parseArgs(argv: string[]): Args {
+  const { values, positionals } = parseCommandLine(argv, USAGE, "300", {
+    aligned: { type: "boolean", default: false },
+    steps: { type: "string" },
+    batch: { type: "boolean", default: false },
+  });
   if (values.batch) {
     if (positionals.length < 2) throw new UsageError("--batch: expected INPUT_IMAGE... OUTPUT_DIR");
     const seen = new Set<string>();
@@ -92,34 +60,11 @@ function parseCommandLine(argv: string[]): Args {
   } else if (positionals.length !== 2) {
     throw new UsageError("expected INPUT_IMAGE and OUTPUT_IMAGE");
   }
-  const method = values.method === undefined ? Method.METHOD_UNSPECIFIED : METHODS[values.method];
-  if (method === undefined) throw new UsageError(`--method ${values.method}: use one of ${Object.keys(METHODS).join(", ")}`);
+  const method = methodFrom(values.method);
   const steps = values.steps === undefined ? undefined : Number(values.steps);
   if (steps !== undefined && !(Number.isInteger(steps) && steps > 0)) throw new UsageError(`--steps ${values.steps}: use a positive integer`);
-  const timeoutSeconds = Number(values.timeout);
-  if (!(timeoutSeconds > 0)) throw new UsageError(`--timeout ${values.timeout}: use a positive number of seconds`);
-
-  if ((values["tls-cert"] === undefined) !== (values["tls-key"] === undefined)) {
-    throw new UsageError("--tls-cert and --tls-key: give both (mutual TLS) or neither");
-  }
-  let token: string | undefined;
-  if (values["token-file"] !== undefined) {
-    let text: string;
-    try {
-      text = readFileSync(values["token-file"], "utf8");
-    } catch (err) {
-      throw new UsageError(`--token-file ${values["token-file"]}: ${(err as Error).message}`);
-    }
-    token = text.split(/\r?\n/).map((line) => line.trim()).find((line) => line !== "");
-    if (token === undefined) throw new UsageError(`--token-file ${values["token-file"]}: the file holds no token`);
-  }
-  const connection: MasqueradeClientOptions = {
-    tls: values.tls,
-    caFile: values["tls-ca"],
-    certFile: values["tls-cert"],
-    keyFile: values["tls-key"],
-    token,
-  };
+  const timeoutMs = timeoutMsFrom(values.timeout);
+  const connection = connectionFrom(values);
 
   // fromPartial: fields the proto gains later (priority, ...) take their defaults.
   const { requestId: _id, image: _image, ...template } = AnonymizeRequest.fromPartial({
@@ -130,7 +75,7 @@ function parseCommandLine(argv: string[]): Args {
   return {
     server: values.server,
     template,
-    timeoutMs: timeoutSeconds * 1000,
+    timeoutMs,
     connection,
     batch: values.batch,
     inputs: positionals.slice(0, -1),
@@ -202,41 +147,12 @@ async function runBatch(client: MasqueradeClient, args: Args): Promise<number> {
   return failed ? 1 : invalid ? 3 : 0;
 }
 
-async function main(): Promise<number> {
-  let args: Args;
-  try {
-    args = parseCommandLine(process.argv.slice(2));
-  } catch (err) {
-    if (!(err instanceof UsageError)) throw err;
-    console.error(`error: ${err.message}\n${USAGE}`);
-    return 2;
-  }
-  let client: MasqueradeClient;
-  try {
-    client = new MasqueradeClient(args.server, { ...args.connection, timeoutMs: args.timeoutMs });
-  } catch (err) {
-    console.error(`error: ${(err as Error).message}`); // an unreadable PEM file, a bad token
-    return 2;
-  }
-  try {
-    if (args.batch) return await runBatch(client, args);
-    const request: AnonymizeRequest = { ...args.template, requestId: "", image: readFileSync(args.inputs[0]) };
-    const result = await client.anonymize(request, (event) => console.log(describe(event)));
-    writeFileSync(args.output, result.image);
-    return 0;
-  } catch (err) {
-    if (!(err instanceof MasqueradeError)) throw err;
-    console.error(`error: ${err.codeName}: ${err.details}`);
-    return err.code === status.INVALID_ARGUMENT ? 3 : 1;
-  } finally {
-    client.close();
-  }
+async function run(client: MasqueradeClient, args: Args): Promise<number> {
+  if (args.batch) return await runBatch(client, args);
+  const request: AnonymizeRequest = { ...args.template, requestId: "", image: readFileSync(args.inputs[0]) };
+  const result = await client.anonymize(request, (event) => console.log(describe(event)));
+  writeFileSync(args.output, result.image);
+  return 0;
 }
 
-main().then(
-  (code) => (process.exitCode = code),
-  (err) => {
-    console.error(`error: ${err instanceof Error ? err.message : String(err)}`);
-    process.exitCode = 1;
-  },
-);
+runExample(USAGE, parseArgs, run);

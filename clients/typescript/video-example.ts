@@ -8,20 +8,17 @@
 // --frames: some frame could not be read); 2 bad command line; 1 any other failure.
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
-import { parseArgs } from "node:util";
 import {
   type FrameStreamOptions,
   type LiveFrame,
-  MasqueradeClient,
-  type MasqueradeClientOptions,
-  MasqueradeError,
-  Method,
+  type MasqueradeClient,
+  type Method,
   faceStatusToJSON,
   methodToJSON,
-  status,
   statusName,
   type VideoStart,
 } from "./client";
+import { type CommonArgs, connectionFrom, methodFrom, parseCommandLine, runExample, timeoutMsFrom, UsageError } from "./cmdline";
 
 const USAGE =
   "usage: node dist/video-example.js --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n" +
@@ -29,25 +26,13 @@ const USAGE =
   "       [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--token-file FILE] INPUT_VIDEO OUTPUT_VIDEO\n" +
   "       node dist/video-example.js --frames [--window N] [--fps F] --server HOST:PORT [options as above] IMAGE... OUTPUT_DIR";
 
-const METHODS: Record<string, Method> = {
-  reverse_personalization: Method.REVERSE_PERSONALIZATION,
-  blur: Method.BLUR,
-  pixelate: Method.PIXELATE,
-  solid: Method.SOLID,
-};
-
-class UsageError extends Error {}
-
-interface Args {
-  server: string;
+interface Args extends CommonArgs {
   method: Method;
   detectEvery?: number;
   codec: string;
   crf?: number;
   noAudio: boolean;
   keepMetadata: boolean;
-  timeoutMs: number;
-  connection: MasqueradeClientOptions;
   frames: boolean;
   window?: number;
   /** --frames: the images' capture times are sequence / fps (files carry none; the tracker needs them). */
@@ -69,64 +54,25 @@ function positiveNumber(flag: string, text: string): number {
   return value;
 }
 
-function parseCommandLine(argv: string[]): Args {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        server: { type: "string" },
-        method: { type: "string" },
-        "detect-every": { type: "string" },
-        codec: { type: "string", default: "" },
-        crf: { type: "string" },
-        "no-audio": { type: "boolean", default: false },
-        "keep-metadata": { type: "boolean", default: false },
-        timeout: { type: "string", default: "600" },
-        frames: { type: "boolean", default: false },
-        window: { type: "string" },
-        fps: { type: "string", default: "12" },
-        tls: { type: "boolean", default: false },
-        "tls-ca": { type: "string" },
-        "tls-cert": { type: "string" },
-        "tls-key": { type: "string" },
-        "token-file": { type: "string" },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    });
-  } catch (err) {
-    throw new UsageError((err as Error).message);
-  }
-  const { values, positionals } = parsed;
-  if (values.help) {
-    console.log(USAGE);
-    process.exit(0);
-  }
-  if (!values.server) throw new UsageError("--server HOST:PORT is required");
+function parseArgs(argv: string[]): Args {
+  const { values, positionals } = parseCommandLine(argv, USAGE, "600", {
+    "detect-every": { type: "string" },
+    codec: { type: "string", default: "" },
+    crf: { type: "string" },
+    "no-audio": { type: "boolean", default: false },
+    "keep-metadata": { type: "boolean", default: false },
+    frames: { type: "boolean", default: false },
+    window: { type: "string" },
+    fps: { type: "string", default: "12" },
+  });
   if (values.frames ? positionals.length < 2 : positionals.length !== 2) {
     throw new UsageError(values.frames ? "--frames: expected IMAGE... OUTPUT_DIR" : "expected INPUT_VIDEO and OUTPUT_VIDEO");
   }
-  const method = values.method === undefined ? Method.METHOD_UNSPECIFIED : METHODS[values.method];
-  if (method === undefined) throw new UsageError(`--method ${values.method}: use one of ${Object.keys(METHODS).join(", ")}`);
-  const timeoutSeconds = Number(values.timeout);
-  if (!(timeoutSeconds > 0)) throw new UsageError(`--timeout ${values.timeout}: use a positive number of seconds`);
+  const method = methodFrom(values.method);
+  const timeoutMs = timeoutMsFrom(values.timeout);
   const crf = values.crf === undefined ? undefined : Number(values.crf);
   if (crf !== undefined && !(Number.isInteger(crf) && crf >= 0)) throw new UsageError(`--crf ${values.crf}: use an integer >= 0`);
-  if ((values["tls-cert"] === undefined) !== (values["tls-key"] === undefined)) {
-    throw new UsageError("--tls-cert and --tls-key: give both (mutual TLS) or neither");
-  }
-  let token: string | undefined;
-  if (values["token-file"] !== undefined) {
-    let text: string;
-    try {
-      text = readFileSync(values["token-file"], "utf8");
-    } catch (err) {
-      throw new UsageError(`--token-file ${values["token-file"]}: ${(err as Error).message}`);
-    }
-    token = text.split(/\r?\n/).map((line) => line.trim()).find((line) => line !== "");
-    if (token === undefined) throw new UsageError(`--token-file ${values["token-file"]}: the file holds no token`);
-  }
+  const connection = connectionFrom(values);
   return {
     server: values.server,
     method,
@@ -135,8 +81,8 @@ function parseCommandLine(argv: string[]): Args {
     crf,
     noAudio: values["no-audio"],
     keepMetadata: values["keep-metadata"],
-    timeoutMs: timeoutSeconds * 1000,
-    connection: { tls: values.tls, caFile: values["tls-ca"], certFile: values["tls-cert"], keyFile: values["tls-key"], token },
+    timeoutMs,
+    connection,
     frames: values.frames,
     window: positiveInteger("--window", values.window),
     fps: positiveNumber("--fps", values.fps),
@@ -196,37 +142,4 @@ async function runFrames(client: MasqueradeClient, args: Args): Promise<number> 
   return invalid ? 3 : 0;
 }
 
-async function main(): Promise<number> {
-  let args: Args;
-  try {
-    args = parseCommandLine(process.argv.slice(2));
-  } catch (err) {
-    if (!(err instanceof UsageError)) throw err;
-    console.error(`error: ${err.message}\n${USAGE}`);
-    return 2;
-  }
-  let client: MasqueradeClient;
-  try {
-    client = new MasqueradeClient(args.server, { ...args.connection, timeoutMs: args.timeoutMs });
-  } catch (err) {
-    console.error(`error: ${(err as Error).message}`);
-    return 2;
-  }
-  try {
-    return args.frames ? await runFrames(client, args) : await runVideo(client, args);
-  } catch (err) {
-    if (!(err instanceof MasqueradeError)) throw err;
-    console.error(`error: ${err.codeName}: ${err.details}`);
-    return err.code === status.INVALID_ARGUMENT ? 3 : 1;
-  } finally {
-    client.close();
-  }
-}
-
-main().then(
-  (code) => (process.exitCode = code),
-  (err) => {
-    console.error(`error: ${err instanceof Error ? err.message : String(err)}`);
-    process.exitCode = 1;
-  },
-);
+runExample(USAGE, parseArgs, (client, args) => (args.frames ? runFrames(client, args) : runVideo(client, args)));

@@ -7,23 +7,23 @@
 // Exit codes: 0 done; 3 INVALID_ARGUMENT (a bad, truncated or oversized file; with
 // --frames: some frame could not be read); 2 bad command line; 1 any other failure.
 #include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
-#include <iterator>
-#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "cmdline.h"
 #include "masquerade/client.h"
 
 namespace {
 
 namespace v1 = masquerade::v1;
+using masquerade::cmdline::ReadFile;
+using masquerade::cmdline::UsageError;
 
 constexpr const char* kUsage =
     "usage: masquerade-video --server HOST:PORT [--method blur|pixelate|solid|reverse_personalization]\n"
@@ -31,115 +31,42 @@ constexpr const char* kUsage =
     "       [--tls] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM] [--token-file FILE] INPUT_VIDEO OUTPUT_VIDEO\n"
     "       masquerade-video --frames [--window N] [--fps F] --server HOST:PORT [options as above] IMAGE... OUTPUT_DIR";
 
-const std::map<std::string, v1::Method> kMethods = {
-    {"reverse_personalization", v1::REVERSE_PERSONALIZATION},
-    {"blur", v1::BLUR},
-    {"pixelate", v1::PIXELATE},
-    {"solid", v1::SOLID},
-};
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-struct Args {
-  std::string server;
-  v1::Method method = v1::METHOD_UNSPECIFIED;
+struct Args : masquerade::cmdline::CommonArgs {
+  Args() : CommonArgs(600) {}
   std::optional<unsigned> detect_every, crf, window;
   std::string codec;
-  bool no_audio = false, keep_metadata = false, frames = false, tls = false;
-  double timeout_seconds = 600;
+  bool no_audio = false, keep_metadata = false, frames = false;
   double fps = 12;  // --frames: the images' capture times are sequence / fps (files carry none)
-  std::string tls_ca, tls_cert, tls_key, token_file;
   std::vector<std::string> inputs;
   std::string output;
 };
 
-unsigned Unsigned(const std::string& flag, const std::string& text, unsigned minimum) {
-  try {
-    size_t used = 0;
-    const long value = std::stol(text, &used);
-    if (used == text.size() && value >= static_cast<long>(minimum)) return static_cast<unsigned>(value);
-  } catch (const std::exception&) {
-  }
-  throw UsageError(flag + " " + text + ": use an integer >= " + std::to_string(minimum));
-}
-
 Args ParseArgs(int argc, char** argv) {
+  using masquerade::cmdline::ParseUnsigned;
   Args args;
-  std::vector<std::string> positional;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    std::optional<std::string> inline_value;
-    if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos) {
-      inline_value = arg.substr(arg.find('=') + 1);
-      arg = arg.substr(0, arg.find('='));
-    }
-    auto value = [&]() -> std::string {
-      if (inline_value) return *inline_value;
-      if (i + 1 >= argc) throw UsageError(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "-h" || arg == "--help") {
-      std::cout << kUsage << "\n";
-      std::exit(0);
-    } else if (arg == "--server") {
-      args.server = value();
-    } else if (arg == "--method") {
-      const std::string name = value();
-      const auto found = kMethods.find(name);
-      if (found == kMethods.end()) throw UsageError("--method " + name + ": use one of blur, pixelate, solid, reverse_personalization");
-      args.method = found->second;
-    } else if (arg == "--detect-every") {
-      args.detect_every = Unsigned(arg, value(), 1);
-    } else if (arg == "--codec") {
-      args.codec = value();
-    } else if (arg == "--crf") {
-      args.crf = Unsigned(arg, value(), 0);
-    } else if (arg == "--no-audio") {
-      args.no_audio = true;
-    } else if (arg == "--keep-metadata") {
-      args.keep_metadata = true;
-    } else if (arg == "--frames") {
-      args.frames = true;
-    } else if (arg == "--window") {
-      args.window = Unsigned(arg, value(), 1);
-    } else if (arg == "--fps") {
-      const std::string text = value();
-      try {
-        args.fps = std::stod(text);
-      } catch (const std::exception&) {
-        args.fps = -1;
-      }
-      if (!(args.fps > 0)) throw UsageError("--fps " + text + ": use a positive number");
-    } else if (arg == "--tls") {
-      args.tls = true;
-    } else if (arg == "--tls-ca") {
-      args.tls_ca = value();
-    } else if (arg == "--tls-cert") {
-      args.tls_cert = value();
-    } else if (arg == "--tls-key") {
-      args.tls_key = value();
-    } else if (arg == "--token-file") {
-      args.token_file = value();
-    } else if (arg == "--timeout") {
-      const std::string text = value();
-      try {
-        args.timeout_seconds = std::stod(text);
-      } catch (const std::exception&) {
-        args.timeout_seconds = -1;
-      }
-      if (!(args.timeout_seconds > 0)) throw UsageError("--timeout " + text + ": use a positive number of seconds");
-    } else if (arg.rfind("--", 0) == 0) {
-      throw UsageError("unknown option " + arg);
-    } else {
-      positional.push_back(arg);
-    }
-  }
-  if (args.server.empty()) throw UsageError("--server HOST:PORT is required");
-  if (args.tls_cert.empty() != args.tls_key.empty()) {
-    throw UsageError("--tls-cert and --tls-key: give both (mutual TLS) or neither");
-  }
+  std::vector<std::string> positional =
+      masquerade::cmdline::ParseCommandLine(argc, argv, kUsage, args, [&](const std::string& flag, const auto& value) {
+        if (flag == "--detect-every") {
+          args.detect_every = ParseUnsigned(flag, value(), 1);
+        } else if (flag == "--codec") {
+          args.codec = value();
+        } else if (flag == "--crf") {
+          args.crf = ParseUnsigned(flag, value(), 0);
+        } else if (flag == "--no-audio") {
+          args.no_audio = true;
+        } else if (flag == "--keep-metadata") {
+          args.keep_metadata = true;
+        } else if (flag == "--frames") {
+          args.frames = true;
+        } else if (flag == "--window") {
+          args.window = ParseUnsigned(flag, value(), 1);
+        } else if (flag == "--fps") {
+          args.fps = masquerade::cmdline::ParsePositive(flag, value());
+        } else {
+          return false;
+        }
+        return true;
+      });
   if (args.frames ? positional.size() < 2 : positional.size() != 2) {
     throw UsageError(args.frames ? "--frames: expected IMAGE... OUTPUT_DIR" : "expected INPUT_VIDEO and OUTPUT_VIDEO");
   }
@@ -147,24 +74,6 @@ Args ParseArgs(int argc, char** argv) {
   positional.pop_back();
   args.inputs = std::move(positional);
   return args;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot read " + path);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-// The first non-empty line of the token file.
-std::string ReadToken(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw UsageError("--token-file: cannot read " + path);
-  for (std::string line; std::getline(in, line);) {
-    const auto begin = line.find_first_not_of(" \t\r");
-    if (begin == std::string::npos) continue;
-    return line.substr(begin, line.find_last_not_of(" \t\r") - begin + 1);
-  }
-  throw UsageError("--token-file " + path + ": the file holds no token");
 }
 
 int RunVideo(masquerade::Client& client, const Args& args) {
@@ -249,38 +158,11 @@ int RunFrames(masquerade::Client& client, const Args& args) {
   return invalid ? 3 : 0;
 }
 
+int Run(const Args& args, const masquerade::cmdline::Connection& connection) {
+  masquerade::Client client(args.server, connection.options, connection.credentials);
+  return args.frames ? RunFrames(client, args) : RunVideo(client, args);
+}
+
 }  // namespace
 
-int main(int argc, char** argv) {
-  Args args;
-  try {
-    args = ParseArgs(argc, argv);
-  } catch (const UsageError& e) {
-    std::cerr << "error: " << e.what() << "\n" << kUsage << "\n";
-    return 2;
-  }
-  masquerade::ClientOptions options;
-  std::shared_ptr<grpc::ChannelCredentials> credentials;
-  try {
-    options.timeout = std::chrono::milliseconds(static_cast<long long>(args.timeout_seconds * 1000));
-    options.tls = args.tls;
-    options.ca_file = args.tls_ca;
-    options.cert_file = args.tls_cert;
-    options.key_file = args.tls_key;
-    if (!args.token_file.empty()) options.token = ReadToken(args.token_file);
-    credentials = masquerade::ChannelCredentialsFor(options);  // reads the PEM files now
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << "\n";
-    return 2;
-  }
-  try {
-    masquerade::Client client(args.server, options, credentials);
-    return args.frames ? RunFrames(client, args) : RunVideo(client, args);
-  } catch (const masquerade::RpcError& e) {
-    std::cerr << "error: " << e.code_name() << ": " << e.message() << "\n";
-    return e.code() == grpc::StatusCode::INVALID_ARGUMENT ? 3 : 1;
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << "\n";
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return masquerade::cmdline::Main(argc, argv, kUsage, ParseArgs, Run); }
