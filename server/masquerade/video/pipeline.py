@@ -590,8 +590,10 @@ def _cancel_and_wait(futures) -> None:
 
 
 _DETECT_THREADS = DetectorThreads(min(os.cpu_count() or 1, MAX_DETECT_WORKERS), "masquerade-video-detect")
-# Self-checks: one at a time per video (as before), at most this many at once in the process.
-_CHECK_THREADS = DetectorThreads(min(os.cpu_count() or 1, 2), "masquerade-video-selfcheck")
+# Self-checks: one thread for the process (one per video before). dlib's descriptor holds the GIL, so a
+# second thread added ~300 MB (its session and dlib models) and no speed: 6 concurrent 720p calls on 2
+# cores took 24.5 s with one check thread and 22.7 s with two.
+_CHECK_THREADS = DetectorThreads(1, "masquerade-video-selfcheck")
 
 
 class _DetectionAhead:
