@@ -82,7 +82,8 @@ class VideoOptions:
     report_frames: bool = False
     self_check_every: int = 30  # self-check every N-th output frame plus each track's first and last; 0: off
     frames_in_flight: int = 8  # reverse personalization: frames submitted to the engine at once
-    detect_workers: int | None = None  # classical: frames detected at once (None: the cores, at most 4; 0: inline)
+    detect_workers: int | None = None  # classical: frames detected at once (None: the cores, at most 4; 0: inline;
+    # never more than the process-wide detection threads, which every video shares)
 
     def __post_init__(self) -> None:
         from masquerade.errors import InvalidRequestError
