@@ -360,7 +360,7 @@ export class MasqueradeClient {
    * are sent and not yet answered: `frames` is read only as results come back, so a slow consumer of
    * this generator slows the reading of frames and nothing queues without bound. Sequence numbers are
    * 0, 1, 2...; give a frame's `timestamp` as its capture time (seconds, one clock per stream) when known,
-   * else the server times it as it takes it. No deadline unless `timeoutMs` is given: a live
+   * else the server places it 1/30 s after the frame before. No deadline unless `timeoutMs` is given: a live
    * stream runs as long as its frames do. A stream refused RESOURCE_EXHAUSTED with RetryInfo before
    * any result (the per-client quota) is reopened after the server's delay, resending the frames it
    * held; a stream ended later (a frame over the quota, a drain's UNAVAILABLE) throws MasqueradeError
@@ -534,7 +534,7 @@ async function* videoRequests(
 }
 
 function frameRequest(frame: LiveFrame, sequence: number): FrameRequest {
-  const timestamp = frame.timestamp ?? 0; // 0: the server times the frame itself
+  const timestamp = frame.timestamp ?? 0; // 0: the server places it 1/30 s after the frame before
   if ("encoded" in frame) return { sequence, timestamp, pixels: { $case: "encoded", value: Buffer.from(frame.encoded) } };
   const { rgb, width, height } = frame;
   if (rgb.length !== width * height * 3) {

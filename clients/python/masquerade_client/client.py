@@ -440,8 +440,8 @@ class AnonymizerClient:
         """Sends live frames over AnonymizeFrames and yields each one covered, in the order sent.
 
         ``frames``: numpy HxWx3 uint8 RGB arrays (sent raw) or encoded JPEG/PNG bytes, or ``(frame,
-        capture_time_s)`` pairs (the tracker moves boxes by capture time; bare frames are timed by the
-        server as it reads them), consumed as
+        capture_time_s)`` pairs (the tracker moves boxes by capture time; the server spaces bare frames
+        1/30 s apart), consumed as
         the server takes them: at most ``window`` frames are in flight (server default 4), so a slow
         consumer of this generator slows the reading of ``frames``. Each result has ``.image`` (an
         HxWx3 uint8 array), ``.faces`` (FrameFace: track_id, box, detected...), ``.latency_seconds``.

@@ -222,7 +222,7 @@ def frame_request(
     """Frame ``sequence`` (a numpy array is sent raw; bytes as an encoded image); the options go on the first.
 
     ``frame`` may be a ``(frame, capture_time_s)`` pair. The time is the frame's capture time, which the
-    tracker moves boxes by; a frame without one is sent unstamped (0), and the server times it when it reads it.
+    tracker moves boxes by; a frame without one is sent unstamped (0), and the server places it 1/30 s after the one before.
     """
     if timestamp is None:
         frame, timestamp = frame if isinstance(frame, tuple) else (frame, 0.0)

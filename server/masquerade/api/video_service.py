@@ -719,27 +719,23 @@ def _enum(enum_type, value: str):
 
 class StreamClock:
     """One clock per live stream for its tracker. A frame's time is the client's capture timestamp where it
-    sends one; proto3 cannot tell 0.0 from unset, so a frame stamped 0 counts from the stream's start (its
-    first frame: 0.0, the stamp of a client counting from 0) or, once the stream has sent stamps, from its
-    last stamp. Mixing in the server's own clock (monotonic seconds since boot) would send the tracker back
-    or forward by hours between two frames, and every later detection would start a new track."""
+    sends one. A frame with none (proto3 cannot tell 0.0 from unset) comes ``1 / NOMINAL_FPS`` s after the
+    frame before it, or at 0.0 if it is the stream's first: the time the server happens to read or track a
+    frame follows the server's load and the client's window bursts, not the scene, and the tracker would
+    move held boxes by it (a face walked out of its held box under load). Mixing in the server's own clock
+    (monotonic seconds since boot) would send the tracker back or forward by hours between two frames."""
 
-    def __init__(self, clock=time.monotonic):
-        self._now = clock
-        self._started: float | None = None
-        self._last_stamp: tuple[float, float] | None = None  # (the client's last stamp, when it was read)
+    NOMINAL_FPS = 30.0  # the unit the tracker's lost-track buffer counts in (file videos' default too)
+
+    def __init__(self):
+        self._last: float | None = None
 
     def __call__(self, stamp: float) -> float:
-        now = self._now()
-        if self._started is None:
-            self._started = now
         if stamp > 0:
-            self._last_stamp = (stamp, now)
-            return stamp
-        if self._last_stamp is not None:
-            last, at = self._last_stamp
-            return last + (now - at)
-        return now - self._started
+            self._last = stamp
+        else:
+            self._last = 0.0 if self._last is None else self._last + 1.0 / self.NOMINAL_FPS
+        return self._last
 
 
 @dataclass
@@ -831,7 +827,7 @@ class LiveStream:
                 )
             if previous is not None:
                 await asyncio.shield(previous)  # tracking follows the stream's order
-            # The tracker moves held boxes by time: the client's capture time, else when the frame is tracked.
+            # The tracker moves held boxes by time: the client's capture time, else a nominal frame rate.
             timestamp = self._clock(float(message.timestamp))
             faces = await self._in_pool(self.tracker.track, frame.rgb, timestamp)
         finally:
