@@ -11,12 +11,15 @@ client's sends. Nothing here grows with the number of requests a stream sends.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from masquerade.api.errors import code_number, status_for
 from masquerade.api.protos import pb2
+
+log = logging.getLogger(__name__)
 
 
 def error_response(request_id: str, code: grpc.StatusCode, details: str) -> pb2.AnonymizeBatchResponse:
@@ -82,6 +85,17 @@ async def serve_batch_stream(
             response, request_id = item
             try:
                 await context.write(response)  # returns once gRPC has taken the bytes (flow control permitting)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A client's cancel can fail the write before it reaches this task. Give it a moment to
+                # arrive (it cancels this task: the quiet, expected ending); a write that failed for any
+                # other reason is a real failure and is raised.
+                await asyncio.sleep(0.1)
+                if not getattr(context, "cancelled", lambda: False)():
+                    raise
+                log.info("AnonymizeBatch: the client cancelled under a write (%s)", type(exc).__name__)
+                return
             finally:
                 if request_id is not None:
                     in_flight_ids.discard(request_id)
