@@ -222,7 +222,7 @@ def to_onnx(net: DlibNet) -> bytes:
     x = op("Mul", [x, constant(np.asarray([1.0 / 256.0], np.float32), "scale")])
     shape = (3, height, width)  # channels, rows, columns: tracked to pad mismatched shortcut sums
 
-    block_input, shortcut, pending_block = None, None, None
+    block_input, pending_block = None, None
     layers = net.layers
     for index, layer in enumerate(layers):
         following = layers[index + 1].kind if index + 1 < len(layers) else None
