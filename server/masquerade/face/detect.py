@@ -131,10 +131,13 @@ class FaceDetector:
         max_upscale: float = 1.0,
         detect_scale: float = 1.0,
         intra_op_threads: int | None = None,
+        arena_keep_pixels: int | None = None,
     ):
         """``detect_scale`` < 1 runs detection on smaller copies only (landmarks and covers stay at full
         resolution): faster, at the cost of the smallest faces. ``intra_op_threads``: an ONNX session of
-        this detector's own with that many threads (one per worker of a pool), else the shared one."""
+        this detector's own with that many threads (one per worker of a pool), else the shared one.
+        ``arena_keep_pixels``: the ONNX backends keep their working memory between inputs up to this
+        size (detectors.ARENA_KEEP_PIXELS by default: a long-lived server's bound)."""
         if kind not in DETECTOR_KINDS:
             raise ValueError(f"detector kind must be one of {DETECTOR_KINDS}, got {kind!r}")
         if not 0 <= int(upsample) <= 2:
@@ -146,7 +149,10 @@ class FaceDetector:
         if not (math.isfinite(detect_scale) and 0.05 <= detect_scale <= 1.0):
             raise ValueError(f"detect_scale must be in [0.05, 1], got {detect_scale!r}")
         self.detect_scale = float(detect_scale)
-        self.backend = make_backend(kind, model_dir=model_dir, upsample=upsample, intra_op_threads=intra_op_threads)
+        arena = {} if arena_keep_pixels is None else {"arena_keep_pixels": int(arena_keep_pixels)}
+        self.backend = make_backend(
+            kind, model_dir=model_dir, upsample=upsample, intra_op_threads=intra_op_threads, **arena
+        )
 
     # ---- detection ------------------------------------------------------------------
 
