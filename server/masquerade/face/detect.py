@@ -164,6 +164,7 @@ class FaceDetector:
         levels_of: tuple[int, int] | None = None,
         *,
         large_faces: bool = True,
+        scale: float | None = None,
     ) -> RawFaces:
         """Boxes, scores and five points (if the backend has them) in ``rgb``'s pixels, merged over levels.
 
@@ -172,9 +173,13 @@ class FaceDetector:
         width) of the whole image when ``rgb`` is a crop of it, so the crop is searched at the
         scales the whole image would be (the self-check's crops around what changed).
         ``large_faces=False`` skips the half-scale level (video: tracking carries large faces
-        between the frames that run it).
+        between the frames that run it). ``scale``: one level only, ``rgb`` resized by this factor
+        (the self-check searches each covered region at a scale that suits the region's size).
         """
         rgb = _check_rgb(rgb)
+        if scale is not None:
+            check_cancelled()
+            return _merge([_scaled(self.backend.find(_resize(rgb, scale), score_threshold), scale)])
         height, width = rgb.shape[:2]
         whole_h, whole_w = levels_of or (height, width)
         coarse = min(1.0, self.max_side / max(whole_h, whole_w)) * self.detect_scale
@@ -210,16 +215,18 @@ class FaceDetector:
         max_landmarked: int = MAX_DETECTIONS,
         small_faces: bool = True,
         levels_of: tuple[int, int] | None = None,
+        *,
+        scale: float | None = None,
     ) -> list[DetectedFace]:
         """Faces in ``rgb`` (uint8 [H, W, 3]) with score >= ``score_threshold``, sorted left to right.
 
         The ``max_landmarked`` best get 68 landmarks; any others get an empty [0, 2] array.
-        ``small_faces`` and ``levels_of``: as in ``find``.
+        ``small_faces``, ``levels_of`` and ``scale``: as in ``find``.
         """
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold!r}")
         rgb = _check_rgb(rgb)
-        raw = self.find(rgb, score_threshold, small_faces, levels_of)
+        raw = self.find(rgb, score_threshold, small_faces, levels_of, scale=scale)
         order = np.argsort(-raw.scores, kind="stable")
         # Loaded on the first face only: reading the 100 MB model is most of a face-free image's time.
         predictor = load_shape_predictor() if len(order) else None

@@ -13,8 +13,10 @@ The detector runs again only around what changed (``changed_regions``): outside
 the covers the output's pixels are the input's, so the same detector, at the same
 scales, finds there what the first pass found (docs/design.md, "The self-check
 looks where the pixels changed"). Each changed region, and each original face, is
-searched in a crop with a margin of context twice as wide as the region, at the scales
-the whole image is searched at. A second inspect after a re-cover searches only
+searched in a crop with a margin of context twice as wide as the region, at one scale
+chosen for the region's size (``REGION_SIDE``): a face on top of a cover is about the
+cover's size. A face found away from every changed pixel counts only if the whole
+image's scales find it there too. A second inspect after a re-cover searches only
 around what the re-cover changed, and descriptors are computed once per face and
 pixel content.
 """
@@ -33,9 +35,15 @@ from .verify import SAME_PERSON_THRESHOLD, DlibVerifier
 CONFIRM_THRESHOLD = 0.3  # lenient: the confirmer only has to see *a* face in the region
 CONFIRM_SIDE = 96  # px: the region is scaled so the face is about this wide for the confirmer
 CHANGE_BLOCK = 16  # px: changed pixels are located to blocks of this side
+CONTEXT_FACTOR = 2.0  # the margin of context around a changed region, in multiples of its size
 MIN_CONTEXT = 64  # px at the detection scale: the least margin of context around a changed region
 MAX_CROPS = 64  # crops per inspect, follow-ups for faces cut by a crop's edge included
 WHOLE_IMAGE_SHARE = 0.6  # crops covering more than this share of the image: search the whole image instead
+# A changed region is searched at the scale that makes it about this wide (never finer than the whole
+# image's first level): a face on top of a cover is about the cover's size, which is where the
+# detector's sweet spot is (FaceDetector keeps faces over 128 px from its half-scale level), and a
+# face under a tenth of it (the detector's 12 px) lay in unchanged pixels, which the first pass searched.
+REGION_SIDE = 128
 
 Box = tuple[float, float, float, float]
 
@@ -101,7 +109,7 @@ def context_crops(
     height, width = shape[:2]
     crops = []
     for x0, y0, x1, y1 in regions:
-        margin = max(2 * (x1 - x0), 2 * (y1 - y0), min_margin)
+        margin = max(CONTEXT_FACTOR * (x1 - x0), CONTEXT_FACTOR * (y1 - y0), min_margin)
         left, top = max(int(x0 - margin), 0) // align * align, max(int(y0 - margin), 0) // align * align
         crops.append([left, top, min(int(np.ceil(x1 + margin)), width), min(int(np.ceil(y1 + margin)), height)])
     merged = True
@@ -237,8 +245,7 @@ class SelfCheck:
         the one before, and keeps the faces found then everywhere else.
         """
         height, width = output.shape[:2]
-        scale = min(1.0, self.detector.max_side / max(height, width)) * self.detector.detect_scale
-        align = max(int(round(64 / scale)), 1)
+        coarse = min(1.0, self.detector.max_side / max(height, width)) * self.detector.detect_scale
         previous = memo.get("scan")
         if previous is None:
             regions, before = changed_regions(original, output) + [box for box, _ in faces], []
@@ -247,51 +254,112 @@ class SelfCheck:
             regions = changed_regions(snapshot, output)
             if not regions:
                 return before
-        crops = context_crops(regions, output.shape, MIN_CONTEXT / scale, align)
-        if sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in crops) > WHOLE_IMAGE_SHARE * height * width:
-            crops = [(0, 0, width, height)]
+        plan = self._search_plan(regions, output.shape, coarse)
+        if sum((x1 - x0) * (y1 - y0) * scale**2 for (x0, y0, x1, y1), scale in plan) > (
+            WHOLE_IMAGE_SHARE * height * width * coarse**2
+        ):
+            found = self.detector.detect(output, threshold, small_faces=False)
+            memo["scan"] = (output.copy(), found)
+            return found
         found: list[DetectedFace] = []
         scanned: list[tuple[int, int, int, int]] = []
-        pending = list(crops)
+        pending = list(plan)
         while pending:
-            crop = pending.pop(0)
+            crop, scale = pending.pop(0)
             scanned.append(crop)
-            kept, cut = self._detect_in_crop(output, crop, threshold)
+            kept, cut = self._detect_in_crop(output, crop, threshold, scale)
             found += kept
             # A face cut by the crop's edge is searched again in a crop of its own, with context around it.
             if len(scanned) + len(pending) < MAX_CROPS:
-                for box in cut:
-                    more = context_crops([box], output.shape, MIN_CONTEXT / scale, align)[0]
-                    if more not in scanned and more not in pending:
+                for more in self._search_plan(cut, output.shape, coarse):
+                    if more[0] not in scanned and all(more[0] != p[0] for p in pending):
                         pending.append(more)
+        # A face away from every changed pixel lies where the first pass searched at the whole image's
+        # scales: it counts only if those scales find it too (a hand seen at a region's scale does not).
+        found = [
+            confirmed
+            for face in found
+            if (
+                confirmed := face
+                if any(_intersects(face.box, r) for r in regions)
+                else self._at_whole_scale(output, face, threshold)
+            )
+            is not None
+        ]
         # Faces found before, away from everything searched now, are still there as they were.
         found += [f for f in before if not any(_intersects(f.box, crop) for crop in scanned)]
         found = _deduplicated(found)
         memo["scan"] = (output.copy(), found)
         return found
 
+    def _at_whole_scale(self, output: np.ndarray, face: DetectedFace, threshold: float) -> DetectedFace | None:
+        """``face`` as the whole image's levels see it (a crop around it on their grid), or None if they miss it."""
+        height, width = output.shape[:2]
+        coarse = min(1.0, self.detector.max_side / max(height, width)) * self.detector.detect_scale
+        align = max(int(round(64 / coarse)), 1)  # the detector's grid over the crop is its grid over the image
+        x0, y0, x1, y1 = context_crops([face.box], output.shape, MIN_CONTEXT / coarse, align)[0]
+        shift = np.array([x0, y0], np.float32)
+        for seen in self.detector.detect(output[y0:y1, x0:x1], threshold, small_faces=False, levels_of=(height, width)):
+            box = (seen.box[0] + x0, seen.box[1] + y0, seen.box[2] + x0, seen.box[3] + y0)
+            if iou(box, face.box) >= 0.4:
+                five = None if seen.five is None else seen.five + shift
+                return DetectedFace(box=box, landmarks=seen.landmarks + shift, score=seen.score, five=five)
+        return None
+
+    def _search_plan(
+        self, regions: list[Box], shape: tuple[int, ...], coarse: float
+    ) -> list[tuple[tuple[int, int, int, int], float]]:
+        """(crop, scale) for each region: the region with context, searched at a scale for its size.
+
+        Regions mostly inside a larger one (an original face inside its cover) are searched with it.
+        Detectors that cannot find small faces (dlib's) search every crop at the whole image's scale.
+        """
+        adaptive = self.detector.backend.native_min_face < 40
+        merged: list[Box] = []
+        for region in sorted(regions, key=lambda r: -(r[2] - r[0]) * (r[3] - r[1])):
+            if not any(_mostly_inside(region, bigger) for bigger in merged):
+                merged.append(region)
+        plan = []
+        for region in merged:
+            side = max(region[2] - region[0], region[3] - region[1], 1.0)
+            scale = min(coarse, REGION_SIDE / side) if adaptive else coarse
+            crop = context_crops([region], shape, MIN_CONTEXT / scale)[0]
+            plan.append((crop, scale))
+        return plan
+
     def _detect_in_crop(
-        self, output: np.ndarray, crop: tuple[int, int, int, int], threshold: float
+        self, output: np.ndarray, crop: tuple[int, int, int, int], threshold: float, scale: float
     ) -> tuple[list[DetectedFace], list[Box]]:
         """Faces wholly inside ``crop`` (image coordinates), and the boxes of those its inner edges cut."""
         height, width = output.shape[:2]
         x0, y0, x1, y1 = crop
         kept, cut = [], []
         shift = np.array([x0, y0], np.float32)
-        for face in self.detector.detect(output[y0:y1, x0:x1], threshold, small_faces=False, levels_of=(height, width)):
+        edge = 1.0 / scale + 1  # a pixel at the detection scale
+        for face in self.detector.detect(output[y0:y1, x0:x1], threshold, small_faces=False, scale=scale):
             fx0, fy0, fx1, fy1 = face.box
             box = (fx0 + x0, fy0 + y0, fx1 + x0, fy1 + y0)
             if (
-                (x0 > 0 and fx0 <= 1)
-                or (y0 > 0 and fy0 <= 1)
-                or (x1 < width and fx1 >= x1 - x0 - 1)
-                or (y1 < height and fy1 >= y1 - y0 - 1)
+                (x0 > 0 and fx0 <= edge)
+                or (y0 > 0 and fy0 <= edge)
+                or (x1 < width and fx1 >= x1 - x0 - edge)
+                or (y1 < height and fy1 >= y1 - y0 - edge)
             ):
                 cut.append(box)
                 continue
             five = None if face.five is None else face.five + shift
             kept.append(DetectedFace(box=box, landmarks=face.landmarks + shift, score=face.score, five=five))
         return kept, cut
+
+
+def _mostly_inside(inner: Box, outer: Box) -> bool:
+    """Is most of ``inner`` inside ``outer``, which is at most twice its side?"""
+    w = max(min(inner[2], outer[2]) - max(inner[0], outer[0]), 0.0)
+    h = max(min(inner[3], outer[3]) - max(inner[1], outer[1]), 0.0)
+    area = max((inner[2] - inner[0]) * (inner[3] - inner[1]), 1e-6)
+    inner_side = max(inner[2] - inner[0], inner[3] - inner[1])
+    outer_side = max(outer[2] - outer[0], outer[3] - outer[1])
+    return w * h / area > 0.8 and outer_side <= 2 * inner_side
 
 
 def _intersects(box: Box, crop: tuple[int, int, int, int]) -> bool:
