@@ -250,3 +250,49 @@ def test_the_local_self_check_searches_crops_and_reuses_unchanged_work(t1_rgb, a
     whole = check.inspect(output, entries, originals, 0.5)
     assert whole.new_faces == [] and whole.recognisable == []
     assert all(abs(whole.distances[i] - first.distances[i]) < 0.02 for i in first.distances)
+
+
+
+def _benchmark_photo04(t1_rgb) -> np.ndarray:
+    """benchmarks/classical.py's photo04: t1 mirrored, its left 60 %, 1280 px (Lanczos), JPEG 92."""
+    half = np.ascontiguousarray(t1_rgb[:, ::-1][:, : int(0.6 * t1_rgb.shape[1])])
+    image = Image.fromarray(half)
+    scale = 1280 / max(image.size)
+    image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=92)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def test_a_face_seen_only_at_a_regions_scale_away_from_the_covers_does_not_count(t1_rgb, monkeypatch):
+    """Searched at a covered region's scale (0.57 here), a hand holding a cigar beside a cover scores
+    0.53 as a face. It lies in unchanged pixels, where the whole image's levels do not see a face:
+    the check must not report it (it would be blurred as a face the first pass missed)."""
+    from masquerade.face import selfcheck
+    from masquerade.face.classical import apply_classical
+
+    image = _benchmark_photo04(t1_rgb)
+    detector = FaceDetector("centerface")
+    faces = detector.detect(image)
+    assert len(faces) == 4
+    output = image
+    for face in faces:
+        output = apply_classical(output, face, "blur", 1.0)
+    check = SelfCheck(detector)
+    regions = selfcheck.changed_regions(image, output)
+
+    monkeypatch.setattr(selfcheck, "CONTEXT_FACTOR", 1.0)  # crops tight enough not to become the whole image
+    seen = []
+    for crop, scale in check._search_plan(regions + [f.box for f in faces], output.shape, 1.0):
+        assert scale < 1.0  # every region is wider than 128 px: searched smaller
+        seen += check._detect_in_crop(output, crop, 0.5, scale)[0]
+    away = [f for f in seen if not any(selfcheck._intersects(f.box, r) for r in regions)]
+    assert len(away) == 1 and 0.5 <= away[0].score < 0.6  # the hand
+    assert check._at_whole_scale(output, away[0], 0.5) is None
+    real = faces[0]  # a face the whole image's levels do see is confirmed, with their landmarks
+    confirmed = check._at_whole_scale(image, real, 0.5)
+    assert confirmed is not None and iou(confirmed.box, real.box) > 0.9
+
+    entries = [(f.box, f.landmarks) for f in faces]
+    verdict = check.inspect(output, entries, check.describe_originals(image, entries), 0.5, original=image)
+    assert verdict.new_faces == [] and verdict.recognisable == []

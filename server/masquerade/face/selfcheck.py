@@ -276,16 +276,13 @@ class SelfCheck:
                         pending.append(more)
         # A face away from every changed pixel lies where the first pass searched at the whole image's
         # scales: it counts only if those scales find it too (a hand seen at a region's scale does not).
-        found = [
-            confirmed
-            for face in found
-            if (
-                confirmed := face
-                if any(_intersects(face.box, r) for r in regions)
-                else self._at_whole_scale(output, face, threshold)
-            )
-            is not None
-        ]
+        counted = []
+        for face in found:
+            if not any(_intersects(face.box, region) for region in regions):
+                face = self._at_whole_scale(output, face, threshold)
+            if face is not None:
+                counted.append(face)
+        found = counted
         # Faces found before, away from everything searched now, are still there as they were.
         found += [f for f in before if not any(_intersects(f.box, crop) for crop in scanned)]
         found = _deduplicated(found)
