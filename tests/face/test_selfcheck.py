@@ -252,7 +252,6 @@ def test_the_local_self_check_searches_crops_and_reuses_unchanged_work(t1_rgb, a
     assert all(abs(whole.distances[i] - first.distances[i]) < 0.02 for i in first.distances)
 
 
-
 def _benchmark_photo04(t1_rgb) -> np.ndarray:
     """benchmarks/classical.py's photo04: t1 mirrored, its left 60 %, 1280 px (Lanczos), JPEG 92."""
     half = np.ascontiguousarray(t1_rgb[:, ::-1][:, : int(0.6 * t1_rgb.shape[1])])
