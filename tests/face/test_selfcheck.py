@@ -282,7 +282,8 @@ def test_a_face_seen_only_at_a_regions_scale_away_from_the_covers_does_not_count
 
     monkeypatch.setattr(selfcheck, "CONTEXT_FACTOR", 1.0)  # crops tight enough not to become the whole image
     seen = []
-    for crop, scale in check._search_plan(regions + [f.box for f in faces], output.shape, 1.0):
+    for region in regions + [f.box for f in faces]:  # each on its own (a plan merges crops of a scale)
+        ((crop, scale),) = check._search_plan([region], output.shape, 1.0)
         assert scale < 1.0  # every region is wider than 128 px: searched smaller
         seen += check._detect_in_crop(output, crop, 0.5, scale)[0]
     away = [f for f in seen if not any(selfcheck._intersects(f.box, r) for r in regions)]
@@ -295,3 +296,20 @@ def test_a_face_seen_only_at_a_regions_scale_away_from_the_covers_does_not_count
     entries = [(f.box, f.landmarks) for f in faces]
     verdict = check.inspect(output, entries, check.describe_originals(image, entries), 0.5, original=image)
     assert verdict.new_faces == [] and verdict.recognisable == []
+
+
+def test_a_search_plan_merges_overlapping_crops_of_about_one_scale_only():
+    check = SelfCheck(FaceDetector("centerface"))
+    shape = (3000, 4000, 3)
+    # Two covers of 400 and 300 px side by side: one crop, at the larger one's scale.
+    plan = check._search_plan([(1000, 1000, 1400, 1400), (1500, 1000, 1800, 1300)], shape, 0.5)
+    assert len(plan) == 1 and plan[0][1] == pytest.approx(128 / 400)
+    x0, y0, x1, y1 = plan[0][0]
+    assert x0 <= 1000 - 800 and x1 >= 1800 + 600 and y0 <= 1000 - 800 and y1 >= 1400 + 800
+    # A 40 px face beside a 400 px cover keeps a crop of its own, at the whole image's first scale:
+    # at the cover's scale it would be 13 px, at the edge of what the detector finds.
+    plan = check._search_plan([(1000, 1000, 1400, 1400), (1450, 1000, 1490, 1040)], shape, 0.5)
+    assert sorted(round(scale, 3) for _, scale in plan) == [0.32, 0.5]
+    # An original face inside its cover is searched with the cover, not again.
+    plan = check._search_plan([(1000, 1000, 1400, 1400), (1050, 1050, 1350, 1350)], shape, 0.5)
+    assert len(plan) == 1

@@ -23,6 +23,7 @@ pixel content.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import cv2
@@ -44,6 +45,7 @@ WHOLE_IMAGE_SHARE = 0.6  # crops covering more than this share of the image: sea
 # detector's sweet spot is (FaceDetector keeps faces over 128 px from its half-scale level), and a
 # face under a tenth of it (the detector's 12 px) lay in unchanged pixels, which the first pass searched.
 REGION_SIDE = 128
+SAME_SCALE = 1.5  # overlapping crops whose scales differ by less than this factor are searched as one
 
 Box = tuple[float, float, float, float]
 
@@ -322,6 +324,19 @@ class SelfCheck:
             scale = min(coarse, REGION_SIDE / side) if adaptive else coarse
             crop = context_crops([region], shape, MIN_CONTEXT / scale)[0]
             plan.append((crop, scale))
+        # Overlapping crops of about the same scale are searched as one, at the smaller scale: a crowd's
+        # crops overlap a lot, and their union at that scale costs less than the sum of its parts.
+        merged_any = True
+        while merged_any:
+            merged_any = False
+            for i, j in itertools.combinations(range(len(plan)), 2):
+                (a, scale_a), (b, scale_b) = plan[i], plan[j]
+                if _intersects(a, b) and max(scale_a, scale_b) <= SAME_SCALE * min(scale_a, scale_b):
+                    union = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    plan[i] = (union, min(scale_a, scale_b))
+                    del plan[j]
+                    merged_any = True
+                    break
         return plan
 
     def _detect_in_crop(
