@@ -14,11 +14,10 @@ so a folder of any size holds at most 2N images in memory.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,8 +185,12 @@ def _one_in_process(job: FileJob, output_format: str) -> tuple[AnonymizeResult |
 
 
 def use_processes(workers: int, files: int) -> bool:
+    if workers <= 1 or files <= 1:
+        return False
+    import multiprocessing  # deferred, with the process pool: a single file never needs either
+
     methods = multiprocessing.get_all_start_methods()
-    return workers > 1 and files > 1 and ("fork" in methods or "forkserver" in methods)
+    return "fork" in methods or "forkserver" in methods
 
 
 def process_context():
@@ -197,6 +200,8 @@ def process_context():
     copies whatever locks they held at that instant into a child that can never release them.
     The forkserver is a single-threaded process that imports this module once and forks from there.
     """
+    import multiprocessing
+
     methods = multiprocessing.get_all_start_methods()
     if threading.active_count() == 1 and "fork" in methods:
         return multiprocessing.get_context("fork")
@@ -217,6 +222,8 @@ def run_classical(
     threads = threads_per_worker(workers, len(jobs))
     arena_pixels = arena_keep_pixels(workers)
     if use_processes(workers, len(jobs)):
+        from concurrent.futures import ProcessPoolExecutor
+
         pool = ProcessPoolExecutor(
             workers, mp_context=process_context(), initializer=_start_process, initargs=(run, threads, arena_pixels)
         )

@@ -8,12 +8,13 @@ can survive into the output.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..cancellation import check as check_cancelled
 from ..errors import InvalidRequestError
@@ -24,7 +25,15 @@ _FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
 # (the CLI writes .bmp/.tif by extension; the proto has no such format) they come back as PNG.
 _LOSSLESS_INPUTS = {"BMP": "png", "DIB": "png", "TIFF": "png"}
 OUTPUT_FORMATS = ("jpeg", "png", "webp", "bmp", "tiff")
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@functools.cache
+def _srgb():
+    """sRGB for colour management, made on the first input that carries a profile (Pillow's CMS is
+    a few ms to import, and most inputs have none)."""
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 @dataclass
@@ -109,9 +118,11 @@ def _to_srgb(image: Image.Image) -> np.ndarray:
     elif image.mode == "1":
         image = image.convert("L")
     if icc and image.mode in ("RGB", "L", "CMYK"):
+        from PIL import ImageCms
+
         try:
             source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            image = ImageCms.profileToProfile(image, source, _SRGB, outputMode="RGB")
+            image = ImageCms.profileToProfile(image, source, _srgb(), outputMode="RGB")
         except (ImageCms.PyCMSError, OSError, ValueError):
             pass  # an unusable profile is ignored: the pixels are taken as sRGB
     if image.mode != "RGB":

@@ -19,12 +19,15 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from masquerade.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from fractions import Fraction  # imported where used: the CLI builds its flags from this module
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 # Our codec names -> FFmpeg encoders in PyAV's wheel.
@@ -141,6 +144,8 @@ def probe_video(path: str | Path, limits: VideoLimits = VideoLimits()) -> VideoI
                 f"frames are {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels} "
                 "(--max-video-pixels); downscale the video first",
             )
+        from fractions import Fraction
+
         time_base = stream.time_base or Fraction(1, 90000)
         duration = 0.0
         if stream.duration is not None:
@@ -291,6 +296,8 @@ class VideoWriter:
             raise
 
     def _add_video_stream(self):
+        from fractions import Fraction
+
         info, options = self.info, self.options
         rate = Fraction(info.fps).limit_denominator(1001) if info.fps > 0 else Fraction(25)
         stream = self._out.add_stream(ENCODERS[options.codec], rate=rate)
