@@ -276,11 +276,13 @@ class SelfCheck:
                 for more in self._search_plan(cut, output.shape, coarse):
                     if more[0] not in scanned and all(more[0] != p[0] for p in pending):
                         pending.append(more)
-        # A face away from every changed pixel lies where the first pass searched at the whole image's
-        # scales: it counts only if those scales find it too (a hand seen at a region's scale does not).
+        # A face on top of an original is measured against it (a false one only adds a distance). Any
+        # other would be covered as a face the first pass missed: it counts only if the whole image's
+        # scales find it too, as the first pass would have (a hand, or the ear beside a box cover, seen
+        # at a region's scale do not).
         counted = []
         for face in found:
-            if not any(_intersects(face.box, region) for region in regions):
+            if not any(_overlaps(box, face.box) for box, _ in faces):
                 face = self._at_whole_scale(output, face, threshold)
             if face is not None:
                 counted.append(face)
