@@ -92,3 +92,60 @@ def test_scrfd_runs_a_det_10g_layout_file_from_the_model_dir(tmp_path):
     faces = scrfd.detect(image, 0.5)
     assert faces and all(f.landmarks.shape == (68, 2) for f in faces)
     assert scrfd.find(np.zeros((320, 352, 3), np.uint8), 0.5).boxes.shape == (0, 4)
+
+
+def test_centerface_loads_the_graph_optimized_for_this_cpu_once_it_is_saved(tmp_path, monkeypatch, t1_rgb):
+    """A first session optimizes CenterFace's graph and saves it beside the converted model; later
+    sessions load that file without optimizing. Both find exactly the same faces; a damaged file is
+    optimized again and replaced."""
+    import onnxruntime
+
+    from masquerade.face import detectors
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    plain = detectors.CenterFaceBackend(intra_op_threads=1)  # converts, optimizes, saves
+    saved = list((tmp_path / "masquerade").glob("centerface-dynamic-*.optimized-ort*.onnx"))
+    assert len(saved) == 1 and saved[0].stat().st_size > 1_000_000
+
+    loaded_from = []
+    real_session = onnxruntime.InferenceSession
+
+    def recording(model, options=None, **kwargs):
+        loaded_from.append((model if isinstance(model, str) else "bytes", options.graph_optimization_level))
+        return real_session(model, options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    again = detectors.CenterFaceBackend(intra_op_threads=1)
+    assert loaded_from == [(str(saved[0]), onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL)]
+    reference = detectors._ort_session(detectors.centerface_onnx_bytes(), 1)  # never cached: optimized here
+    raw = detectors.CenterFaceBackend.__new__(detectors.CenterFaceBackend)
+    raw.arena_keep_pixels, raw.session = detectors.ARENA_KEEP_PIXELS, reference
+    raw.input_name = reference.get_inputs()[0].name
+    found = [b.find(t1_rgb, 0.5) for b in (plain, again, raw)]
+    assert len(found[0].boxes) == 6
+    for other in found[1:]:
+        np.testing.assert_allclose(other.boxes, found[0].boxes, atol=1e-4)
+        np.testing.assert_allclose(other.scores, found[0].scores, atol=1e-6)
+
+    saved[0].write_bytes(b"not a model")
+    loaded_from.clear()
+    detectors.CenterFaceBackend(intra_op_threads=1)
+    assert [kind for kind, _ in loaded_from] == [str(saved[0]), "bytes"]  # tried, failed, optimized again
+    assert saved[0].stat().st_size > 1_000_000
+
+
+def test_a_cache_it_cannot_write_into_still_gives_a_working_centerface(tmp_path, monkeypatch, astronaut_rgb):
+    """onnxruntime fails a session whose optimized file it cannot write: the session is made without it."""
+    import os
+    import threading
+
+    from masquerade.face import detectors
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _, cached_at = detectors.centerface_model()
+    optimized = cached_at.with_name(f"{cached_at.stem}.optimized-{detectors._cpu_signature()}.onnx")
+    # Where this thread would write it, a folder: the write fails as on a read-only cache.
+    (optimized.parent / f".{optimized.name}.{os.getpid()}.{threading.get_ident()}.partial").mkdir()
+    backend = detectors.CenterFaceBackend(intra_op_threads=1)
+    assert len(backend.find(astronaut_rgb, 0.5).boxes) == 1
+    assert not optimized.exists()

@@ -318,9 +318,13 @@ def _pad_to(op, integers, x: str, shape: tuple, target: tuple) -> str:
 
 def descriptor_model_bytes(dat_path: str | os.PathLike) -> bytes:
     """The ONNX for the dlib model at ``dat_path``, converted once and cached beside the CenterFace one."""
-    from .detectors import converted_model_bytes
+    return _descriptor_model(dat_path)[0]
 
-    return converted_model_bytes(Path(dat_path), "dlib-descriptor", lambda data: to_onnx(read_dlib_net(data)))
+
+def _descriptor_model(dat_path: str | os.PathLike) -> tuple[bytes, Path | None]:
+    from .detectors import converted_model
+
+    return converted_model(Path(dat_path), "dlib-descriptor", lambda data: to_onnx(read_dlib_net(data)))
 
 
 class DescriptorNet:
@@ -329,7 +333,8 @@ class DescriptorNet:
     def __init__(self, dat_path: str | os.PathLike, intra_op_threads: int = 1):
         from .detectors import _ort_session
 
-        self.session = _ort_session(descriptor_model_bytes(dat_path), intra_op_threads)
+        data, cached_at = _descriptor_model(dat_path)
+        self.session = _ort_session(data, intra_op_threads, cached_at)
 
     def describe(self, chips: np.ndarray) -> np.ndarray:
         """[N, 128] float32 for [N, 150, 150, 3] uint8 RGB chips."""
