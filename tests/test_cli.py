@@ -100,7 +100,7 @@ def test_reverse_personalization_without_weights_says_how_to_get_them(tmp_path, 
 
 
 # ---- anonymize: default method, folders, conflicts, report, --help ---------------------------
-# In-process (`masquerade.cli.main`, what the console script calls): a subprocess per run would
+# In-process (`masquerade.cli.main`, which the console script runs): a subprocess per run would
 # import torch again each time.
 
 

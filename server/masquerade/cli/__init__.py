@@ -65,6 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The `masquerade` console script and `python -m masquerade.cli`: ``main``, then a quick exit.
+
+    Once the command is done, everything it wrote is closed and its output is flushed here; what is
+    left is the interpreter's exit, which collects every object of numpy, OpenCV, onnxruntime and
+    ours: about 40 ms of a one-photo run's 200. Freezing the collector's generations first leaves
+    them to the operating system (atexit handlers and reference-count finalizers still run): 20 ms."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import gc
+
+    gc.freeze()
+    sys.exit(code)
+
+
 def _quiet_third_party() -> None:
     """Warnings and loggers only: importing diffusers here would load torch for a classical run."""
     import warnings

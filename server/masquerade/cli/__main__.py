@@ -1,7 +1,5 @@
 """`python -m masquerade.cli ...`, the same as the `masquerade` console script."""
 
-import sys
+from masquerade.cli import run
 
-from masquerade.cli import main
-
-sys.exit(main())
+run()
