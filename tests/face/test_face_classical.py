@@ -58,3 +58,19 @@ def test_verifier_matches_a_face_with_itself(t1_rgb, t1_faces, verifier):
     others = [verifier.distance(in_box, verifier.descriptor_in_box(t1_rgb, f.box)) for f in t1_faces[1:]]
     assert min(others) > 0.5  # six different people
     assert verifier.descriptor_in_box(t1_rgb, (-50, -50, -10, -10)) is None
+
+
+@pytest.mark.parametrize("method", CLASSICAL_METHODS)
+def test_a_cover_computed_on_its_window_equals_one_computed_on_the_whole_image(method, t1_rgb, t1_faces):
+    """Covers evaluate their mask on its bounding box only (a whole-image mask is 48 MB at 12 Mpx):
+    the pixels are exactly those of the whole-image mask, at the edges of the image too."""
+    from masquerade.face.classical import DEFAULT_STYLE, _cover
+
+    edge = np.ascontiguousarray(t1_rgb[:260, :420])  # faces cut by the image's border
+    for rgb, face in [(t1_rgb, f) for f in t1_faces] + [(edge, f) for f in t1_faces[:2]]:
+        for mask_scale in (1.0, 2.0):
+            to_unit = face_ellipse_from_template(template_matrix(face.landmarks)) / mask_scale
+            whole = ellipse_mask(rgb.shape, to_unit, FEATHER)
+            width = 2.0 * np.hypot(*np.linalg.inv(np.vstack([to_unit * mask_scale, [0, 0, 1]]))[:2, 0])
+            expected = _cover(rgb, whole, method, 1.0, width, DEFAULT_STYLE)
+            assert np.array_equal(apply_classical(rgb, face, method, 1.0, mask_scale=mask_scale), expected)

@@ -245,8 +245,17 @@ def ellipse_mask(shape: tuple[int, ...], to_unit: np.ndarray, feather: float) ->
     1 inside radius 1 - feather, a smooth ramp to exactly 0 at radius 1, and
     exactly 0 beyond. Only the disc's bounding box is evaluated.
     """
+    mask = np.zeros(shape[:2], dtype=np.float32)
+    y0, x0, window = ellipse_mask_window(shape, to_unit, feather)
+    mask[y0 : y0 + window.shape[0], x0 : x0 + window.shape[1]] = window
+    return mask
+
+
+def ellipse_mask_window(shape: tuple[int, ...], to_unit: np.ndarray, feather: float) -> tuple[int, int, np.ndarray]:
+    """``ellipse_mask`` on the disc's bounding box only: (top, left, [h, w] float32), zero outside it.
+
+    A cover needs no more: a whole-image mask is 48 MB at 12 Mpx, allocated and scanned per face."""
     height, width = shape[:2]
-    mask = np.zeros((height, width), dtype=np.float32)
     feather = float(np.clip(feather, 1e-3, 1.0))
     # Bounding box of the disc in pixels: the image of the unit circle under the inverse map.
     from_unit = invert(to_unit)
@@ -258,13 +267,12 @@ def ellipse_mask(shape: tuple[int, ...], to_unit: np.ndarray, feather: float) ->
     x1, y1 = np.ceil(corners.max(0)).astype(int) + 2
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
     if x0 >= x1 or y0 >= y1:
-        return mask
+        return 0, 0, np.zeros((0, 0), dtype=np.float32)
     ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
     u = to_unit[0, 0] * xs + to_unit[0, 1] * ys + to_unit[0, 2]
     v = to_unit[1, 0] * xs + to_unit[1, 1] * ys + to_unit[1, 2]
     radius = np.sqrt(u * u + v * v)
-    mask[y0:y1, x0:x1] = _smoothstep((1.0 - radius) / feather)
-    return mask
+    return int(y0), int(x0), _smoothstep((1.0 - radius) / feather).astype(np.float32)
 
 
 def _unit_from_template() -> np.ndarray:

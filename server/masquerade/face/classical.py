@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .align import blend_masked, ellipse_mask, face_ellipse_from_template, invert, template_matrix
+from .align import blend_masked, ellipse_mask_window, face_ellipse_from_template, invert, template_matrix
 from .detect import DetectedFace
 
 CLASSICAL_METHODS = ("blur", "pixelate", "solid")
@@ -88,8 +88,8 @@ def apply_classical(
         rim = FEATHER * min(x1 - x0, y1 - y0) / (1.0 - 2.0 * FEATHER)
         bounds = (x0 - rim, y0 - rim, x1 + rim, y1 + rim)
         return cover_region(rgb, bounds, method, strength, style=style, face_width=face_width)
-    mask = ellipse_mask(rgb.shape, scaled, FEATHER)
-    return _cover(rgb, mask, method, strength, face_width, style)
+    top, left, mask = ellipse_mask_window(rgb.shape, scaled, FEATHER)
+    return _cover(rgb, mask, method, strength, face_width, style, (top, left))
 
 
 def _ellipse_bounds(to_unit: np.ndarray) -> tuple[float, float, float, float]:
@@ -133,8 +133,11 @@ def cover_region(
     if x1 <= x0 or y1 <= y0:
         return rgb.copy()
     ramp = max(FEATHER * min(x1 - x0, y1 - y0), 1.0)
-    xs = np.arange(width, dtype=np.float64) + 0.5
-    ys = np.arange(height, dtype=np.float64) + 0.5
+    # The profiles are zero outside [low, high]: evaluate them on the box's whole pixels only.
+    left, top = int(math.floor(x0)), int(math.floor(y0))
+    right, bottom = min(int(math.ceil(x1)) + 1, width), min(int(math.ceil(y1)) + 1, height)
+    xs = np.arange(left, right, dtype=np.float64) + 0.5
+    ys = np.arange(top, bottom, dtype=np.float64) + 0.5
 
     def profile(coords, low, high, size):
         inner = np.minimum(
@@ -146,7 +149,7 @@ def cover_region(
 
     mask = np.outer(profile(ys, y0, y1, height), profile(xs, x0, x1, width))
     mask = (mask * mask * (3.0 - 2.0 * mask)).astype(np.float32)
-    return _cover(rgb, mask, method, strength, face_width or (x1 - x0), style)
+    return _cover(rgb, mask, method, strength, face_width or (x1 - x0), style, (top, left))
 
 
 def _check_method(method: str, strength: float) -> None:
@@ -188,12 +191,21 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _cover(
-    rgb: np.ndarray, mask: np.ndarray, method: str, strength: float, face_width: float, style: CoverStyle
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    method: str,
+    strength: float,
+    face_width: float,
+    style: CoverStyle,
+    origin: tuple[int, int] = (0, 0),
 ) -> np.ndarray:
+    """``mask``: a window of the cover's weights whose top-left pixel is ``origin`` (row, column) in ``rgb``."""
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     if len(rows) == 0:
         return rgb.copy()
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    y0, x0 = origin[0] + rows[0], origin[1] + cols[0]
+    y1, x1 = y0 + mask.shape[0], x0 + mask.shape[1]
     if method == "blur":
         sigma = max(BLUR_SIGMA_PER_FACE_WIDTH * face_width * strength, 0.5)
         # Blur with 3 sigma of real context around the masked box, so the
@@ -223,5 +235,5 @@ def _cover(
             alpha = drawn[..., 3:].astype(np.float32) / 255.0
             covered = np.rint(drawn[..., :3] * alpha + covered * (1.0 - alpha)).astype(np.uint8)
     out = rgb.copy()
-    out[y0:y1, x0:x1] = blend_masked(rgb[y0:y1, x0:x1], covered, mask[y0:y1, x0:x1])
+    out[y0:y1, x0:x1] = blend_masked(rgb[y0:y1, x0:x1], covered, mask)
     return out
