@@ -97,3 +97,17 @@ def test_the_conversion_is_cached_per_model_file(tmp_path, monkeypatch):
     assert len(cached) == 1 and cached[0].read_bytes() == first
     monkeypatch.setattr(dlib_net, "read_dlib_net", lambda data: pytest.fail("converted again"))
     assert dlib_net.descriptor_model_bytes(MODEL) == first
+
+
+def test_several_faces_are_described_in_one_run_as_each_alone(t1_rgb, monkeypatch):
+    shapes = _shapes(t1_rgb, dlib.get_frontal_face_detector())
+    landmarks = [shape_to_array(shape) for shape in shapes]
+    verifier = DlibVerifier()
+    together = verifier.descriptors(t1_rgb, landmarks)
+    alone = [verifier.descriptor(t1_rgb, points) for points in landmarks]
+    assert len(together) == len(alone) == 6
+    assert max(float(np.abs(a - b).max()) for a, b in zip(together, alone)) < 1e-5
+    monkeypatch.setenv("MASQUERADE_DESCRIPTOR", "dlib")  # dlib's own, one face at a time
+    in_dlib = verifier.descriptors(t1_rgb, landmarks)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(together, in_dlib)) < 1e-5
+    assert verifier.descriptors(t1_rgb, []) == []

@@ -172,12 +172,15 @@ class SelfCheck:
 
     def describe_originals(self, original: np.ndarray, faces: list[tuple[Box, np.ndarray]]) -> list[np.ndarray | None]:
         """Each face's descriptor, or None where there is nothing to compare (no landmarks, not a face)."""
-        descriptors = []
-        for box, landmarks in faces:
-            if landmarks.shape != (68, 2) or not self.is_face(original, box):
-                descriptors.append(None)
-            else:
-                descriptors.append(self.verifier.descriptor(original, landmarks))
+        comparable = [
+            index
+            for index, (box, landmarks) in enumerate(faces)
+            if landmarks.shape == (68, 2) and self.is_face(original, box)
+        ]
+        described = self.verifier.descriptors(original, [faces[index][1] for index in comparable])
+        descriptors: list[np.ndarray | None] = [None] * len(faces)
+        for index, descriptor in zip(comparable, described):
+            descriptors[index] = descriptor
         return descriptors
 
     def inspect(
@@ -204,6 +207,9 @@ class SelfCheck:
             found = self._detect_around_changes(original, output, faces, threshold, memo)
         found = [f for f in found if f.landmarks.shape == (68, 2)]
         descriptors = memo.setdefault("descriptors", {})
+        self._describe_at(
+            output, [lm for (_, lm), original in zip(faces, originals) if original is not None], descriptors
+        )
         for index, ((box, landmarks), descriptor) in enumerate(zip(faces, originals)):
             if descriptor is None:
                 continue
@@ -228,20 +234,21 @@ class SelfCheck:
 
     def _descriptor(self, output: np.ndarray, landmarks: np.ndarray, cache: dict) -> np.ndarray:
         """The descriptor at ``landmarks``, reused while the pixels it is computed from are unchanged."""
-        key = landmarks.tobytes()
-        height, width = output.shape[:2]
-        # dlib's chip: the landmarks' extent plus 25 % padding a side, maybe rotated; a full extent a side is safe.
-        (lx0, ly0), (lx1, ly1) = landmarks.min(0), landmarks.max(0)
-        span = max(lx1 - lx0, ly1 - ly0, 1.0)
-        x0, y0 = max(int(lx0 - span), 0), max(int(ly0 - span), 0)
-        x1, y1 = min(int(lx1 + span) + 1, width), min(int(ly1 + span) + 1, height)
-        window = output[y0:y1, x0:x1]
-        cached = cache.get(key)
-        if cached is not None and cached[0].shape == window.shape and np.array_equal(cached[0], window):
-            return cached[1]
-        descriptor = self.verifier.descriptor(output, landmarks)
-        cache[key] = (window.copy(), descriptor)  # the window, not the image: a request holds little extra
-        return descriptor
+        self._describe_at(output, [landmarks], cache)
+        return cache[landmarks.tobytes()][1]
+
+    def _describe_at(self, output: np.ndarray, landmarks_list: list[np.ndarray], cache: dict) -> None:
+        """Fills ``cache`` with the descriptor at each of ``landmarks_list`` whose pixels changed since
+        (or that is not there yet), all of them in one network run."""
+        missing = []
+        for landmarks in landmarks_list:
+            window = _chip_window(output, landmarks)
+            cached = cache.get(landmarks.tobytes())
+            if cached is None or cached[0].shape != window.shape or not np.array_equal(cached[0], window):
+                missing.append((landmarks, window))
+        described = self.verifier.descriptors(output, [landmarks for landmarks, _ in missing])
+        for (landmarks, window), descriptor in zip(missing, described):
+            cache[landmarks.tobytes()] = (window.copy(), descriptor)  # the window: a request holds little extra
 
     def _detect_around_changes(
         self,
@@ -374,6 +381,17 @@ class SelfCheck:
             five = None if face.five is None else face.five + shift
             kept.append(DetectedFace(box=box, landmarks=face.landmarks + shift, score=face.score, five=five))
         return kept, cut
+
+
+def _chip_window(output: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The pixels dlib's chip at ``landmarks`` can read: their extent plus 25 % padding a side, maybe
+    rotated; a full extent a side is safe."""
+    height, width = output.shape[:2]
+    (lx0, ly0), (lx1, ly1) = landmarks.min(0), landmarks.max(0)
+    span = max(lx1 - lx0, ly1 - ly0, 1.0)
+    x0, y0 = max(int(lx0 - span), 0), max(int(ly0 - span), 0)
+    x1, y1 = min(int(lx1 + span) + 1, width), min(int(ly1 + span) + 1, height)
+    return output[y0:y1, x0:x1]
 
 
 def _mostly_inside(inner: Box, outer: Box) -> bool:
