@@ -74,3 +74,15 @@ def test_a_cover_computed_on_its_window_equals_one_computed_on_the_whole_image(m
             width = 2.0 * np.hypot(*np.linalg.inv(np.vstack([to_unit * mask_scale, [0, 0, 1]]))[:2, 0])
             expected = _cover(rgb, whole, method, 1.0, width, DEFAULT_STYLE)
             assert np.array_equal(apply_classical(rgb, face, method, 1.0, mask_scale=mask_scale), expected)
+
+
+@pytest.mark.parametrize("method", CLASSICAL_METHODS)
+def test_a_cover_in_place_writes_the_same_pixels_into_the_given_array(method, t1_rgb, t1_faces):
+    expected, working = t1_rgb, t1_rgb.copy()
+    for face in t1_faces:  # overlapping covers read what the previous one wrote, as with copies
+        expected = apply_classical(expected, face, method, 1.0)
+        assert apply_classical(working, face, method, 1.0, in_place=True) is working
+    assert np.array_equal(working, expected)
+    box = t1_faces[0].box
+    assert cover_region(working, box, method, in_place=True) is working
+    assert np.array_equal(working, cover_region(expected, box, method))

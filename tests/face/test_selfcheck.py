@@ -313,3 +313,14 @@ def test_a_search_plan_merges_overlapping_crops_of_about_one_scale_only():
     # An original face inside its cover is searched with the cover, not again.
     plan = check._search_plan([(1000, 1000, 1400, 1400), (1050, 1050, 1350, 1350)], shape, 0.5)
     assert len(plan) == 1
+
+
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_a_change_of_one_level_in_one_channel_of_one_pixel_is_a_changed_region(channel):
+    from masquerade.face.selfcheck import changed_regions
+
+    original = np.random.default_rng(channel).integers(0, 255, (100, 130, 3), dtype=np.uint8)
+    output = original.copy()
+    output[57, 121, channel] += 1
+    assert changed_regions(original, output) == [(112.0, 48.0, 128.0, 64.0)]
+    assert changed_regions(original, original.copy()) == []

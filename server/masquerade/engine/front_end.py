@@ -237,7 +237,7 @@ class FaceFrontEnd:
             rgb = (
                 request.pixels if request.pixels is not None else decode_image(request.image, self.max_image_pixels).rgb
             )
-        output = rgb.copy()
+        output = rgb.copy()  # this pass's own: its covers work in place (the self-check's re-covers do not)
         works_by_index = {work.record.index: work for work in prepared.works}
         for record in prepared.records:
             check_cancelled()
@@ -250,6 +250,7 @@ class FaceFrontEnd:
                     request.classical_strength,
                     prepared.mask_scale,
                     prepared.cover_style,
+                    in_place=True,
                 )
             elif work is not None and record.index in generated:
                 # The whole regenerated square goes back, except over the other faces (align.paste_back).
@@ -266,6 +267,7 @@ class FaceFrontEnd:
                     request.classical_strength,
                     prepared.mask_scale,
                     prepared.cover_style,
+                    in_place=True,
                 )
         self._identity_receipts(output, prepared, generated)
         check_cancelled()
@@ -302,12 +304,17 @@ class FaceFrontEnd:
         strength: float,
         mask_scale: float = 1.0,
         style: CoverStyle | None = None,
+        in_place: bool = False,
     ) -> np.ndarray:
         style = style or self.cover_style
         if record.landmarks.shape[0] == 68:
             face = DetectedFace(box=record.box, landmarks=record.landmarks, score=record.score)
-            return apply_classical(output, face, method.value, strength, mask_scale=mask_scale, style=style)
-        return cover_region(output, record.box, method.value, strength, mask_scale=mask_scale, style=style)
+            return apply_classical(
+                output, face, method.value, strength, mask_scale=mask_scale, style=style, in_place=in_place
+            )
+        return cover_region(
+            output, record.box, method.value, strength, mask_scale=mask_scale, style=style, in_place=in_place
+        )
 
     @staticmethod
     def _mark_fallback(record: FaceRecord, reason: str) -> None:

@@ -61,8 +61,10 @@ def apply_classical(
     *,
     mask_scale: float = 1.0,
     style: CoverStyle = DEFAULT_STYLE,
+    in_place: bool = False,
 ) -> np.ndarray:
     """Cover ``face`` in ``rgb`` (uint8 [H,W,3]); pixels outside the feathered ellipse are unchanged.
+    A new array, or ``rgb`` itself with ``in_place`` (a copy of a 12 Mpx image is 10 ms a face).
 
     The ellipse spans forehead to chin and ear to ear: it is fitted through the
     landmarks' mean-face similarity when there are 68 landmarks, otherwise
@@ -87,9 +89,9 @@ def apply_classical(
         # rectangle around the ellipse, not less than the ellipse covers.
         rim = FEATHER * min(x1 - x0, y1 - y0) / (1.0 - 2.0 * FEATHER)
         bounds = (x0 - rim, y0 - rim, x1 + rim, y1 + rim)
-        return cover_region(rgb, bounds, method, strength, style=style, face_width=face_width)
+        return cover_region(rgb, bounds, method, strength, style=style, face_width=face_width, in_place=in_place)
     top, left, mask = ellipse_mask_window(rgb.shape, scaled, FEATHER)
-    return _cover(rgb, mask, method, strength, face_width, style, (top, left))
+    return _cover(rgb, mask, method, strength, face_width, style, (top, left), in_place)
 
 
 def _ellipse_bounds(to_unit: np.ndarray) -> tuple[float, float, float, float]:
@@ -114,8 +116,10 @@ def cover_region(
     mask_scale: float = 1.0,
     style: CoverStyle = DEFAULT_STYLE,
     face_width: float | None = None,
+    in_place: bool = False,
 ) -> np.ndarray:
     """Cover the whole ``box`` (a face known only by its box; for an aligned input, the whole image).
+    A new array, or ``rgb`` itself with ``in_place``.
 
     The edge is feathered inwards, except along the image border, so the box is
     covered entirely and nothing outside it changes.
@@ -131,7 +135,7 @@ def cover_region(
     )
     x0, y0, x1, y1 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], width), min(box[3], height)
     if x1 <= x0 or y1 <= y0:
-        return rgb.copy()
+        return rgb if in_place else rgb.copy()
     ramp = max(FEATHER * min(x1 - x0, y1 - y0), 1.0)
     # The profiles are zero outside [low, high]: evaluate them on the box's whole pixels only.
     left, top = int(math.floor(x0)), int(math.floor(y0))
@@ -149,7 +153,7 @@ def cover_region(
 
     mask = np.outer(profile(ys, y0, y1, height), profile(xs, x0, x1, width))
     mask = (mask * mask * (3.0 - 2.0 * mask)).astype(np.float32)
-    return _cover(rgb, mask, method, strength, face_width or (x1 - x0), style, (top, left))
+    return _cover(rgb, mask, method, strength, face_width or (x1 - x0), style, (top, left), in_place)
 
 
 def _check_method(method: str, strength: float) -> None:
@@ -198,11 +202,12 @@ def _cover(
     face_width: float,
     style: CoverStyle,
     origin: tuple[int, int] = (0, 0),
+    in_place: bool = False,
 ) -> np.ndarray:
     """``mask``: a window of the cover's weights whose top-left pixel is ``origin`` (row, column) in ``rgb``."""
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     if len(rows) == 0:
-        return rgb.copy()
+        return rgb if in_place else rgb.copy()
     mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     y0, x0 = origin[0] + rows[0], origin[1] + cols[0]
     y1, x1 = y0 + mask.shape[0], x0 + mask.shape[1]
@@ -234,6 +239,6 @@ def _cover(
             drawn = cv2.resize(style.replacement, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
             alpha = drawn[..., 3:].astype(np.float32) / 255.0
             covered = np.rint(drawn[..., :3] * alpha + covered * (1.0 - alpha)).astype(np.uint8)
-    out = rgb.copy()
-    out[y0:y1, x0:x1] = blend_masked(rgb[y0:y1, x0:x1], covered, mask)
+    out = rgb if in_place else rgb.copy()
+    out[y0:y1, x0:x1] = blend_masked(rgb[y0:y1, x0:x1], covered, mask)  # blend_masked reads a copy first
     return out

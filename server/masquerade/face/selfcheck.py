@@ -82,15 +82,13 @@ def changed_regions(original: np.ndarray, output: np.ndarray, block: int = CHANG
         raise ValueError(f"original {original.shape} and output {output.shape} differ in size")
     height, width = original.shape[:2]
     # OpenCV throughout: numpy's reduction over the 3 channels of a 12 Mpx image takes 0.5 s. The
-    # channels are folded into one first (their maximum), so the threshold, the padding and the
-    # block average each touch a third of the bytes: 12 Mpx in about 40 ms instead of 55.
-    diff = cv2.absdiff(original, output)
-    if diff.ndim == 3:
-        channels = cv2.split(diff)
-        diff = channels[0]
-        for channel in channels[1:]:
-            diff = cv2.max(diff, channel)
-    _, changed = cv2.threshold(diff, 0, 255, cv2.THRESH_BINARY)
+    # channels are folded into one before the padding and the block average: each changed channel
+    # is 255 after the threshold, and grey weighs every channel above zero (the smallest, blue, at
+    # 0.114 * 255 = 29), so a pixel is non-zero in grey exactly when one of its channels changed.
+    # 12 Mpx: 15 ms to fold, against 35 for split-and-max and 500 for numpy.
+    _, changed = cv2.threshold(cv2.absdiff(original, output), 0, 255, cv2.THRESH_BINARY)
+    if changed.ndim == 3:
+        _, changed = cv2.threshold(cv2.cvtColor(changed, cv2.COLOR_RGB2GRAY), 0, 255, cv2.THRESH_BINARY)
     cols, rows = -(-width // block), -(-height // block)
     padded = cv2.copyMakeBorder(changed, 0, rows * block - height, 0, cols * block - width, cv2.BORDER_CONSTANT, 0)
     # A block with one changed pixel in it averages to 255 / block**2 > 0.5: it rounds to 1, not 0.
