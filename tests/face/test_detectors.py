@@ -117,7 +117,7 @@ def test_centerface_loads_the_graph_optimized_for_this_cpu_once_it_is_saved(tmp_
     monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
     again = detectors.CenterFaceBackend(intra_op_threads=1)
     assert loaded_from == [(str(saved[0]), onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL)]
-    reference = detectors._ort_session(detectors.centerface_onnx_bytes(), 1)  # never cached: optimized here
+    reference = detectors._ort_session(detectors.centerface_onnx_bytes(), intra_op_threads=1)  # not cached
     raw = detectors.CenterFaceBackend.__new__(detectors.CenterFaceBackend)
     raw.arena_keep_pixels, raw.session = detectors.ARENA_KEEP_PIXELS, reference
     raw.input_name = reference.get_inputs()[0].name

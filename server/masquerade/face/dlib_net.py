@@ -333,8 +333,7 @@ class DescriptorNet:
     def __init__(self, dat_path: str | os.PathLike, intra_op_threads: int = 1):
         from .detectors import _ort_session
 
-        data, cached_at = _descriptor_model(dat_path)
-        self.session = _ort_session(data, intra_op_threads, cached_at)
+        self.session = _ort_session(*_descriptor_model(dat_path), intra_op_threads)
 
     def describe(self, chips: np.ndarray) -> np.ndarray:
         """[N, 128] float32 for [N, 150, 150, 3] uint8 RGB chips."""

@@ -262,7 +262,7 @@ class SelfCheck:
         the one before, and keeps the faces found then everywhere else.
         """
         height, width = output.shape[:2]
-        coarse = min(1.0, self.detector.max_side / max(height, width)) * self.detector.detect_scale
+        coarse = self.detector.coarse_scale(height, width)
         previous = memo.get("scan")
         if previous is None:
             regions, before = changed_regions(original, output) + [box for box, _ in faces], []
@@ -311,7 +311,7 @@ class SelfCheck:
     def _at_whole_scale(self, output: np.ndarray, face: DetectedFace, threshold: float) -> DetectedFace | None:
         """``face`` as the whole image's levels see it (a crop around it on their grid), or None if they miss it."""
         height, width = output.shape[:2]
-        coarse = min(1.0, self.detector.max_side / max(height, width)) * self.detector.detect_scale
+        coarse = self.detector.coarse_scale(height, width)
         align = max(int(round(64 / coarse)), 1)  # the detector's grid over the crop is its grid over the image
         x0, y0, x1, y1 = context_crops([face.box], output.shape, MIN_CONTEXT / coarse, align)[0]
         shift = np.array([x0, y0], np.float32)

@@ -52,32 +52,22 @@ class DlibVerifier:
 
     def descriptor(self, rgb: np.ndarray, landmarks) -> np.ndarray:
         """[128] float32 for the face with ``landmarks``: a [68, 2] array or a dlib full_object_detection."""
-        rgb = _check_rgb(rgb)
-        shape = landmarks if not isinstance(landmarks, np.ndarray) else _to_object_detection(landmarks)
-        net = _descriptor_net()
-        if net is not None:
-            chip = _dlib().get_face_chip(rgb, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
-            return net.describe(chip)[0]
-        _, recognizer = self._models()
-        return np.asarray(recognizer.compute_face_descriptor(rgb, shape), dtype=np.float32)
+        return self.descriptors(rgb, [landmarks])[0]
 
     def descriptors(self, rgb: np.ndarray, landmarks_list: list) -> list[np.ndarray]:
         """``descriptor`` for several faces of one image: one network run for all of them."""
         if not landmarks_list:
             return []
-        net = _descriptor_net()
-        if net is None:
-            return [self.descriptor(rgb, landmarks) for landmarks in landmarks_list]
         rgb = _check_rgb(rgb)
-        chips = [
-            _dlib().get_face_chip(
-                rgb,
-                landmarks if not isinstance(landmarks, np.ndarray) else _to_object_detection(landmarks),
-                size=CHIP_SIZE,
-                padding=CHIP_PADDING,
-            )
+        shapes = [
+            landmarks if not isinstance(landmarks, np.ndarray) else _to_object_detection(landmarks)
             for landmarks in landmarks_list
         ]
+        net = _descriptor_net()
+        if net is None:
+            _, recognizer = self._models()
+            return [np.asarray(recognizer.compute_face_descriptor(rgb, shape), dtype=np.float32) for shape in shapes]
+        chips = [_dlib().get_face_chip(rgb, shape, size=CHIP_SIZE, padding=CHIP_PADDING) for shape in shapes]
         return list(net.describe(np.stack(chips)))
 
     def descriptor_in_box(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray | None:
