@@ -54,6 +54,18 @@ def test_a_bad_interactive_thread_count_is_refused_naming_the_flag(capsys, value
     assert "argument --interactive-threads:" in refused(capsys, "--interactive-threads", value)
 
 
+def test_torch_threads_reach_the_engine_and_default_to_the_automatic_count():
+    from masquerade.cli.serve import config_from_args
+
+    assert config_from_args(serve_args("--torch-threads", "3")).engine.torch_threads == 3
+    assert config_from_args(serve_args()).engine.torch_threads is None
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_a_bad_torch_thread_count_is_refused_naming_the_flag(capsys, value):
+    assert "argument --torch-threads:" in refused(capsys, "--torch-threads", value)
+
+
 # ---- --ray-replicas: the HTTP API is not served there, and the flags say so ----------------------
 
 

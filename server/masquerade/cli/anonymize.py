@@ -229,6 +229,7 @@ def _run_on_engine(args, method, params, engine_images, videos, options, records
         device=args.device,
         max_batch=args.max_batch,
         max_queue=IMAGES_IN_FLIGHT,
+        torch_threads=args.torch_threads,
         **detection_config(args),
     )
     failures = 0

@@ -16,6 +16,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--model-dir", metavar="DIR", help="model set folder (see `masquerade models fetch`)")
@@ -27,6 +35,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "when absent); tiny: random smoke models",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--torch-threads",
+        type=positive_int,
+        default=None,
+        help="on CPU: threads of each torch op (default: the cores shared among the threads calling torch, "
+        "or OMP_NUM_THREADS); big models on many cores run faster with all of them",
+    )
 
 
 def model_source(args: argparse.Namespace) -> str:

@@ -206,6 +206,7 @@ def config_from_args(args: argparse.Namespace):
         max_inflight_megapixels=args.max_inflight_megapixels,
         interactive_slack=args.interactive_slack,
         interactive_threads=args.interactive_threads,
+        torch_threads=args.torch_threads,
         **detection_config(args),
     )
     return ServerConfig(

@@ -50,6 +50,7 @@ from masquerade.engine.request import (
     Timings,
 )
 from masquerade.engine.scheduler import DEFAULT_AGING_CALLS, StepPlan, StepScheduler, StepUpdate
+from masquerade.engine.torch_threads import configure_cpu_threads
 
 if TYPE_CHECKING:  # torch-using modules: imported only when reverse personalization is loaded (design.md)
     from masquerade.engine.job import FaceJob
@@ -111,6 +112,9 @@ class EngineConfig:
     interactive_slack: float = 1.25
     """A call holding interactive rows takes more bulk rows than the floor only while its measured cost
     stays within this factor of the interactive rows' alone (on a GPU a fuller call costs little more)."""
+    torch_threads: int | None = None
+    """Intra-op threads of torch's CPU ops on a CPU device; None: the cores shared among the threads that
+    call torch, or OMP_NUM_THREADS when set (engine/torch_threads.py)."""
     defaults: ReversePersonalizationParams = field(default_factory=ReversePersonalizationParams)
 
     def validated(self) -> EngineConfig:
@@ -128,6 +132,10 @@ class EngineConfig:
             (self.aging_calls >= 1, f"aging_calls must be at least 1, got {self.aging_calls}"),
             (self.interactive_slack >= 1.0, f"interactive_slack must be >= 1, got {self.interactive_slack}"),
             (self.interactive_threads >= 0, f"interactive_threads must be >= 0, got {self.interactive_threads}"),
+            (
+                self.torch_threads is None or self.torch_threads >= 1,
+                f"torch_threads must be at least 1, got {self.torch_threads}",
+            ),
             (0.0 <= self.detection_threshold <= 1.0, f"threshold must be in [0, 1], got {self.detection_threshold}"),
             (self.min_face_size >= 0, f"min_face_size must be >= 0, got {self.min_face_size}"),
             (0.5 <= self.mask_scale <= 3.0, f"mask_scale must be in [0.5, 3], got {self.mask_scale}"),
@@ -288,8 +296,11 @@ class Engine:
         if root is None:
             log.warning("serving classical methods only: %s", reason)
             return cls(config, None, reason)
-        from masquerade.models.loader import load_models  # torch and diffusers: only when there are weights
+        from masquerade.models.loader import load_models, resolve_device  # torch and diffusers: only with weights
 
+        if resolve_device(config.device).type == "cpu":
+            # Before loading runs the first torch op: the main thread, the UNet thread and the pixel threads.
+            configure_cpu_threads(config.torch_threads, 2 + config.preprocess_threads + config.interactive_threads)
         models = load_models(root, device=config.device, attention=config.attention)
         return cls(config, models)
 
