@@ -196,17 +196,43 @@ def test_an_interactive_job_finishes_in_its_idle_number_of_calls_despite_a_bulk_
 
 
 def test_the_row_budget_keeps_bulk_to_its_floor_while_interactive_work_runs():
-    def first_call(row_budget):
+    def first_call(row_budget, starved: int = 0):
         scheduler = StepScheduler(max_batch=16, inversion_chunk=1, aging_calls=8, row_budget=row_budget)
-        scheduler.add([job(steps=4) for _ in range(12)], priority=Priority.BULK)
+        bulk = [job(steps=4) for _ in range(12)]
+        scheduler.add(bulk, priority=Priority.BULK)
+        for waited in bulk:
+            scheduler._seats[waited].starved = starved  # as if earlier interactive calls had left them out
         scheduler.add([job(steps=4)], priority=Priority.INTERACTIVE)
         plan = scheduler.plan()
         return [scheduler.priority_of(piece.job) for piece in plan.slices]
 
-    # A CPU-like budget (a call costs in proportion to its rows): the interactive row and the floor, ceil(12 / 8).
-    assert first_call(lambda interactive_rows: interactive_rows) == [Priority.INTERACTIVE] + [Priority.BULK] * 2
+    # A CPU-like budget (a call costs in proportion to its rows): the interactive row alone while no bulk job
+    # is due; after 2 such calls, 2 rows: the 5 later calls a job may still miss serve only 10 of the 12 at
+    # the floor's ceil(12 / 8) = 2 rows a call.
+    assert first_call(lambda interactive_rows: interactive_rows) == [Priority.INTERACTIVE]
+    assert (
+        first_call(lambda interactive_rows: interactive_rows, starved=2) == [Priority.INTERACTIVE] + [Priority.BULK] * 2
+    )
     # A GPU-like budget (a full call costs about as much as a small one): bulk fills the call.
     assert first_call(lambda interactive_rows: 8) == [Priority.INTERACTIVE] + [Priority.BULK] * 7
+
+
+def test_the_floor_waits_until_bulk_jobs_are_due_then_serves_them_evenly():
+    aging = 32
+    scheduler = StepScheduler(max_batch=16, inversion_chunk=1, aging_calls=aging, row_budget=lambda rows: rows)
+    bulk = [job(steps=50) for _ in range(24)]
+    scheduler.add(bulk, priority=Priority.BULK)
+    scheduler.add([job(steps=60)], priority=Priority.INTERACTIVE)
+    bulk_rows, worst = [], 0
+    for _ in range(100):
+        plan = run_call(scheduler)
+        bulk_rows.append(sum(piece.count for piece in plan.slices if scheduler.priority_of(piece.job) is Priority.BULK))
+        worst = max(worst, *(scheduler.starved_calls(b) for b in bulk))
+    # Each of the 24 jobs is served just as it has waited K - 1 calls: none in the first 8 calls, then one a
+    # call for 24 calls, and so on: 24 rows per K calls, where a floor of ceil(24 / K) rows a call gives 32.
+    assert bulk_rows[:8] == [0] * 8 and bulk_rows[8:32] == [1] * 24
+    assert max(bulk_rows) == 1 and sum(bulk_rows[:96]) == 3 * 24
+    assert worst == aging - 1
 
 
 def test_no_bulk_job_waits_k_interactive_calls_however_busy_interactive_work_keeps_every_call():

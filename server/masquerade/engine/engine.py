@@ -185,6 +185,8 @@ class _RequestState:
         self.faces_held = 0  # its faces counted in the engine's per-client faces in flight
         self.pixels = 0  # its decoded size, from the image header: what it holds of the pixel budget
         self.cancelled = Event()  # set on cancel or deadline: its pixel work stops at the next check
+        self.diffusing = False  # its jobs are in the step scheduler
+        self.held_unet_in: set[bool] = set()  # pixel phases (diffused yet?) for which the UNet has waited on it
 
 
 class RequestHandle:
@@ -270,7 +272,7 @@ class Engine:
             row_budget=lambda interactive_rows: self.step_times.rows_within(interactive_rows, config.interactive_slack),
         )
         self._client_faces: dict[str, int] = {}
-        self._interactive_diffusing = False  # set on the loop thread after every scheduler change
+        self._interactive_generative = 0  # interactive reverse-personalization requests in flight (loop thread)
         self._states: set[_RequestState] = set()
         self._owners: dict[int, _RequestState] = {}  # job id -> its request, while the job diffuses
         self._memory = MemoryReturner()
@@ -396,6 +398,8 @@ class Engine:
         state = _RequestState(request)
         state.pixels = pixels
         self._states.add(state)
+        if self._shares_cores(state):
+            self._interactive_generative += 1
         metrics.QUEUE_DEPTH.set(self.queue_depth)
         state.events.put_nowait(QueuedEvent(request.request_id, position=self.queue_depth - 1))
         state.task = asyncio.create_task(self._run_request(state), name=f"request-{request.request_id}")
@@ -470,11 +474,21 @@ class Engine:
         """Detected faces of ``client``'s requests not yet answered (per-client quotas read this)."""
         return self._client_faces.get(client, 0)
 
+    def _shares_cores(self, state: _RequestState) -> bool:
+        """An interactive reverse-personalization request on a CPU engine, where the UNet, the pixel work
+        and the interpreter's lock are shared: bulk work gives way to it from admission to its answer."""
+        return (
+            state.request.priority is Priority.INTERACTIVE
+            and state.request.method is Method.REVERSE_PERSONALIZATION
+            and self.models is not None
+            and self.models.device.type == "cpu"
+        )
+
     def _bulk_pixel_work_waits(self) -> bool:
         """On a CPU the UNet and the pixel work share the cores: bulk pixel work waits (up to the pool's
-        max_bulk_pause_s) while interactive jobs diffuse. A GPU's UNet shares nothing with it: no wait.
-        Read on pool threads: a flag the loop thread sets, never the scheduler's lists."""
-        return self._interactive_diffusing and (self.models is None or self.models.device.type == "cpu")
+        max_bulk_pause_s) while an interactive request is in flight. A GPU's UNet shares nothing with it:
+        no wait. Read on pool threads: a count the loop thread keeps, never the scheduler's lists."""
+        return self._interactive_generative > 0
 
     def _hold_faces(self, state: _RequestState, faces: int) -> None:
         client = state.request.client
@@ -627,6 +641,9 @@ class Engine:
             state.jobs = []
             self._release_faces(state)
             self._states.discard(state)
+            if self._shares_cores(state):
+                self._interactive_generative -= 1
+            self._signal_work()  # a UNet waiting on this request's pixel work goes on
             metrics.QUEUE_DEPTH.set(self.queue_depth)
             self._memory.request_trim()
 
@@ -641,11 +658,12 @@ class Engine:
         for job in jobs:
             self._owners[job.job_id] = state
         self.scheduler.add(jobs, priority=request.priority, client=request.client)
+        state.diffusing = True
         state.joined = time.perf_counter()
-        self._interactive_diffusing = self.scheduler.ready_counts()[Priority.INTERACTIVE] > 0
         metrics.ACTIVE_JOBS.set(len(self.scheduler))
         self._signal_work()
         await asyncio.gather(*state.job_done.values())
+        state.diffusing = False
         self._phase_done(state, Phase.GENERATION)
         decoded_jobs = [job for job in jobs if job.status is JobStatus.DECODED]
         generated = {}
@@ -693,6 +711,14 @@ class Engine:
         if plan is None:
             self._work_added.clear()
             await self._work_added.wait()
+            return self.scheduler.plan()
+        hold = self._hold_for_interactive_pixel_work(plan)
+        if hold > 0:
+            # A bulk call started now would be in the way of an interactive request about to join (or
+            # answering): on a CPU the UNet waits for it, at most one full call's time per pixel phase.
+            self._work_added.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work_added.wait(), hold)
             return self.scheduler.plan()
         max_wait = self.config.max_wait_ms / 1000.0
         if plan.rows < self.scheduler.max_rows and max_wait > 0 and self._preprocessing():
@@ -754,9 +780,31 @@ class Engine:
             if future is not None and not future.done():
                 future.set_result(job.status)
         metrics.ACTIVE_JOBS.set(len(self.scheduler))
-        self._interactive_diffusing = self.scheduler.ready_counts()[Priority.INTERACTIVE] > 0
         if update.finished:
             self._preprocess_pool.poke()  # bulk pixel work may have waited for these jobs
+
+    def _hold_for_interactive_pixel_work(self, plan: StepPlan) -> float:
+        """Seconds the UNet waits before a call without interactive rows: while an interactive request
+        that shares the cores is in its pixel work (before or after diffusion), once per phase, at most a
+        full call's measured time, the wait it would otherwise have behind that call. 0: no wait."""
+        if self._interactive_generative == 0:
+            return 0.0
+        if any(self.scheduler.priority_of(piece.job) is Priority.INTERACTIVE for piece in plan.slices):
+            return 0.0
+        waiting = [
+            state
+            for state in self._states
+            if self._shares_cores(state)
+            and not state.finished
+            and not state.diffusing
+            and (state.timings.generation_seconds > 0) not in state.held_unet_in
+        ]
+        full_call = self.step_times.call_seconds(self.scheduler.max_rows)
+        if not waiting or full_call is None:
+            return 0.0
+        for state in waiting:
+            state.held_unet_in.add(state.timings.generation_seconds > 0)
+        return full_call
 
     def _preprocessing(self) -> bool:
         return any(not s.jobs and not s.finished for s in self._states)

@@ -196,14 +196,13 @@ class StepScheduler:
             for job in bulk:
                 self._take(plan, job, self.max_rows)
             return plan
-        # The bulk floor: enough bulk jobs get a row in every call with interactive rows that none of
-        # them waits K such calls (the most starved first); one row stays for interactive work.
-        floor = max(0, min(-(-len(bulk) // self.aging_calls), self.max_rows - plan.rows - 1)) if bulk else 0
+        # The bulk floor: the bulk jobs that must get a row now for none of them to wait K such calls
+        # (the most starved first); one row stays for interactive work.
+        due = self._bulk_due(bulk)[: max(0, self.max_rows - plan.rows - 1)]
         for job in interactive:
-            self._take(plan, job, self.max_rows - floor)
+            self._take(plan, job, self.max_rows - len(due))
         interactive_rows = sum(piece.count for piece in plan.slices if piece.job in interactive)
-        by_starvation = sorted(bulk, key=lambda j: (-self._seats[j].starved, self._seats[j].admitted))
-        for job in by_starvation[:floor]:
+        for job in due:
             self._take(plan, job, plan.rows + 1)
         # More bulk rows only as far as the call stays about as fast as the interactive rows alone.
         budget = self.max_rows if self.row_budget is None else self.row_budget(interactive_rows)
@@ -212,6 +211,26 @@ class StepScheduler:
             if job not in served:
                 self._take(plan, job, min(self.max_rows, budget))
         return plan
+
+    def _bulk_due(self, bulk: list[FaceJob]) -> list[FaceJob]:
+        """The fewest of the most starved bulk jobs that must get a row in this call so that, with
+        ``ceil(B / K)`` rows in each later call holding interactive rows, none waits K such calls
+        (earliest deadline first). A short interactive request thus runs its first calls alone."""
+        if not bulk:
+            return []
+        per_call = -(-len(bulk) // self.aging_calls)
+        order = sorted(bulk, key=lambda j: (-self._seats[j].starved, self._seats[j].admitted))
+        # The job at position p among those left out is served in later call 1 + p // per_call, and must
+        # be by then: starved + 1 + p // per_call < K, so at least p + 1 - per_call * (K - starved - 1)
+        # jobs ahead of it go now.
+        due = max(
+            (
+                index + 1 - per_call * (self.aging_calls - self._seats[job].starved - 1)
+                for index, job in enumerate(order)
+            ),
+            default=0,
+        )
+        return order[: max(0, due)]
 
     def _take(self, plan: StepPlan, job: FaceJob, up_to_rows: int) -> None:
         """Adds ``job``'s next steps to ``plan`` while it holds fewer than ``up_to_rows`` rows."""
