@@ -185,8 +185,8 @@ class _RequestState:
         self.faces_held = 0  # its faces counted in the engine's per-client faces in flight
         self.pixels = 0  # its decoded size, from the image header: what it holds of the pixel budget
         self.cancelled = Event()  # set on cancel or deadline: its pixel work stops at the next check
-        self.diffusing = False  # its jobs are in the step scheduler
-        self.held_unet_in: set[bool] = set()  # pixel phases (diffused yet?) for which the UNet has waited on it
+        self.pixel_phase: Phase | None = Phase.PREPROCESS  # None while its jobs are in the step scheduler
+        self.unet_waited_in: set[Phase] = set()  # its pixel phases in which the UNet has waited for it
 
 
 class RequestHandle:
@@ -643,7 +643,8 @@ class Engine:
             self._states.discard(state)
             if self._shares_cores(state):
                 self._interactive_generative -= 1
-            self._signal_work()  # a UNet waiting on this request's pixel work goes on
+                self._signal_work()  # a UNet waiting for this request goes on
+                self._preprocess_pool.poke()  # and so may bulk pixel work
             metrics.QUEUE_DEPTH.set(self.queue_depth)
             self._memory.request_trim()
 
@@ -658,12 +659,12 @@ class Engine:
         for job in jobs:
             self._owners[job.job_id] = state
         self.scheduler.add(jobs, priority=request.priority, client=request.client)
-        state.diffusing = True
+        state.pixel_phase = None
         state.joined = time.perf_counter()
         metrics.ACTIVE_JOBS.set(len(self.scheduler))
         self._signal_work()
         await asyncio.gather(*state.job_done.values())
-        state.diffusing = False
+        state.pixel_phase = Phase.POSTPROCESS
         self._phase_done(state, Phase.GENERATION)
         decoded_jobs = [job for job in jobs if job.status is JobStatus.DECODED]
         generated = {}
@@ -796,14 +797,14 @@ class Engine:
             for state in self._states
             if self._shares_cores(state)
             and not state.finished
-            and not state.diffusing
-            and (state.timings.generation_seconds > 0) not in state.held_unet_in
+            and state.pixel_phase is not None
+            and state.pixel_phase not in state.unet_waited_in
         ]
         full_call = self.step_times.call_seconds(self.scheduler.max_rows)
         if not waiting or full_call is None:
             return 0.0
         for state in waiting:
-            state.held_unet_in.add(state.timings.generation_seconds > 0)
+            state.unet_waited_in.add(state.pixel_phase)
         return full_call
 
     def _preprocessing(self) -> bool:
