@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from PIL import Image
 
 from masquerade.api.protos import pb2, pb2_grpc
 from masquerade.engine.engine import Engine, EngineConfig
-from masquerade.engine.job_state import JobStatus
+from masquerade.engine.job_state import JobStatus, Priority
 from masquerade.engine.request import (
     DetectionOptions,
     EngineRequest,
@@ -401,3 +402,67 @@ def test_cancels_and_deadlines_among_24_streams_leave_every_other_face_intact(ti
         crowded = np.asarray(Image.open(io.BytesIO(result.image)), dtype=np.int16)
         by_itself = np.asarray(Image.open(io.BytesIO(alone[i].image)), dtype=np.int16)
         assert np.abs(crowded - by_itself).max() <= 3, i  # PNG output: only float noise may differ
+
+
+def test_on_a_cpu_bulk_calls_wait_once_for_an_interactive_request_s_pixel_work(tiny_models):
+    """A bulk call started while an interactive request prepares would be in its way when it joins: the
+    UNet waits for it instead, but only once per phase and at most a full call's measured time."""
+    engine = Engine(EngineConfig(models="tiny", device="cpu", max_batch=4, max_queue=32), tiny_models)
+    call_starts: list[float] = []
+    unet_run = engine.core.runner.run
+
+    def logged(plan):
+        call_starts.append(time.monotonic())
+        return unet_run(plan)
+
+    engine.core.runner.run = logged
+    prepare = engine.front_end.prepare
+    release = threading.Event()
+    blocked: dict[str, float] = {}
+
+    def held_prepare(request):
+        if request.priority is Priority.INTERACTIVE:
+            blocked["from"] = time.monotonic()
+            release.wait(10)
+            blocked["to"] = time.monotonic()
+        return prepare(request)
+
+    engine.front_end.prepare = held_prepare
+
+    def full_call_measured(seconds: float) -> None:
+        for _ in range(60):  # the moving average settles on it
+            engine.step_times.observe_call(engine.scheduler.max_rows, seconds)
+
+    async def calls_while_an_interactive_request_prepares(name: str) -> int:
+        release.clear()
+        blocked.clear()
+        interactive = asyncio.create_task(run(engine, aligned_request(name, steps=2)))
+        while "from" not in blocked:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.6)
+        release.set()
+        (event,) = await interactive
+        assert isinstance(event, ResultEvent)
+        return sum(1 for start in call_starts if blocked["from"] <= start < blocked["to"])
+
+    async def body(engine):
+        bulk = [
+            asyncio.create_task(
+                run(engine, dataclasses.replace(aligned_request(f"bulk-{i}", steps=200), priority=Priority.BULK))
+            )
+            for i in range(4)
+        ]
+        while len(call_starts) < 5:
+            await asyncio.sleep(0.01)
+        full_call_measured(30.0)  # the wait's bound is far away: only the request's joining ends it
+        waited = await calls_while_an_interactive_request_prepares("interactive-1")
+        full_call_measured(0.05)  # the wait ends after 50 ms, and the UNet does not wait again in that phase
+        resumed = await calls_while_an_interactive_request_prepares("interactive-2")
+        for task in bulk:
+            task.cancel()
+        await asyncio.gather(*bulk, return_exceptions=True)
+        return waited, resumed
+
+    waited, resumed = with_engine(engine, body)
+    assert waited == 0  # 0.6 s without a call, where bulk alone runs one every ~20 ms
+    assert resumed >= 3

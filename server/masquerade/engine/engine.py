@@ -440,6 +440,7 @@ class Engine:
         most = self.scheduler.max_rows
         if priority is Priority.INTERACTIVE:
             interactive_rows = own_rows + interactive
+            # The floor's steady rate; a short request's first calls often carry none (it is served when due).
             floor = -(-bulk // self.scheduler.aging_calls) if bulk else 0
             budget = self.step_times.rows_within(interactive_rows, self.config.interactive_slack)
             return min(most, max(interactive_rows + floor, min(budget, interactive_rows + bulk)))
