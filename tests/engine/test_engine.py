@@ -466,3 +466,26 @@ def test_on_a_cpu_bulk_calls_wait_once_for_an_interactive_request_s_pixel_work(t
     waited, resumed = with_engine(engine, body)
     assert waited == 0  # 0.6 s without a call, where bulk alone runs one every ~20 ms
     assert resumed >= 3
+
+
+def test_a_request_cancelled_before_its_task_first_ran_is_answered_and_leaves_nothing_behind(tiny_models):
+    """asyncio skips a coroutine cancelled before its first step, finally blocks included."""
+    engine = Engine(EngineConfig(models="tiny", device="cpu", max_batch=4), tiny_models)
+
+    async def body(engine):
+        handle = engine.submit(aligned_request("gone-at-once"))
+        assert engine.queue_depth == 1 and engine._bulk_pixel_work_waits()  # an interactive request shares the CPU
+        handle.cancel()  # in the same step of the loop: its task has not started
+
+        async def all_events():
+            return [event async for event in handle]
+
+        events = await asyncio.wait_for(all_events(), 10)  # without its Failed event the caller would wait forever
+        await asyncio.sleep(0)
+        (after,) = await run(engine, aligned_request("next"))
+        return events, after
+
+    events, after = with_engine(engine, body)
+    assert isinstance(events[-1], FailedEvent)
+    assert engine.queue_depth == 0 and not engine._bulk_pixel_work_waits()
+    assert isinstance(after, ResultEvent)

@@ -403,6 +403,7 @@ class Engine:
         metrics.QUEUE_DEPTH.set(self.queue_depth)
         state.events.put_nowait(QueuedEvent(request.request_id, position=self.queue_depth - 1))
         state.task = asyncio.create_task(self._run_request(state), name=f"request-{request.request_id}")
+        state.task.add_done_callback(lambda _task: self._ended_before_it_ran(state))
         return RequestHandle(self, state)
 
     # ---- honest admission ----------------------------------------------------------------
@@ -638,16 +639,29 @@ class Engine:
             state.events.put_nowait(FailedEvent(request.request_id, error))
         finally:
             await pixels_held.aclose()
-            state.finished = True
-            state.jobs = []
-            self._release_faces(state)
-            self._states.discard(state)
-            if self._shares_cores(state):
-                self._interactive_generative -= 1
-                self._signal_work()  # a UNet waiting for this request goes on
-                self._preprocess_pool.poke()  # and so may bulk pixel work
-            metrics.QUEUE_DEPTH.set(self.queue_depth)
+            self._forget(state)
             self._memory.request_trim()
+
+    def _forget(self, state: _RequestState) -> None:
+        """A request's last bookkeeping, once, on the loop thread."""
+        if state not in self._states:
+            return
+        state.finished = True
+        state.jobs = []
+        self._release_faces(state)
+        self._states.discard(state)
+        if self._shares_cores(state):
+            self._interactive_generative -= 1
+            self._signal_work()  # a UNet waiting for this request goes on
+            self._preprocess_pool.poke()  # and so may bulk pixel work
+        metrics.QUEUE_DEPTH.set(self.queue_depth)
+
+    def _ended_before_it_ran(self, state: _RequestState) -> None:
+        """Its task's done callback. A task cancelled before its first step never runs its coroutine, whose
+        finally then never forgets it: done here, with the Failed event its caller may still await."""
+        if state in self._states:
+            state.events.put_nowait(FailedEvent(state.request.request_id, asyncio.CancelledError("request cancelled")))
+            self._forget(state)
 
     async def _diffuse(self, state: _RequestState, prepared: PreparedRequest) -> tuple[dict, dict]:
         """Run the request's faces through diffusion: (generated crops, failure reasons), by face index."""
