@@ -1,4 +1,4 @@
-"""The engine benchmark's --smoke run: the GPU benchmark's code path on tiny CPU models, end to end."""
+"""Benchmarks whose code paths CI runs: the engine benchmark's --smoke run (the GPU benchmark's path on tiny CPU models) and the CPU threads layouts."""
 
 from __future__ import annotations
 
@@ -36,3 +36,20 @@ def test_engine_bench_smoke_writes_its_json(tmp_path: Path) -> None:
     assert set(last["ms_per_call_eager"]) == {"2", "4"}
     assert set(last["tflop_per_face"]) == {"2", "4"} and all(v > 0 for v in last["tflop_per_face"].values())
     assert last["ms_per_call"] == {"2": "off (--no-compile)", "4": "off (--no-compile)"}
+
+
+def test_cpu_threads_benchmark_measures_every_layout(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "cpu_threads.py"), "--calls", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "cpu_threads.json").read_text())
+    assert set(report["results"]) == {"main only", "second thread", "engine setting"}
+    for result in report["results"].values():
+        assert set(result["seconds"]) == {"1", "2", "4", "8"} and all(s > 0 for s in result["seconds"].values())
+    # The engine's setting: the cores divided among the 5 threads that may call torch, at least one.
+    cores = len(os.sched_getaffinity(0))
+    assert report["results"]["engine setting"]["threads"] == max(1, cores // 5)
