@@ -45,13 +45,9 @@ MEASURE = textwrap.dedent(
     from masquerade.engine.diffusion import DiffusionCore
     from masquerade.engine.request import ReversePersonalizationParams
     from masquerade.engine.scheduler import StepScheduler
-    from masquerade.models.layout import tiny_model_dir
     from masquerade.models.loader import load_models
-    from masquerade.models.tiny import TINY_MARKER, make_tiny
-    root = tiny_model_dir()
-    if not (root / TINY_MARKER).is_file():
-        make_tiny(root)
-    models = load_models(root, device="cpu")
+    from masquerade.models.tiny import built_tiny_model_dir
+    models = load_models(built_tiny_model_dir(), device="cpu")
     core = DiffusionCore(models, max_batch=16)
     size = models.face_size
     crops = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)

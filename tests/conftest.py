@@ -58,12 +58,9 @@ os.environ.setdefault("MASQUERADE_TINY_DIR", str(_SESSION_TINY_DIR))
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from masquerade.models.tiny import TINY_MARKER, make_tiny
+    from masquerade.models.tiny import built_tiny_model_dir
 
-    root = Path(os.environ["MASQUERADE_TINY_DIR"])
-    if not (root / TINY_MARKER).is_file():
-        make_tiny(root)
-    return root
+    return built_tiny_model_dir()  # MASQUERADE_TINY_DIR, set above
 
 
 @pytest.fixture(scope="session")

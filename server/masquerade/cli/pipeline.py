@@ -14,7 +14,6 @@ so a folder of any size holds at most 2N images in memory.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -32,6 +31,7 @@ from masquerade.engine.request import (
     OutputOptions,
     Timings,
 )
+from masquerade.engine.torch_threads import usable_cores
 from masquerade.face.classical import DEFAULT_STYLE, CoverStyle
 from masquerade.face.detect import FaceDetector
 from masquerade.face.detectors import ARENA_KEEP_PIXELS
@@ -55,7 +55,7 @@ class ClassicalRun:
 
 
 def default_jobs() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 def threads_per_worker(workers: int, files: int) -> int:

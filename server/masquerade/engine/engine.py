@@ -211,15 +211,12 @@ class RequestHandle:
 
 def _resolve_model_dir(models: str) -> tuple[Path | None, str]:
     """Where to load from, or (None, why not) for a classical-only server."""
-    from masquerade.models.layout import ModelLayout, default_model_dir, tiny_model_dir
+    from masquerade.models.layout import ModelLayout, default_model_dir
 
     if models == "tiny":
-        from masquerade.models.tiny import TINY_MARKER, make_tiny
+        from masquerade.models.tiny import built_tiny_model_dir
 
-        root = tiny_model_dir()
-        if not (root / TINY_MARKER).is_file():
-            make_tiny(root)
-        return root, ""
+        return built_tiny_model_dir(), ""
     root = default_model_dir() if models == "default" else Path(models).expanduser()
     missing = ModelLayout(root).missing_parts()
     if missing and models == "default":
@@ -442,7 +439,7 @@ class Engine:
         if priority is Priority.INTERACTIVE:
             interactive_rows = own_rows + interactive
             # The floor's steady rate; a short request's first calls often carry none (it is served when due).
-            floor = -(-bulk // self.scheduler.aging_calls) if bulk else 0
+            floor = self.scheduler.floor_per_call(bulk)
             budget = self.step_times.rows_within(interactive_rows, self.config.interactive_slack)
             return min(most, max(interactive_rows + floor, min(budget, interactive_rows + bulk)))
         return min(most, own_rows + interactive + bulk)

@@ -212,13 +212,17 @@ class StepScheduler:
                 self._take(plan, job, min(self.max_rows, budget))
         return plan
 
+    def floor_per_call(self, bulk_jobs: int) -> int:
+        """Bulk rows a call holding interactive rows carries in the steady state: ``ceil(B / K)``."""
+        return -(-bulk_jobs // self.aging_calls)
+
     def _bulk_due(self, bulk: list[FaceJob]) -> list[FaceJob]:
         """The fewest of the most starved bulk jobs that must get a row in this call so that, with
         ``ceil(B / K)`` rows in each later call holding interactive rows, none waits K such calls
         (earliest deadline first). A short interactive request thus runs its first calls alone."""
         if not bulk:
             return []
-        per_call = -(-len(bulk) // self.aging_calls)
+        per_call = self.floor_per_call(len(bulk))
         order = sorted(bulk, key=lambda j: (-self._seats[j].starved, self._seats[j].admitted))
         # The job at position p among those left out is served in later call 1 + p // per_call, and must
         # be by then: starved + 1 + p // per_call < K, so at least p + 1 - per_call * (K - starved - 1)

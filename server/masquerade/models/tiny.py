@@ -170,6 +170,16 @@ def _attention_module(unet, processor_name: str):
     return module
 
 
+def built_tiny_model_dir() -> Path:
+    """The tiny set's folder (``layout.tiny_model_dir``), written on first use."""
+    from masquerade.models.layout import tiny_model_dir
+
+    root = tiny_model_dir()
+    if not (root / TINY_MARKER).is_file():
+        make_tiny(root)
+    return root
+
+
 def make_tiny(root: str | Path, *, seed: int = 0) -> ModelLayout:
     """Write a tiny random model set under ``root`` and return its layout."""
     from masquerade.models.arcface import write_tiny_arcface_onnx
